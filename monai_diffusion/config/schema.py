@@ -1,0 +1,268 @@
+"""The typed configuration schema: one section per stage of the pipeline.
+
+Every field carries its documentation (``description``) and default, so the YAML
+presets, ``monai-diffusion validate`` and this file tell the same story. Unknown
+keys are rejected (``extra="forbid"``); cross-field rules live in
+:mod:`monai_diffusion.config.rules` and run before any data is touched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A level's factor: one int for every axis, or one int per axis.
+Factor = Union[int, list[int]]
+
+
+class Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignment is validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class IntensityConfig(Section):
+    mode: Literal["percentile", "range", "none"] = Field(
+        "percentile",
+        description="How intensities are mapped to [b_min, b_max]: 'percentile' (robust to outliers, "
+        "MRI), 'range' (fixed window, e.g. CT Hounsfield units), or 'none'.",
+    )
+    lower: float = Field(0.5, description="Lower percentile (mode=percentile) or value (mode=range).")
+    upper: float = Field(99.5, description="Upper percentile (mode=percentile) or value (mode=range).")
+    b_min: float = Field(0.0, description="Output value for `lower`.")
+    b_max: float = Field(1.0, description="Output value for `upper`.")
+    clip: bool = Field(True, description="Clip to [b_min, b_max] after scaling.")
+
+
+class AugmentConfig(Section):
+    flip_prob: float = Field(0.0, ge=0, le=1, description="Probability of a random flip on each axis.")
+    affine_prob: float = Field(0.0, ge=0, le=1, description="Probability of a random affine (rotate + scale).")
+    rotate_range: float = Field(0.1, ge=0, description="Max rotation (radians) per axis for the random affine.")
+    scale_range: float = Field(0.1, ge=0, description="Max relative scaling per axis for the random affine.")
+
+
+class DemoConfig(Section):
+    num_volumes: int = Field(
+        24, ge=2, description="How many volumes the demo set derives from the MNI152 template."
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Where the demo NIfTI files are written once and reused. "
+        "Default: ~/.cache/monai_diffusion/demo.",
+    )
+
+
+class DataConfig(Section):
+    source: Literal["demo", "folder", "datalist"] = Field(
+        "demo",
+        description="'demo': built-in set derived from the MNI152 template (no download); 'folder': every "
+        "file in `data_dir` matching `glob`; 'datalist': a JSON (MONAI decathlon style) or CSV file.",
+    )
+    data_dir: Path | None = Field(None, description="Folder of NIfTI volumes (source=folder).")
+    glob: str = Field("*.nii*", description="File pattern inside `data_dir`.")
+    datalist: Path | None = Field(
+        None,
+        description="JSON with 'training'/'validation' lists of {'image': path}, or CSV with columns "
+        "image[,split]; relative paths are taken from the datalist's folder.",
+    )
+    val_fraction: float = Field(
+        0.1, ge=0, lt=1, description="Validation share when the source gives no split (fixed seed)."
+    )
+    voxel_size: list[int] = Field(
+        [64, 64, 64],
+        description="Spatial size every volume is cropped/padded to (after resampling). Must be divisible "
+        "by the autoencoder's total downsampling factor on each axis.",
+    )
+    spacing: list[float] | None = Field(
+        None, description="Resample to this voxel spacing in mm (None keeps the file's spacing)."
+    )
+    orientation: str = Field("RAS", description="Orientation code every volume is reoriented to.")
+    intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    cache: Literal["none", "memory", "disk"] = Field(
+        "memory",
+        description="'memory': MONAI CacheDataset (fast, RAM); 'disk': PersistentDataset in `cache_dir` "
+        "(survives restarts); 'none': load every time.",
+    )
+    cache_dir: Path | None = Field(None, description="Folder for cache=disk (default: <output_dir>/cache).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    on_bad_file: Literal["error", "skip"] = Field(
+        "error", description="An unreadable/invalid volume stops the run ('error') or is logged and left out."
+    )
+    demo: DemoConfig = Field(default_factory=DemoConfig)
+
+
+# ---------------------------------------------------------------- autoencoder
+
+
+class AutoencoderTrainingConfig(Section):
+    batch_size: int = Field(1, ge=1, description="Volumes per micro-batch (per GPU under DDP).")
+    gradient_accumulation_steps: int = Field(
+        1, ge=1, description="Micro-batches per optimizer step; effective batch = batch_size x this x GPUs."
+    )
+    max_epochs: int | None = Field(100, ge=1, description="Stop after this many epochs (None: no bound).")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: no bound).")
+    lr: float = Field(1e-4, gt=0, description="Generator (autoencoder) learning rate.")
+    disc_lr: float = Field(5e-4, gt=0, description="Discriminator learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="LR after warm-up; 'cosine' decays to 0 at max_steps (needs a step bound)."
+    )
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: off).")
+    kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term.")
+    adv_weight: float = Field(0.01, ge=0, description="Weight of the adversarial term (0 disables the discriminator).")
+    adv_start_step: int = Field(
+        0, ge=0, description="Optimizer step from which the discriminator trains and its loss counts."
+    )
+    disc_num_layers: int = Field(3, ge=1, description="PatchDiscriminator layers.")
+    disc_channels: int = Field(32, ge=1, description="PatchDiscriminator channels of the first layer.")
+    use_perceptual_loss: bool = Field(
+        False, description="Add MONAI PerceptualLoss; needs pretrained weights on disk (see perceptual_weights)."
+    )
+    perceptual_weight: float = Field(0.001, ge=0, description="Weight of the perceptual term.")
+    perceptual_network: Literal["squeeze", "alex", "vgg", "medicalnet_resnet10_23datasets", "medicalnet_resnet50_23datasets"] = Field(
+        "squeeze", description="Network behind the perceptual loss."
+    )
+    perceptual_weights: Path | None = Field(
+        None,
+        description="Local file or torch hub cache folder with the perceptual network's weights "
+        "(nothing is downloaded).",
+    )
+    use_gradient_checkpointing: bool = Field(
+        False, description="Recompute each network block in backward: less memory, ~20-40% more time."
+    )
+    max_nonfinite_steps: int = Field(
+        20, ge=1, description="Stop with an error after this many consecutive non-finite losses."
+    )
+    val_every_n_epochs: int = Field(1, ge=1, description="Validate (L1/PSNR/SSIM, PNG panel) every N epochs.")
+    keep_last_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep (plus best/last).")
+
+
+class AutoencoderConfig(Section):
+    num_channels: list[int] = Field(
+        [32, 64, 64], description="Feature channels per level; more levels = more downsampling steps."
+    )
+    downsample_factors: list[Factor] | None = Field(
+        None,
+        description="Downsampling factor of each level (length len(num_channels)-1): an int, or one int per "
+        "axis. None = 2 everywhere. Total factor = product, e.g. [4, 2] = 8x.",
+    )
+    latent_channels: int = Field(3, ge=1, description="Channels of the latent; raise (4-8) for strong downsampling.")
+    num_res_blocks: int | list[int] = Field(1, description="Residual blocks per level (int or one per level).")
+    attention_levels: list[bool] | None = Field(
+        None, description="Self-attention at each level (None: none). Attention at full resolution is costly."
+    )
+    norm_num_groups: int = Field(16, ge=1, description="GroupNorm groups; every channel count must divide by it.")
+    with_encoder_nonlocal_attn: bool = Field(True, description="Attention block in the encoder's mid-block.")
+    with_decoder_nonlocal_attn: bool = Field(True, description="Attention block in the decoder's mid-block.")
+    use_flash_attention: bool = Field(True, description="Attention through PyTorch SDPA (memory-efficient).")
+    use_convtranspose: bool = Field(False, description="Upsample with transposed convs instead of nearest + conv.")
+    in_channels: int = Field(1, ge=1, description="Image channels.")
+    training: AutoencoderTrainingConfig = Field(default_factory=AutoencoderTrainingConfig)
+
+
+# ------------------------------------------------------------------------ LDM
+
+
+class UNetConfig(Section):
+    num_channels: list[int] = Field([32, 64, 64], description="DiffusionModelUNet channels per level.")
+    attention_levels: list[bool] = Field([False, True, True], description="Attention per UNet level.")
+    num_res_blocks: int | list[int] = Field(1, description="Residual blocks per UNet level.")
+    num_head_channels: int | list[int] = Field(16, description="Channels per attention head.")
+    norm_num_groups: int = Field(16, ge=1, description="GroupNorm groups of the UNet.")
+
+
+class SchedulerConfig(Section):
+    type: Literal["ddpm", "ddim", "rflow"] = Field("ddpm", description="Noise scheduler used for training.")
+    num_train_timesteps: int = Field(1000, ge=2, description="Diffusion steps at training time.")
+    schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = Field(
+        "scaled_linear_beta", description="Beta schedule (DDPM/DDIM)."
+    )
+    beta_start: float = Field(0.0015, gt=0, description="First beta (DDPM/DDIM).")
+    beta_end: float = Field(0.0195, gt=0, description="Last beta (DDPM/DDIM).")
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "epsilon", description="What the UNet predicts (DDPM/DDIM); rflow always predicts velocity."
+    )
+
+
+class LDMTrainingConfig(Section):
+    batch_size: int = Field(2, ge=1, description="Latents per micro-batch (per GPU).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_epochs: int | None = Field(200, ge=1, description="Stop after this many epochs.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    lr: float = Field(1e-4, gt=0, description="UNet learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up in optimizer steps.")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warm-up.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip (None: off).")
+    ema_decay: float | None = Field(
+        0.999, ge=0, lt=1, description="EMA of the UNet weights (used for samples and saved); None: off."
+    )
+    cache_latents: bool = Field(
+        True, description="Encode each volume once (mu, sigma) and train from the cache; false: encode on the fly."
+    )
+    scale_factor_volumes: int = Field(
+        8, ge=1, description="Training volumes used once to compute the latent scale factor (1/std)."
+    )
+    val_every_n_epochs: int = Field(10, ge=1, description="Sample a validation volume every N epochs.")
+    keep_last_checkpoints: int = Field(2, ge=1, description="Step checkpoints kept (plus last).")
+    max_nonfinite_steps: int = Field(20, ge=1, description="Stop after this many consecutive non-finite losses.")
+
+
+class SamplingConfig(Section):
+    scheduler: Literal["ddpm", "ddim", "rflow"] | None = Field(
+        None, description="Sampler (None: the training scheduler; ddim needs a ddpm/ddim-trained model)."
+    )
+    num_inference_steps: int = Field(50, ge=1, description="Denoising steps.")
+    num_samples: int = Field(1, ge=1, description="Volumes to generate.")
+    tiled_decode: bool = Field(False, description="Decode latents through a sliding window (less memory).")
+    tile_size: list[int] | None = Field(None, description="Latent window size for tiled decoding (None: half).")
+    tile_overlap: float = Field(0.25, ge=0, lt=1, description="Overlap between decode windows.")
+
+
+class LDMConfig(Section):
+    autoencoder_checkpoint: Path | None = Field(
+        None, description="Trained autoencoder checkpoint (None: the newest run's best/last checkpoint)."
+    )
+    unet: UNetConfig = Field(default_factory=UNetConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    training: LDMTrainingConfig = Field(default_factory=LDMTrainingConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+# ----------------------------------------------------------------- run-level
+
+
+class DeviceConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
+    mixed_precision: bool | Literal["fp16", "bf16", "no"] = Field(
+        False,
+        description="true = fp16 on CUDA (bf16 on CPU, logged); 'fp16' / 'bf16' explicit; false/'no' = fp32.",
+    )
+    cudnn_benchmark: bool = Field(True, description="Let cuDNN pick the fastest conv algorithms (CUDA).")
+
+
+class OutputConfig(Section):
+    output_dir: Path = Field(Path("runs"), description="Every run writes to <output_dir>/<run_name>.")
+    run_name: str | None = Field(None, description="Run folder name (None: <command>-<date>-<time>).")
+    log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar interval in optimizer steps.")
+
+
+class Config(Section):
+    """The whole run: data -> autoencoder -> LDM, plus device, output and seed."""
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
+    ldm: LDMConfig = Field(default_factory=LDMConfig)
+    device: DeviceConfig = Field(default_factory=DeviceConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    seed: int = Field(42, description="Seed for data splits, weights and sampling.")
+    fast_dev_run: bool = Field(
+        False, description="Quick check: 2 training and 1 validation batch per epoch, 1 epoch, no stale state."
+    )
