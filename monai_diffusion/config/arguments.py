@@ -1,0 +1,31 @@
+"""The command-line options every command shares: ``--config FILE`` and repeatable ``--set a.b=value``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from monai_diffusion.config.loading import ConfigError, load_config
+from monai_diffusion.config.schema import Config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", "-c", default=None, help="YAML config (default: built-in defaults)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, value parsed as YAML, e.g. --set autoencoder.downsample_factors=[4,2] "
+        "(repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """Load and validate the config named on the command line; on errors print them all and exit 2."""
+    try:
+        return load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

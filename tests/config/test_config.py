@@ -1,0 +1,150 @@
+"""Config schema, overrides and cross-field rules: every problem reported, each with its dotted path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from monai_diffusion.config import Config, ConfigError, config_from_dict, load_config
+from monai_diffusion.config.loading import parse_override
+from monai_diffusion.config.render import render_default_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PRESETS = sorted((ROOT / "config").rglob("*.yaml"))
+
+
+def problems_of(raw: dict) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw)
+    return info.value.problems
+
+
+def test_defaults_are_valid():
+    assert config_from_dict({}) == Config()
+
+
+def test_seed_keys_are_accepted_with_their_meaning():
+    config = config_from_dict(
+        {
+            "data": {"voxel_size": [256, 256, 64]},
+            "autoencoder": {
+                "num_channels": [16, 32, 64],
+                "downsample_factors": [4, 2],
+                "latent_channels": 3,
+                "num_res_blocks": 1,
+                "training": {
+                    "batch_size": 1,
+                    "gradient_accumulation_steps": 4,
+                    "use_perceptual_loss": False,
+                    "use_gradient_checkpointing": True,
+                },
+            },
+            "device": {"mixed_precision": True},
+            "fast_dev_run": True,
+        }
+    )
+    assert config.autoencoder.downsample_factors == [4, 2]
+    assert config.autoencoder.training.gradient_accumulation_steps == 4
+    assert config.device.mixed_precision is True
+    assert config.fast_dev_run is True
+
+
+def test_unknown_keys_get_a_suggestion_and_all_errors_come_together():
+    problems = problems_of(
+        {
+            "data": {"sourse": "demo", "voxel_size": [250, 256, 64]},
+            "autoencoder": {"latent_chanels": 4, "downsample_factors": [4, 2], "training": {"batch_size": 0}},
+            "device": {"mixed_precision": "fp8"},
+        }
+    )
+    text = "\n".join(problems)
+    assert "data.sourse: unknown key (did you mean 'data.source'?)" in text
+    assert "autoencoder.latent_chanels: unknown key (did you mean 'autoencoder.latent_channels'?)" in text
+    assert "autoencoder.training.batch_size" in text
+    assert "device.mixed_precision" in text and "'fp8'" in text
+    # the cross-field rule on the valid keys is reported in the same error
+    assert any("axis 0 size 250 is not divisible by the total factor 8" in p for p in problems)
+    assert len(problems) == 5
+
+
+def test_unknown_key_without_a_close_match_lists_the_known_keys():
+    (problem,) = problems_of({"device": {"gpu": 1}})
+    assert problem.startswith("device.gpu: unknown key (known keys here: device, mixed_precision")
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"autoencoder": {"downsample_factors": [4, 2, 2]}}, "expected 2 entries (len(num_channels) - 1"),
+        ({"autoencoder": {"downsample_factors": [4, 0]}}, "each an int >= 1"),
+        ({"autoencoder": {"downsample_factors": [[4, 4], 2]}}, "a list of 3 ints"),
+        ({"autoencoder": {"num_channels": [24, 32, 64]}}, "divisible by norm_num_groups=16; [24] are not"),
+        ({"autoencoder": {"attention_levels": [True]}}, "autoencoder.attention_levels: expected 3 entries"),
+        ({"autoencoder": {"num_res_blocks": [1, 1]}}, "autoencoder.num_res_blocks: expected an int or 3 entries"),
+        ({"data": {"voxel_size": [64, 64, 60]}, "autoencoder": {"downsample_factors": [4, 2]}},
+         "axis 2 size 60 is not divisible by the total factor 8 on that axis (nearest valid sizes: 56, 64)"),
+        ({"data": {"voxel_size": [64, 64, 32]}, "autoencoder": {"downsample_factors": [4, 4]},
+          "ldm": {"unet": {"num_channels": [32, 64, 64], "attention_levels": [False, False, True]}}},
+         "a 3-level UNet needs every axis divisible by 4; axis 2 (2) is not"),
+        ({"data": {"source": "folder"}}, "data.data_dir: required when data.source is 'folder'"),
+        ({"data": {"intensity": {"lower": 99, "upper": 1}}}, "percentiles need 0 <= lower < upper <= 100"),
+        ({"autoencoder": {"training": {"max_epochs": None}}}, "set at least one bound"),
+        ({"ldm": {"training": {"lr_schedule": "cosine"}}}, "'cosine' needs ldm.training.max_steps"),
+        ({"ldm": {"scheduler": {"type": "rflow"}, "sampling": {"scheduler": "ddim"}}}, "cannot sample with 'ddim'"),
+        ({"ldm": {"unet": {"num_head_channels": 7}}}, "not divisible by 7 head channels"),
+    ],
+)
+def test_each_cross_field_rule(raw, expected):
+    assert any(expected in p for p in problems_of(raw)), problems_of(raw)
+
+
+def test_per_axis_factors_for_anisotropic_volumes():
+    config = config_from_dict(
+        {"data": {"voxel_size": [128, 128, 32]}, "autoencoder": {"downsample_factors": [[4, 4, 2], [2, 2, 2]]},
+         "ldm": {"unet": {"num_channels": [32, 64], "attention_levels": [False, True]}}}
+    )
+    assert config.autoencoder.downsample_factors == [[4, 4, 2], [2, 2, 2]]
+
+
+@pytest.mark.parametrize("value", [True, False, "fp16", "bf16", "no"])
+def test_mixed_precision_values(value):
+    assert config_from_dict({"device": {"mixed_precision": value}}).device.mixed_precision == value
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"autoencoder": {"num_channels": [16, 32, 64]}}))
+    config = load_config(path, ["autoencoder.downsample_factors=[4, 2]", "device.mixed_precision=bf16",
+                                "output.output_dir=/tmp/x", "fast_dev_run=true"])
+    assert config.autoencoder.downsample_factors == [4, 2]
+    assert config.autoencoder.num_channels == [16, 32, 64]
+    assert config.device.mixed_precision == "bf16"
+    assert str(config.output.output_dir) == "/tmp/x"
+    assert config.fast_dev_run is True
+    assert parse_override("a.b=") == (["a", "b"], None)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_config(path, ["autoencoder.latent_channels"])
+
+
+def test_missing_and_malformed_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"(?s)bad.yaml: .*not valid YAML"):
+        load_config(bad)
+
+
+def test_default_config_file_is_generated_from_the_schema():
+    assert (ROOT / "config" / "ldm_config.yaml").read_text() == render_default_config(), (
+        "config/ldm_config.yaml is stale: run python tools/render_default_config.py"
+    )
+    assert load_config(ROOT / "config" / "ldm_config.yaml") == Config()
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=[p.stem for p in PRESETS])
+def test_every_preset_validates_and_says_how_to_run_it(preset):
+    load_config(preset)
+    head = preset.read_text().splitlines()[:12]
+    assert head[0].startswith("#"), f"{preset.name} must begin with a comment"
+    assert any("monai-diffusion" in line or "python" in line for line in head if line.startswith("#"))
