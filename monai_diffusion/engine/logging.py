@@ -1,0 +1,309 @@
+"""Console logging, TensorBoard scalars/images, slice panels of 3D volumes and peak memory.
+
+Everything here is rank-aware only through its arguments: the recipes build a
+:class:`RunLogger` with ``enabled=dist_info.is_main`` and call :func:`save_png` on rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "LOGGER_NAME",
+    "get_logger",
+    "set_log_rank",
+    "RunLogger",
+    "volume_panel",
+    "save_png",
+    "peak_memory_mb",
+]
+
+LOGGER_NAME = "monai_diffusion"
+_FORMAT = "%(asctime)s %(levelname).1s %(message)s"
+_DATEFMT = "%H:%M:%S"
+_HANDLER_FLAG = "_monai_diffusion_handler"
+
+
+# ------------------------------------------------------------------ console
+
+
+def get_logger() -> logging.Logger:
+    """Return the package logger ``"monai_diffusion"``, configured once.
+
+    The first call adds one stderr handler with a concise ``HH:MM:SS L message`` format and sets
+    the level to INFO; later calls return the same logger untouched. Records still propagate to
+    the root logger, so an application (or pytest's ``caplog``) that configures logging sees them.
+
+    Returns:
+        The configured logger.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    if not any(getattr(h, _HANDLER_FLAG, False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(_FORMAT, _DATEFMT))
+        setattr(handler, _HANDLER_FLAG, True)
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+    return logger
+
+
+def set_log_rank(rank: int, world_size: int) -> None:
+    """Make console output readable under DDP: INFO from rank 0 only, warnings from every rank.
+
+    With ``world_size > 1`` each line gets a ``[rank N]`` prefix and ranks other than 0 are
+    raised to WARNING, so N processes do not print N copies of every progress line.
+    :func:`monai_diffusion.engine.distributed.init_distributed` calls this itself.
+
+    Args:
+        rank: global rank of this process.
+        world_size: number of processes.
+    """
+    logger = get_logger()
+    fmt = _FORMAT if world_size <= 1 else _FORMAT.replace("%(message)s", f"[rank {rank}] %(message)s")
+    for handler in logger.handlers:
+        if getattr(handler, _HANDLER_FLAG, False):
+            handler.setFormatter(logging.Formatter(fmt, _DATEFMT))
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+
+
+# -------------------------------------------------------------- TensorBoard
+
+
+class RunLogger:
+    """TensorBoard writer for one run; a silent no-op when disabled (every rank but 0).
+
+    Args:
+        log_dir: folder for the event files (created if missing).
+        enabled: write anything at all; pass ``dist_info.is_main``.
+    """
+
+    def __init__(self, log_dir: Path, enabled: bool = True) -> None:
+        self.log_dir = Path(log_dir)
+        self.enabled = enabled
+        self._writer = None
+        if enabled:
+            # Imported here: tensorboard is slow to import and unused on ranks > 0.
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def scalars(self, values: Mapping[str, float | torch.Tensor | None], step: int) -> None:
+        """Write each ``tag: value`` at ``step``; None values are left out.
+
+        Args:
+            values: tag -> number (a one-element tensor is fine), e.g. ``{"train/loss": 0.12}``.
+            step: global optimizer step (the x axis).
+        """
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None:
+                self._writer.add_scalar(tag, float(value), step)
+
+    def image(self, tag: str, image_hwc_uint8: np.ndarray, step: int) -> None:
+        """Write an ``H x W x 3`` (or ``H x W``) uint8 image, e.g. from :func:`volume_panel`.
+
+        Args:
+            tag: TensorBoard tag, e.g. ``"val/reconstruction"``.
+            image_hwc_uint8: the image.
+            step: global optimizer step.
+        """
+        if self._writer is None:
+            return
+        image = _check_image(image_hwc_uint8)
+        self._writer.add_image(tag, image, step, dataformats="HWC" if image.ndim == 3 else "HW")
+
+    def flush(self) -> None:
+        """Push pending events to disk (TensorBoard otherwise flushes every 2 minutes)."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close the writer; safe to call twice."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------- panels
+
+
+def _as_volume(volume: torch.Tensor | np.ndarray, title: str) -> np.ndarray:
+    """First item/channel of a (B, C, X, Y, Z) / (C, X, Y, Z) / (X, Y, Z) tensor as float32 numpy."""
+    array = volume.detach().float().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if array.ndim < 3:
+        raise ValueError(f"volume_panel row {title!r}: expected a 3D volume, got shape {tuple(array.shape)}")
+    while array.ndim > 3:
+        array = array[0]
+    return np.nan_to_num(array.astype(np.float32, copy=False))
+
+
+def _middle_slices(volume: np.ndarray) -> list[np.ndarray]:
+    """Middle axial, coronal and sagittal slices, rotated so RAS anatomy is upright.
+
+    MONAI's ``LoadImage`` + ``Orientation("RAS")`` gives array axes (x, y, z) pointing to
+    Right, Anterior, Superior. ``np.rot90`` of a 2D slice puts its second axis on the rows,
+    reversed, so anterior (axial) and superior (coronal, sagittal) end up at the top. Axial
+    and coronal views show the patient's right on the image right (neurological convention).
+    """
+    x, y, z = (s // 2 for s in volume.shape)
+    return [np.rot90(volume[:, :, z]), np.rot90(volume[:, y, :]), np.rot90(volume[x, :, :])]
+
+
+def _window(image: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] to [0, 255] uint8, clipping outside values."""
+    if not high > low:  # a constant slice: avoid dividing by zero
+        high = low + 1.0
+    scaled = (image - low) / (high - low)
+    return (np.clip(scaled, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def volume_panel(
+    rows: Sequence[tuple[str, torch.Tensor | np.ndarray]],
+    value_range: tuple[float, float] | None = None,
+    gap: int = 2,
+    scale: int = 1,
+) -> np.ndarray:
+    """Middle axial, coronal and sagittal slices of each volume side by side, one row per volume.
+
+    Typical use: ``volume_panel([("input", x), ("reconstruction", x_hat)])`` for TensorBoard/PNG.
+    Panels are padded (centred, black) to a common height and rows to a common width, so
+    volumes of different shapes can share a panel. The row title is drawn at the left with
+    Pillow's default font.
+
+    Args:
+        rows: ``(title, volume)`` pairs; a volume is ``(X, Y, Z)``, ``(C, X, Y, Z)`` or
+            ``(B, C, X, Y, Z)`` (the first item and channel are shown), in RAS array order.
+        value_range: ``(low, high)`` intensity window for every panel. Default: each view's
+            min/max in the first row, applied to that view in all rows, so a reconstruction is
+            shown on its input's scale and intensity errors stay visible.
+        gap: black pixels between panels and between rows.
+        scale: integer nearest-neighbour upscaling of the slices (small volumes are tiny).
+
+    Returns:
+        ``H x W x 3`` uint8 image.
+
+    Raises:
+        ValueError: no rows, a volume with fewer than 3 dimensions, or ``scale < 1``.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not rows:
+        raise ValueError("volume_panel: no rows to draw")
+    if scale < 1:
+        raise ValueError(f"volume_panel: scale must be >= 1, got {scale}")
+    slices = [_middle_slices(_as_volume(volume, title)) for title, volume in rows]
+    if value_range is not None:
+        windows = [tuple(map(float, value_range))] * 3
+    else:
+        windows = [(float(s.min()), float(s.max())) for s in slices[0]]
+    views = [
+        [np.kron(_window(s, *w), np.ones((scale, scale), np.uint8)) for s, w in zip(row, windows)]
+        for row in slices
+    ]
+
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    boxes = [measure.textbbox((0, 0), title, font=font) for title, _ in rows]
+    text_w = max(b[2] - b[0] for b in boxes)
+    text_h = max(b[3] - b[1] for b in boxes)
+    margin = text_w + 2 * max(gap, 4)  # title column at the left
+    height = max(text_h, max(v.shape[0] for row in views for v in row))
+    row_widths = [sum(v.shape[1] for v in row) + gap * (len(row) - 1) for row in views]
+    width = margin + max(row_widths)
+
+    canvas = np.zeros((len(views) * height + (len(views) - 1) * gap, width), np.uint8)
+    for r, row in enumerate(views):
+        top = r * (height + gap)
+        left = margin
+        for view in row:
+            offset = top + (height - view.shape[0]) // 2
+            canvas[offset : offset + view.shape[0], left : left + view.shape[1]] = view
+            left += view.shape[1] + gap
+
+    image = Image.fromarray(canvas).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    for r, ((title, _), box) in enumerate(zip(rows, boxes)):
+        top = r * (height + gap) + (height - (box[3] - box[1])) // 2 - box[1]
+        draw.text((max(gap, 4) - box[0], top), title, fill=(255, 255, 255), font=font)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"expected an H x W x 3 uint8 image, got {image.dtype} array of shape {image.shape}")
+    return image[..., 0] if image.ndim == 3 and image.shape[2] == 1 else image
+
+
+def save_png(image_hwc_uint8: np.ndarray, path: Path) -> None:
+    """Write an image as PNG atomically (temp file in the same folder, then ``os.replace``).
+
+    A reader (or a crash) never sees a half-written PNG.
+
+    Args:
+        image_hwc_uint8: ``H x W x 3`` (or ``H x W``, ``H x W x 4``) uint8 image.
+        path: destination; parent folders are created.
+
+    Raises:
+        ValueError: the array is not a uint8 image.
+    """
+    from PIL import Image
+
+    image = _check_image(image_hwc_uint8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# ------------------------------------------------------------------- memory
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory of this process so far, in MiB.
+
+    Args:
+        device: on CUDA, ``torch.cuda.max_memory_allocated`` (tensors only, not the caching
+            allocator's reserve; reset with ``torch.cuda.reset_peak_memory_stats``). Otherwise the
+            process's peak resident set size (everything, including Python and libraries).
+
+    Returns:
+        Megabytes (2**20 bytes).
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+    except ImportError:  # Windows: no getrusage
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in bytes on macOS, in KiB on Linux/BSD.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
