@@ -1,0 +1,169 @@
+"""LR schedule values, skipped non-finite steps, and the non-finite loss guard."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from monai_diffusion.engine.optim import NonFiniteGuard, build_lr_scheduler, build_optimizer, optimizer_step
+
+
+def _lrs(warmup: int, schedule: str, max_steps: int | None, n: int, lr: float = 1.0) -> list[float]:
+    """LR used by optimizer steps 0..n-1."""
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=lr, weight_decay=0.0)
+    sched = build_lr_scheduler(opt, warmup, schedule, max_steps)
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_constant():
+    lrs = _lrs(warmup=4, schedule="constant", max_steps=None, n=8, lr=0.1)
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.1])
+
+
+def test_no_warmup_constant():
+    assert _lrs(0, "constant", None, 3) == [1.0, 1.0, 1.0]
+
+
+def test_warmup_then_cosine_to_zero():
+    lrs = _lrs(warmup=2, schedule="cosine", max_steps=10, n=12)
+    assert lrs[0] == pytest.approx(0.5)
+    assert lrs[1] == pytest.approx(1.0)
+    assert lrs[2] == pytest.approx(1.0)  # cosine starts at the peak
+    # halfway through the cosine part (step 2 + 8/2)
+    assert lrs[6] == pytest.approx(0.5)
+    assert lrs[8] == pytest.approx(0.5 * (1 + math.cos(math.pi * 6 / 8)))
+    assert lrs[10] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[11] == pytest.approx(0.0, abs=1e-12)  # stays at 0 past max_steps
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_scheduler_bad_arguments():
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=1.0, weight_decay=0.0)
+    with pytest.raises(ValueError, match="max_steps"):
+        build_lr_scheduler(opt, 0, "cosine", None)
+    with pytest.raises(ValueError, match="max_steps"):
+        build_lr_scheduler(opt, 10, "cosine", 10)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        build_lr_scheduler(opt, 0, "linear", 10)
+
+
+def test_build_optimizer_skips_frozen():
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    model[0].requires_grad_(False)
+    opt = build_optimizer(model.parameters(), lr=1e-3, weight_decay=0.01)
+    assert isinstance(opt, torch.optim.AdamW)
+    assert sum(len(g["params"]) for g in opt.param_groups) == 2
+    assert opt.param_groups[0]["weight_decay"] == 0.01
+
+
+def _setup(warmup: int = 3):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = build_optimizer(model.parameters(), lr=0.1, weight_decay=0.0)
+    sched = build_lr_scheduler(opt, warmup, "constant", None)
+    return model, opt, sched
+
+
+def _backward(model, scaler, poison: bool = False):
+    loss = model(torch.ones(2, 3)).sum()
+    if poison:
+        loss = loss * float("nan")
+    scaler.scale(loss).backward()
+
+
+def _scalers():
+    yield pytest.param(lambda: torch.amp.GradScaler("cpu", enabled=False), id="disabled")
+    try:
+        torch.amp.GradScaler("cpu", enabled=True)
+        available = True
+    except Exception:  # older torch: no CPU GradScaler
+        available = False
+    yield pytest.param(
+        lambda: torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True),
+        id="enabled",
+        marks=pytest.mark.skipif(not available, reason="torch.amp.GradScaler('cpu') unavailable"),
+    )
+
+
+@pytest.mark.parametrize("make_scaler", list(_scalers()))
+def test_nan_gradient_step_is_skipped(make_scaler):
+    model, opt, sched = _setup()
+    scaler = make_scaler()
+    before = [p.detach().clone() for p in model.parameters()]
+    lr_before, epoch_before = opt.param_groups[0]["lr"], sched.last_epoch
+    scale_before = scaler.get_scale() if scaler.is_enabled() else None
+
+    _backward(model, scaler, poison=True)
+    result = optimizer_step(opt, scaler, model.parameters(), grad_clip=1.0, lr_scheduler=sched)
+
+    assert result.stepped is False
+    assert not math.isfinite(result.grad_norm)
+    for b, p in zip(before, model.parameters()):
+        assert torch.equal(b, p)
+        assert p.grad is None  # gradients cleared
+    assert opt.param_groups[0]["lr"] == lr_before and sched.last_epoch == epoch_before
+    assert not opt.state  # AdamW never ran (no moment buffers, no step count)
+    if scaler.is_enabled():
+        assert scaler.get_scale() < scale_before  # the scaler backed off
+
+    # A healthy step afterwards goes through and advances the schedule.
+    _backward(model, scaler)
+    result = optimizer_step(opt, scaler, model.parameters(), grad_clip=1.0, lr_scheduler=sched)
+    assert result.stepped is True and math.isfinite(result.grad_norm)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert sched.last_epoch == epoch_before + 1
+    assert opt.param_groups[0]["lr"] > lr_before
+
+
+def test_grad_norm_is_pre_clip_and_clipping_applies():
+    model, opt, _ = _setup()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    loss = model(torch.full((1, 3), 100.0)).sum()
+    loss.backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    seen = {}
+    orig_step = opt.step
+
+    def spy_step(*args, **kwargs):  # gradient norm as the optimizer sees it
+        seen["norm"] = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+        return orig_step(*args, **kwargs)
+
+    opt.step = spy_step
+    result = optimizer_step(opt, scaler, model.parameters(), grad_clip=0.5)
+    assert result.stepped and result.grad_norm == pytest.approx(expected, rel=1e-5)
+    assert seen["norm"] == pytest.approx(0.5, rel=1e-4)
+
+
+def test_grad_norm_without_clipping_leaves_gradients():
+    model, opt, _ = _setup()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    model(torch.full((1, 3), 100.0)).sum().backward()
+    expected = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    result = optimizer_step(opt, scaler, model.parameters(), grad_clip=None)
+    assert result.grad_norm == pytest.approx(expected, rel=1e-5)
+
+
+def test_non_finite_guard():
+    guard = NonFiniteGuard(limit=3)
+    assert guard.check(1.0, step=1)
+    assert not guard.check(float("nan"), step=2)
+    assert not guard.check(float("inf"), step=3)
+    assert guard.check(0.5, step=4)  # resets the count
+    assert not guard.check(float("nan"), step=5)
+    assert not guard.check(float("nan"), step=6)
+    with pytest.raises(RuntimeError, match=r"3 consecutive non-finite losses, last at step 7"):
+        guard.check(float("nan"), step=7)
+
+
+def test_non_finite_guard_accepts_tensors():
+    guard = NonFiniteGuard(limit=1)
+    assert guard.check(torch.tensor(2.0), step=0)
+    with pytest.raises(RuntimeError, match="step 9"):
+        guard.check(torch.tensor(float("nan")), step=9)
