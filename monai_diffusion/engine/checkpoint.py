@@ -1,0 +1,349 @@
+"""Checkpoints: atomic save, checked load, RNG state, pruning, resume resolution, shape-key checks.
+
+A checkpoint is one ``torch.save``'d dict with a ``"format_version"``; what else it holds
+(model/optimizer/scaler/scheduler state dicts, step, config, RNG state) is the recipe's choice.
+Keep it to tensors, numbers, strings, lists/tuples/dicts and None: :func:`load_checkpoint`
+loads with ``weights_only=True``, which refuses arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import uuid
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "capture_rng_state",
+    "restore_rng_state",
+    "prune_checkpoints",
+    "resolve_resume",
+    "check_shape_keys",
+]
+
+FORMAT_VERSION = 1
+logger = logging.getLogger("monai_diffusion")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file exists but cannot be used (corrupt, foreign, or a different format version)."""
+
+
+# --------------------------------------------------------------- save / load
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename: the directory entry must reach the disk too (POSIX only)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically: the file is either the old or the new checkpoint.
+
+    The state goes to a hidden temp file in the same folder (same file system, so the rename is
+    atomic), is flushed and fsynced, replaces ``path`` with ``os.replace``, and the folder is
+    fsynced. On an error the temp file is removed; after a hard kill a ``.<name>.*.tmp`` file may
+    remain, which no pattern like ``step-*.pt`` matches. Call on rank 0 only.
+
+    Args:
+        path: destination, e.g. ``<run>/checkpoints/last.pt``; parent folders are created.
+        state: the dict to save; a copy gets ``"format_version"`` (``state`` itself is unchanged).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {**state, "format_version": FORMAT_VERSION}
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu", weights_only: bool = True) -> dict:
+    """Load a checkpoint written by :func:`save_checkpoint`, with errors that name the file.
+
+    Args:
+        path: the checkpoint file.
+        map_location: where tensors go (``torch.load``'s argument); CPU by default so a GPU
+            checkpoint loads anywhere and each rank moves what it needs.
+        weights_only: refuse arbitrary pickled objects (safe for files from elsewhere).
+
+    Returns:
+        The saved dict, ``"format_version"`` included.
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: unreadable/corrupt file, not a dict, objects a safe load refuses, or a
+            missing/different ``format_version``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise CheckpointError(_load_failure(path, err, weights_only)) from err
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a monai-diffusion checkpoint (holds a {type(state).__name__}, not a dict)")
+    version = state.get("format_version")
+    if version is None:
+        raise CheckpointError(
+            f"{path}: not a monai-diffusion checkpoint (no 'format_version'; a bare state dict?)"
+        )
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version!r}, this monai-diffusion reads version "
+            f"{FORMAT_VERSION}" + (" (written by a newer monai-diffusion; upgrade it)" if newer else "")
+        )
+    return state
+
+
+def _load_failure(path: Path, err: Exception, weights_only: bool) -> str:
+    """Explain a failed ``torch.load``: corrupt file, or a valid file a safe load refuses."""
+    if weights_only:
+        try:  # only answers for a readable torch file
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:
+            unsafe = []
+        if unsafe:
+            return (
+                f"{path}: holds Python objects a safe load refuses ({', '.join(unsafe)}). Save only "
+                "tensors, numbers, strings and containers, or load with weights_only=False if you "
+                "trust the file."
+            )
+    if not zipfile.is_zipfile(path):
+        # torch.save writes a zip; torch's own message for a non-zip is misleading under weights_only.
+        detail = f"not a complete PyTorch zip archive, {path.stat().st_size} bytes"
+    else:
+        text = str(err).strip()
+        detail = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+    return (
+        f"{path}: cannot read checkpoint, the file is truncated or corrupt ({detail}). "
+        "Delete it or resume from another checkpoint."
+    )
+
+
+# ----------------------------------------------------------------------- RNG
+
+
+def capture_rng_state() -> dict:
+    """Snapshot every random generator a run uses, in a form ``weights_only`` loading accepts.
+
+    Each process has its own generators; under DDP save rank 0's (ranks are seeded
+    differently anyway).
+
+    Returns:
+        ``{"python": ..., "numpy": ..., "torch": ByteTensor, "cuda": [ByteTensor per GPU]}``
+        (``"cuda"`` only when CUDA is available).
+    """
+    np_state = np.random.get_state(legacy=False)
+    state = {
+        "python": random.getstate(),
+        # numpy's key is a uint32 array, which a weights_only load refuses: store it as a tensor.
+        "numpy": {
+            "bit_generator": np_state["bit_generator"],
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Restore generators captured by :func:`capture_rng_state`; absent entries are left alone.
+
+    CUDA states are restored for as many GPUs as both the checkpoint and this machine have.
+
+    Args:
+        state: the captured dict.
+    """
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        s = state["numpy"]
+        np.random.set_state(
+            {
+                "bit_generator": s["bit_generator"],
+                "state": {"key": np.asarray(torch.as_tensor(s["key"]).cpu().numpy(), dtype=np.uint32), "pos": s["pos"]},
+                "has_gauss": s["has_gauss"],
+                "gauss": s["gauss"],
+            }
+        )
+    if "torch" in state:
+        torch.set_rng_state(torch.as_tensor(state["torch"]).cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for index, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(torch.as_tensor(cuda_state).cpu(), index)
+
+
+# -------------------------------------------------------------- housekeeping
+
+
+def _step_number(path: Path) -> int | None:
+    """The last number in a file name: ``step-000120.pt`` -> 120."""
+    numbers = re.findall(r"\d+", path.name)
+    return int(numbers[-1]) if numbers else None
+
+
+def prune_checkpoints(folder: Path, pattern: str, keep: int) -> None:
+    """Delete all but the newest ``keep`` step checkpoints, newest by the step number in the name.
+
+    Files matching ``pattern`` without a number (and temp files, which start with a dot) are
+    never touched. Call on rank 0 only.
+
+    Args:
+        folder: the checkpoint folder.
+        pattern: glob of step checkpoints, e.g. ``"step-*.pt"``.
+        keep: how many to keep (0 deletes them all).
+
+    Raises:
+        ValueError: ``keep < 0``.
+    """
+    if keep < 0:
+        raise ValueError(f"keep must be >= 0, got {keep}")
+    numbered = [
+        (step, p)
+        for p in Path(folder).glob(pattern)
+        if p.is_file() and not p.name.startswith(".") and (step := _step_number(p)) is not None
+    ]
+    numbered.sort(key=lambda item: (item[0], item[1].name))
+    for _, p in numbered[: max(0, len(numbered) - keep)]:
+        p.unlink(missing_ok=True)
+        logger.debug("Removed old checkpoint %s", p)
+
+
+def resolve_resume(
+    resume: str | bool | None, candidates: Sequence[Path], where: str | None = None
+) -> Path | None:
+    """Turn the ``--resume`` value into the checkpoint file to load, or None to start fresh.
+
+    =====================  ==========================================================
+    resume                 result
+    =====================  ==========================================================
+    False, None, "false"   None (also "no", "none")
+    True, "true"           newest existing candidate by mtime; ValueError if none
+    "auto"                 newest existing candidate, or None (logged: starting fresh)
+    other string / Path    that file, or a run folder's ``checkpoints/last.pt`` (or a
+                           checkpoint folder's ``last.pt``); FileNotFoundError if missing
+    =====================  ==========================================================
+
+    Args:
+        resume: the ``--resume`` value.
+        candidates: checkpoint files the recipe proposes, e.g. every
+            ``<output_dir>/autoencoder-*/checkpoints/last.pt``; missing ones are ignored.
+        where: how to describe the searched places in messages (default: the candidates).
+
+    Returns:
+        The checkpoint path, or None.
+
+    Raises:
+        ValueError: ``true`` and no candidate exists.
+        FileNotFoundError: an explicit path that is neither a file nor a folder with ``last.pt``.
+    """
+    if resume is None or resume is False:
+        return None
+    text = "true" if resume is True else str(resume)
+    if text.strip().lower() in ("false", "no", "none", ""):
+        return None
+    if text.strip().lower() in ("true", "auto"):
+        existing = [Path(p) for p in candidates if Path(p).is_file()]
+        if existing:
+            newest = max(existing, key=lambda p: (p.stat().st_mtime, str(p)))
+            logger.info("Resuming from %s", newest)
+            return newest
+        searched = where or (", ".join(str(p) for p in candidates) or "(no candidate checkpoints)")
+        if text.strip().lower() == "true":
+            raise ValueError(f"--resume true but no checkpoint found in {searched}")
+        logger.info("--resume auto: no checkpoint found, starting fresh (looked in %s)", searched)
+        return None
+
+    path = Path(text).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        for inside in (path / "checkpoints" / "last.pt", path / "last.pt"):
+            if inside.is_file():
+                return inside
+        raise FileNotFoundError(
+            f"--resume {text}: folder has no checkpoints/last.pt (nor last.pt); pass a checkpoint file"
+        )
+    raise FileNotFoundError(f"--resume {text}: no such checkpoint file or run folder")
+
+
+# ------------------------------------------------------------- config check
+
+_MISSING = object()
+
+
+def _get_dotted(tree: dict, key: str) -> Any:
+    node: Any = tree
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+def _show(value: Any) -> str:
+    # JSON spelling (null, true, [4, 2]) is what the user writes in the YAML config.
+    return "(missing)" if value is _MISSING else json.dumps(value, default=str)
+
+
+def check_shape_keys(saved: dict, current: dict, keys: Sequence[str]) -> None:
+    """Refuse to load weights into a model built from a config whose shapes differ.
+
+    Args:
+        saved: the config stored in the checkpoint (``model_dump(mode="json")``).
+        current: the config of this run, same form.
+        keys: dotted keys that determine tensor shapes, e.g. ``"autoencoder.num_channels"``.
+
+    Raises:
+        ValueError: listing every differing key with both values, one per line, e.g.
+            ``autoencoder.downsample_factors: checkpoint [4, 2], config [2, 2]``.
+    """
+    differences = [
+        f"{key}: checkpoint {_show(old)}, config {_show(new)}"
+        for key in keys
+        if (old := _get_dotted(saved, key)) != (new := _get_dotted(current, key))
+    ]
+    if differences:
+        listing = "\n".join(f"  - {d}" for d in differences)
+        raise ValueError(
+            f"The checkpoint was trained with a different model shape ({len(differences)} key(s)):\n"
+            f"{listing}\nSet these back in the config (or --set) to match the checkpoint, or start fresh."
+        )
