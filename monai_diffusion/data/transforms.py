@@ -1,0 +1,209 @@
+"""The MONAI transform chain from a NIfTI path to a fixed-size, intensity-scaled float32 volume."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data.utils import affine_to_spacing
+from monai.transforms import (
+    Compose,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAffined,
+    RandFlipd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    ScaleIntensityRangePercentilesd,
+    Spacingd,
+)
+
+from monai_diffusion.config.schema import DataConfig
+
+IMAGE_KEY = "image"
+# Resampling a volume to more voxels than this (after data.spacing) is refused: it would take
+# several GB per volume before the crop, almost always a spacing given in the wrong unit.
+MAX_RESAMPLED_VOXELS = 512**3
+
+
+def resampled_shape(shape: Sequence[int], pixdim: Sequence[float], spacing: Sequence[float] | None) -> tuple[int, ...]:
+    """Spatial shape after resampling from voxel size ``pixdim`` to ``spacing`` (unchanged when None)."""
+    if spacing is None:
+        return tuple(int(size) for size in shape)
+    return tuple(max(1, round(size * abs(float(p)) / float(s))) for size, p, s in zip(shape, pixdim, spacing))
+
+
+def describe_resampling_problem(
+    shape: Sequence[int], pixdim: Sequence[float], spacing: Sequence[float] | None
+) -> str | None:
+    """Why a volume cannot be resampled to ``spacing`` as configured, or None when it can."""
+    if spacing is None:
+        return None
+    if any(not np.isfinite(p) or p == 0 for p in pixdim):
+        return f"has an invalid voxel size {tuple(float(p) for p in pixdim)} in its header; cannot resample to data.spacing"
+    target = resampled_shape(shape, pixdim, spacing)
+    if int(np.prod(target)) > MAX_RESAMPLED_VOXELS:
+        return (
+            f"would be resampled from {tuple(shape)} voxels of {tuple(round(float(p), 4) for p in pixdim)} mm to "
+            f"{target} voxels at data.spacing={list(spacing)} mm (over {MAX_RESAMPLED_VOXELS:,} voxels); "
+            "is data.spacing in mm?"
+        )
+    return None
+
+
+class ValidateVolumed(MapTransform):
+    """Reject a volume the rest of the chain cannot handle, naming its file and the problem.
+
+    Runs right after loading (channel-first): checks the channel count, the number of spatial
+    axes, that values are finite, and that resampling to ``spacing`` stays a sane size.
+    Screening (:func:`monai_diffusion.data.sources.screen_volumes`) normally catches these first;
+    this keeps the chain safe on its own, e.g. when files change after screening.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        expected_channels: int = 1,
+        spatial_dims: int = 3,
+        spacing: Sequence[float] | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.expected_channels = expected_channels
+        self.spatial_dims = spatial_dims
+        self.spacing = spacing
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            meta = getattr(image, "meta", {}) or {}
+            name = meta.get("filename_or_obj", f"<{key}>")
+            shape = tuple(image.shape)
+            if len(shape) != self.spatial_dims + 1:
+                raise ValueError(
+                    f"{name}: loaded as shape {shape} (channel first), expected 1 channel axis + "
+                    f"{self.spatial_dims} spatial axes to crop/pad to data.voxel_size"
+                )
+            if shape[0] != self.expected_channels:
+                raise ValueError(
+                    f"{name}: has {shape[0]} channel(s) (shape {shape}, channel first), expected "
+                    f"{self.expected_channels} (autoencoder.in_channels)"
+                )
+            finite = torch.isfinite(torch.as_tensor(image))
+            if not bool(finite.all()):
+                raise ValueError(f"{name}: contains {int((~finite).sum())} NaN/Inf value(s)")
+            affine = getattr(image, "affine", None)
+            if affine is not None:
+                pixdim = affine_to_spacing(affine, r=self.spatial_dims)
+                problem = describe_resampling_problem(shape[1:], pixdim.tolist(), self.spacing)
+                if problem:
+                    raise ValueError(f"{name}: {problem}")
+        return d
+
+
+def deterministic_settings(data: DataConfig, expected_channels: int = 1) -> dict:
+    """The settings that decide the cacheable (non-random) part of the chain, for cache keys."""
+    return {
+        "orientation": data.orientation,
+        "spacing": data.spacing,
+        "intensity": data.intensity.model_dump(),
+        "voxel_size": data.voxel_size,
+        "expected_channels": expected_channels,
+        "reader": "NibabelReader",
+        "version": 1,  # bump when the chain below changes
+    }
+
+
+def background_value(data: DataConfig) -> float:
+    """Intensity of empty space after scaling: pads and rotations fill with it so edges are invisible."""
+    return float(data.intensity.b_min) if data.intensity.mode != "none" else 0.0
+
+
+def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1) -> Compose:
+    """MONAI dict transforms on key ``"image"``: NIfTI path -> float32 tensor of shape (C, *voxel_size).
+
+    Chain: LoadImaged (nibabel) -> EnsureChannelFirstd -> ValidateVolumed -> Orientationd ->
+    [Spacingd] -> intensity scaling (percentile / range / none) -> ResizeWithPadOrCropd ->
+    [train: RandFlipd per axis, RandAffined] -> EnsureTyped(float32). Everything before the first
+    random transform is deterministic, so CacheDataset/PersistentDataset cache it.
+
+    The output is a MetaTensor: ``image.affine`` is the voxel->world (RAS mm) affine after
+    reorientation/resampling/cropping (use it to write NIfTI outputs), ``image.pixdim`` the spacing.
+
+    Args:
+        data: the ``data`` section of the config.
+        train: add the random augmentations of ``data.augment``.
+        expected_channels: channels every volume must have (``autoencoder.in_channels``).
+
+    Returns:
+        The Compose.
+    """
+    spatial_dims = len(data.voxel_size)
+    background = background_value(data)
+    transforms: list = [
+        LoadImaged(IMAGE_KEY, reader="NibabelReader", image_only=True),
+        # Plain 3D files get a channel axis; 4D (x,y,z,c) files have theirs moved first.
+        EnsureChannelFirstd(IMAGE_KEY),
+        ValidateVolumed(IMAGE_KEY, expected_channels=expected_channels, spatial_dims=spatial_dims, spacing=data.spacing),
+        # labels=None: axis letters follow the MetaTensor's space (RAS for nibabel), MONAI's coming default.
+        Orientationd(IMAGE_KEY, axcodes=data.orientation[:spatial_dims], labels=None),
+    ]
+    if data.spacing is not None:
+        transforms.append(Spacingd(IMAGE_KEY, pixdim=data.spacing, mode="bilinear", padding_mode="border"))
+
+    intensity = data.intensity
+    if intensity.mode == "percentile":
+        # channel_wise: each channel (e.g. modality) gets its own percentiles.
+        transforms.append(
+            ScaleIntensityRangePercentilesd(
+                IMAGE_KEY,
+                lower=intensity.lower,
+                upper=intensity.upper,
+                b_min=intensity.b_min,
+                b_max=intensity.b_max,
+                clip=intensity.clip,
+                channel_wise=True,
+            )
+        )
+    elif intensity.mode == "range":
+        transforms.append(
+            ScaleIntensityRanged(
+                IMAGE_KEY,
+                a_min=intensity.lower,
+                a_max=intensity.upper,
+                b_min=intensity.b_min,
+                b_max=intensity.b_max,
+                clip=intensity.clip,
+            )
+        )
+    # Pad after scaling with the scaled background value (e.g. -1 for [-1, 1] targets, or air for CT).
+    transforms.append(ResizeWithPadOrCropd(IMAGE_KEY, spatial_size=data.voxel_size, mode="constant", value=background))
+
+    if train:
+        augment = data.augment
+        if augment.flip_prob > 0:
+            transforms += [RandFlipd(IMAGE_KEY, prob=augment.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
+        if augment.affine_prob > 0:
+            rotations = 1 if spatial_dims == 2 else 3
+            transforms.append(
+                RandAffined(
+                    IMAGE_KEY,
+                    prob=augment.affine_prob,
+                    rotate_range=(augment.rotate_range,) * rotations,
+                    scale_range=(augment.scale_range,) * spatial_dims,
+                    spatial_size=data.voxel_size,
+                    mode="bilinear",
+                    # 'zeros' fills exactly the background when it is 0; otherwise repeat the border
+                    # (background after padding) rather than inventing a 0 that is not background.
+                    padding_mode="zeros" if background == 0 else "border",
+                    cache_grid=True,
+                )
+            )
+    transforms.append(EnsureTyped(IMAGE_KEY, dtype=torch.float32, track_meta=True))
+    return Compose(transforms)
