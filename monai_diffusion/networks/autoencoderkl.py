@@ -298,9 +298,7 @@ def _normalise_downsample_factors(
         )
     normalised = []
     for level, entry in enumerate(downsample_factors):
-        if _is_int(entry):
-            factors = (int(entry),) * spatial_dims
-        elif isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)):
+        if isinstance(entry, Sequence) and not isinstance(entry, (str, bytes)):
             if len(entry) != spatial_dims:
                 raise ValueError(
                     f"downsample_factors[{level}] must be an int or a sequence of spatial_dims = {spatial_dims} "
@@ -308,8 +306,9 @@ def _normalise_downsample_factors(
                 )
             factors = tuple(entry)
         else:
-            raise ValueError(f"downsample_factors[{level}] must be an int or a sequence of ints, got {entry!r}.")
+            factors = (entry,) * spatial_dims
         for f in factors:
+            # Floats are refused rather than rounded: a silently changed factor changes the latent shape.
             if not _is_int(f) or f < 1:
                 raise ValueError(f"downsample_factors[{level}] must contain only integers >= 1, got {entry!r}.")
         normalised.append(tuple(int(f) for f in factors))
