@@ -1,0 +1,383 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.inferers import LatentDiffusionInferer
+from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.autoencoderkl import AEKLDownsample
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+
+import monai_diffusion.networks.autoencoderkl as aekl_module
+from monai_diffusion.networks import AutoencoderKL, FactorDownsample
+
+# Tiny settings so the whole file runs in seconds on CPU.
+TINY = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, norm_num_groups=8, latent_channels=3)
+# No attention anywhere: attention is global, so it would hide any voxel the downsampling skips.
+NO_ATTN = dict(
+    num_res_blocks=1,
+    norm_num_groups=4,
+    latent_channels=2,
+    with_encoder_nonlocal_attn=False,
+    with_decoder_nonlocal_attn=False,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Drop-in compatibility with MONAI at factor 2
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_convtranspose", [False, True])
+@pytest.mark.parametrize(
+    "spatial_dims, kwargs, shape",
+    [
+        (3, dict(channels=(8, 16, 16), attention_levels=(False, False, True)), (2, 1, 16, 16, 16)),
+        (2, dict(channels=(8, 16), attention_levels=(False, True), in_channels=2, out_channels=2), (2, 2, 16, 16)),
+    ],
+)
+def test_monai_state_dict_loads_strict_and_outputs_match(use_convtranspose, spatial_dims, kwargs, shape):
+    common = dict(num_res_blocks=1, norm_num_groups=8, latent_channels=3, use_convtranspose=use_convtranspose, **kwargs)
+    # MONAI with its default (explicit) attention; ours with SDPA by default: same maths.
+    reference = MonaiAutoencoderKL(spatial_dims, use_flash_attention=False, **common).eval()
+    model = AutoencoderKL(spatial_dims, **common).eval()
+
+    ref_state = reference.state_dict()
+    assert list(model.state_dict()) == list(ref_state)
+    model.load_state_dict(ref_state, strict=True)
+
+    x = torch.randn(shape)
+    with torch.no_grad():
+        torch.testing.assert_close(model.reconstruct(x), reference.reconstruct(x), atol=1e-5, rtol=1e-5)
+        for ours, theirs in zip(model.encode(x), reference.encode(x)):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+        z = torch.randn(shape[0], 3, *[s // 2 ** (len(kwargs["channels"]) - 1) for s in shape[2:]])
+        torch.testing.assert_close(model.decode(z), reference.decode(z), atol=1e-5, rtol=1e-5)
+
+
+def test_defaults_match_monai_except_flash_attention():
+    model = AutoencoderKL(3)
+    reference = MonaiAutoencoderKL(3)
+    assert model.downsample_factors == ((2, 2, 2),) * 3
+    assert model.total_factor == (8, 8, 8)
+    assert [(k, v.shape) for k, v in model.state_dict().items()] == [
+        (k, v.shape) for k, v in reference.state_dict().items()
+    ]
+    attn = [m for m in model.modules() if hasattr(m, "use_flash_attention")]
+    assert attn and all(m.use_flash_attention for m in attn)
+
+
+def test_factor_two_downsample_equals_monai_layer():
+    ours = FactorDownsample(spatial_dims=3, in_channels=4, factors=2)
+    theirs = AEKLDownsample(spatial_dims=3, in_channels=4)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(1, 4, 8, 6, 10)
+    torch.testing.assert_close(ours(x), theirs(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-axis factors: normalisation, shapes, layer design
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_downsample_factors_are_normalised_per_level_and_axis():
+    model = AutoencoderKL(
+        3, channels=(8, 8, 8), attention_levels=(False,) * 3, downsample_factors=[4, (2, 2, 1)], **NO_ATTN
+    )
+    assert model.downsample_factors == ((4, 4, 4), (2, 2, 1))
+    assert model.total_factor == (8, 8, 4)
+    assert model.latent_shape((64, 32, 16)) == (8, 4, 4)
+    single_level = AutoencoderKL(2, channels=(8,), attention_levels=(False,), **NO_ATTN)
+    assert single_level.downsample_factors == ()
+    assert single_level.total_factor == (1, 1)
+
+
+@pytest.mark.parametrize("factor", range(1, 17))
+def test_downsample_layer_kernel_stride_and_size(factor):
+    layer = FactorDownsample(spatial_dims=1, in_channels=1, factors=factor)
+    conv = layer.conv.conv
+    assert conv.kernel_size == (factor + 1,) and conv.stride == (factor,) and conv.padding == (0,)
+    n = 3 * factor
+    assert layer(torch.zeros(1, 1, n)).shape[-1] == n // factor
+
+
+@pytest.mark.parametrize("factors", [(1, 1, 1), (3, 1, 2), (4, 8, 16), (16, 2, 1)])
+def test_downsample_layer_reaches_every_voxel(factors):
+    layer = FactorDownsample(spatial_dims=3, in_channels=2, factors=factors)
+    x = torch.randn(1, 2, 16, 16, 16, requires_grad=True)
+    out = layer(x)
+    assert out.shape[2:] == tuple(16 // f for f in factors)
+    out.sum().backward()
+    assert (x.grad != 0).all()
+
+
+def _replace_group_norms(module: torch.nn.Module) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, torch.nn.GroupNorm):
+            setattr(module, name, torch.nn.Identity())
+        else:
+            _replace_group_norms(child)
+
+
+@pytest.mark.parametrize(
+    "channels, factors, shape",
+    [
+        ((4, 8), [4], (16, 16, 16)),
+        ((4, 8), [8], (16, 16, 16)),
+        ((4, 8), [16], (32, 32, 32)),
+        ((4, 8, 8), [4, 2], (16, 16, 16)),
+        ((4, 8, 8), [[4, 2, 1], [4, 1, 2]], (32, 16, 8)),
+    ],
+)
+def test_every_input_voxel_reaches_the_latent(channels, factors, shape):
+    model = AutoencoderKL(
+        3, channels=channels, attention_levels=(False,) * len(channels), downsample_factors=factors, **NO_ATTN
+    )
+    # GroupNorm statistics pass a little gradient to every voxel and would hide a skipped one: drop them so
+    # only the convolutions' receptive fields count.
+    _replace_group_norms(model)
+    x = torch.randn(1, 1, *shape, requires_grad=True)
+    z_mu, _ = model.encode(x)
+    assert z_mu.shape[2:] == model.latent_shape(shape)
+    z_mu.sum().backward()
+    assert (x.grad != 0).all(), f"{int((x.grad == 0).sum())} input voxels do not reach the latent"
+
+
+@pytest.mark.parametrize("use_convtranspose", [False, True])
+def test_anisotropic_round_trip_shapes(use_convtranspose):
+    model = AutoencoderKL(
+        3,
+        channels=(8, 16, 16),
+        attention_levels=(False, False, True),
+        num_res_blocks=1,
+        norm_num_groups=8,
+        latent_channels=3,
+        downsample_factors=[[4, 4, 2], [2, 1, 1]],
+        use_convtranspose=use_convtranspose,
+    )
+    x = torch.randn(2, 1, 32, 16, 8)
+    reconstruction, z_mu, z_sigma = model(x)
+    assert reconstruction.shape == x.shape
+    assert z_mu.shape == z_sigma.shape == (2, 3, 4, 4, 4)
+    assert model.encode_stage_2_inputs(x).shape == z_mu.shape
+    assert model.decode_stage_2_outputs(z_mu).shape == x.shape
+
+
+def test_convtranspose_upsample_uses_kernel_equal_to_stride():
+    model = AutoencoderKL(
+        3,
+        channels=(4, 8, 8),
+        attention_levels=(False,) * 3,
+        downsample_factors=[[4, 2, 1], [2, 1, 3]],
+        use_convtranspose=True,
+        **NO_ATTN,
+    )
+    deconvs = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose3d)]
+    # Decoder undoes the encoder's levels in reverse order.
+    assert [d.stride for d in deconvs] == [(2, 1, 3), (4, 2, 1)]
+    assert [d.kernel_size for d in deconvs] == [(2, 1, 3), (4, 2, 1)]
+
+
+@pytest.mark.parametrize("spatial_dims, shape", [(1, (2, 1, 32)), (2, (2, 1, 32, 16))])
+def test_lower_dimensional_models(spatial_dims, shape):
+    model = AutoencoderKL(
+        spatial_dims,
+        channels=(4, 8),
+        attention_levels=(False, True),
+        num_res_blocks=1,
+        norm_num_groups=4,
+        downsample_factors=[4 if spatial_dims == 1 else (4, 1)],
+    )
+    reconstruction, z_mu, _ = model(torch.randn(shape))
+    assert reconstruction.shape == shape
+    assert z_mu.shape[2:] == model.latent_shape(shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input shape checks
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _anisotropic_model() -> AutoencoderKL:
+    return AutoencoderKL(3, channels=(4, 8), attention_levels=(False, False), downsample_factors=[[4, 2, 1]], **NO_ATTN)
+
+
+def test_latent_shape_rejects_indivisible_size_naming_axis_size_and_factor():
+    model = _anisotropic_model()
+    assert model.latent_shape((16, 6, 5)) == (4, 3, 5)
+    with pytest.raises(ValueError, match=r"size 7 on axis 1 .* factor 2"):
+        model.latent_shape((16, 7, 5))
+    with pytest.raises(ValueError, match="3 spatial dimensions"):
+        model.latent_shape((16, 8))
+
+
+@pytest.mark.parametrize("method", ["encode", "forward", "reconstruct", "encode_stage_2_inputs"])
+def test_encoding_an_indivisible_input_raises_clear_error(method):
+    model = _anisotropic_model()
+    with pytest.raises(ValueError, match=r"size 6 on axis 0 .* factor 4"):
+        getattr(model, method)(torch.randn(1, 1, 6, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Constructor validation: one test per rule
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _build(**overrides) -> AutoencoderKL:
+    kwargs = dict(
+        spatial_dims=3, channels=(8, 16), attention_levels=(False, False), num_res_blocks=1, norm_num_groups=8
+    )
+    kwargs.update(overrides)
+    return AutoencoderKL(**kwargs)
+
+
+def test_rejects_wrong_number_of_downsample_factors():
+    with pytest.raises(ValueError, match=r"len\(channels\) - 1 = 1 entries"):
+        _build(downsample_factors=[2, 2])
+
+
+@pytest.mark.parametrize("factors", [[0], [[2, 0, 2]], [-2], [2.0], [[2, 2.5, 2]], [True]])
+def test_rejects_factor_below_one_or_not_integer(factors):
+    with pytest.raises(ValueError, match="integers >= 1"):
+        _build(downsample_factors=factors)
+
+
+def test_rejects_per_axis_factors_of_wrong_length():
+    with pytest.raises(ValueError, match="spatial_dims = 3"):
+        _build(downsample_factors=[[2, 2]])
+
+
+def test_rejects_channels_not_divisible_by_norm_num_groups():
+    with pytest.raises(ValueError, match="multiple of norm_num_groups"):
+        _build(channels=(8, 12))
+
+
+def test_rejects_attention_levels_of_wrong_length():
+    with pytest.raises(ValueError, match="same size of attention_levels"):
+        _build(attention_levels=(False,))
+
+
+def test_rejects_num_res_blocks_of_wrong_length():
+    with pytest.raises(ValueError, match="num_res_blocks"):
+        _build(num_res_blocks=(1, 1, 1))
+
+
+@pytest.mark.parametrize("spatial_dims", [0, 4])
+def test_rejects_unsupported_spatial_dims(spatial_dims):
+    with pytest.raises(ValueError, match="spatial_dims must be 1, 2 or 3"):
+        _build(spatial_dims=spatial_dims)
+
+
+def test_rejects_latent_channels_below_one():
+    with pytest.raises(ValueError, match="latent_channels must be >= 1"):
+        _build(latent_channels=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Gradient checkpointing
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _count_checkpoint_calls(monkeypatch) -> list[type]:
+    calls: list[type] = []
+    original = aekl_module.checkpoint
+
+    def counting_checkpoint(fn, *args, **kwargs):
+        calls.append(type(fn))
+        return original(fn, *args, **kwargs)
+
+    monkeypatch.setattr(aekl_module, "checkpoint", counting_checkpoint)
+    return calls
+
+
+def test_checkpointing_gives_same_outputs_and_gradients(monkeypatch):
+    settings = dict(TINY, downsample_factors=[[2, 2, 1]])
+    plain = AutoencoderKL(3, **settings).train()
+    checkpointed = AutoencoderKL(3, use_checkpoint=True, **settings).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    calls = _count_checkpoint_calls(monkeypatch)
+
+    x = torch.randn(2, 1, 16, 16, 8)
+    outputs = []
+    for model in (plain, checkpointed):
+        torch.manual_seed(1)  # same sampling noise in forward
+        reconstruction, z_mu, z_sigma = model(x)
+        (reconstruction.square().mean() + z_mu.mean() + z_sigma.mean()).backward()
+        outputs.append((reconstruction, z_mu, z_sigma))
+
+    for ours, theirs in zip(*outputs):
+        torch.testing.assert_close(ours, theirs)
+    for (name, p_plain), p_ckpt in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(p_ckpt.grad, p_plain.grad, msg=name)
+
+    # One checkpoint per non-trivial block, never around a whole encoder/decoder.
+    blocks = list(checkpointed.encoder.blocks) + list(checkpointed.decoder.blocks)
+    expected = [type(b) for b in blocks if not isinstance(b, (aekl_module.Convolution, torch.nn.GroupNorm))]
+    assert calls == expected
+    assert aekl_module.Encoder not in calls and aekl_module.Decoder not in calls
+
+
+def test_checkpointing_is_skipped_in_eval_and_without_grad(monkeypatch):
+    model = AutoencoderKL(3, use_checkpoint=True, **TINY)
+    calls = _count_checkpoint_calls(monkeypatch)
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        model.train()(x)
+    model.eval()(x)
+    assert calls == []
+    model.use_checkpoint = False
+    assert not model.encoder.use_checkpoint and not model.decoder.use_checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# MONAI LatentDiffusionInferer works unchanged
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _ldm_models() -> tuple[AutoencoderKL, DiffusionModelUNet]:
+    autoencoder = AutoencoderKL(3, downsample_factors=[[4, 4, 2]], **TINY).eval()
+    unet = DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=3,
+        out_channels=3,
+        channels=(8, 8),
+        attention_levels=(False, False),
+        num_res_blocks=1,
+        norm_num_groups=8,
+    )
+    return autoencoder, unet
+
+
+def test_latent_diffusion_inferer_training_call():
+    autoencoder, unet = _ldm_models()
+    scheduler = DDPMScheduler(num_train_timesteps=10)
+    inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=1.0)
+    images = torch.randn(2, 1, 16, 16, 8)
+    latent_shape = (2, 3, *autoencoder.latent_shape(images.shape[2:]))
+    noise = torch.randn(latent_shape)
+    timesteps = torch.randint(0, scheduler.num_train_timesteps, (2,)).long()
+
+    prediction = inferer(images, autoencoder_model=autoencoder, diffusion_model=unet, noise=noise, timesteps=timesteps)
+    assert prediction.shape == latent_shape
+    torch.nn.functional.mse_loss(prediction, noise).backward()
+    assert all(p.grad is None for p in autoencoder.parameters())  # the inferer encodes without grad
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDIMScheduler, DDPMScheduler])
+def test_latent_diffusion_inferer_sampling(scheduler_cls):
+    autoencoder, unet = _ldm_models()
+    unet.eval()
+    scheduler = scheduler_cls(num_train_timesteps=30)
+    scheduler.set_timesteps(num_inference_steps=3)
+    inferer = LatentDiffusionInferer(scheduler=scheduler, scale_factor=1.0)
+    image_shape = (1, 1, 16, 16, 8)
+    noise = torch.randn(1, 3, *autoencoder.latent_shape(image_shape[2:]))
+
+    image = inferer.sample(input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet, verbose=False)
+    assert image.shape == image_shape
+    assert torch.isfinite(image).all()
