@@ -1,0 +1,74 @@
+"""Training engine: small functions the recipes call top to bottom.
+
+``precision`` (autocast, grad scalers), ``optim`` (AdamW, LR schedule, guarded step),
+``checkpoint`` (atomic save, checked load, resume), ``distributed`` (torchrun/DDP),
+``ema`` (weight averaging) and ``logging`` (console, TensorBoard, slice panels).
+"""
+
+from monai_diffusion.engine.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    capture_rng_state,
+    check_shape_keys,
+    load_checkpoint,
+    prune_checkpoints,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+from monai_diffusion.engine.distributed import (
+    DistInfo,
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    init_distributed,
+    is_distributed,
+    unwrap,
+    wrap_ddp,
+)
+from monai_diffusion.engine.ema import build_ema
+from monai_diffusion.engine.logging import RunLogger, get_logger, peak_memory_mb, save_png, set_log_rank, volume_panel
+from monai_diffusion.engine.optim import (
+    NonFiniteGuard,
+    StepResult,
+    build_lr_scheduler,
+    build_optimizer,
+    optimizer_step,
+)
+from monai_diffusion.engine.precision import Precision, resolve_precision
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "DistInfo",
+    "NonFiniteGuard",
+    "Precision",
+    "RunLogger",
+    "StepResult",
+    "all_reduce_mean",
+    "barrier",
+    "broadcast_object",
+    "build_ema",
+    "build_lr_scheduler",
+    "build_optimizer",
+    "capture_rng_state",
+    "check_shape_keys",
+    "cleanup_distributed",
+    "get_logger",
+    "init_distributed",
+    "is_distributed",
+    "load_checkpoint",
+    "optimizer_step",
+    "peak_memory_mb",
+    "prune_checkpoints",
+    "resolve_precision",
+    "resolve_resume",
+    "restore_rng_state",
+    "save_checkpoint",
+    "save_png",
+    "set_log_rank",
+    "unwrap",
+    "volume_panel",
+    "wrap_ddp",
+]
