@@ -1,0 +1,120 @@
+"""The MONAI transform chain on real NIfTI files: size, intensity, orientation, spacing, augmentation, checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from monai_diffusion.config.schema import DataConfig
+from monai_diffusion.data import build_transforms
+
+SHAPE = (20, 18, 16)
+# x runs right-to-left (LAS-like), anisotropic voxels, an offset: Orientationd(RAS) must flip x.
+AFFINE = np.array([[-1.5, 0, 0, 30.0], [0, 1.2, 0, -10.0], [0, 0, 2.0, 5.0], [0, 0, 0, 1]])
+MARKER = (2, 5, 7)
+
+
+def write_volume(path: Path, values: np.ndarray, affine=AFFINE) -> str:
+    nib.save(nib.Nifti1Image(values, affine), path)
+    return str(path)
+
+
+@pytest.fixture()
+def volume(tmp_path) -> str:
+    """Values 10..110 with one bright marker voxel (300) and one low outlier (-50)."""
+    values = (np.random.default_rng(0).random(SHAPE) * 100 + 10).astype(np.float32)
+    values[MARKER] = 300.0
+    values[10, 10, 10] = -50.0
+    return write_volume(tmp_path / "vol.nii.gz", values)
+
+
+def data_config(**data) -> DataConfig:
+    """Only the data section: the whole config's cross-field rules would tie voxel_size to the networks."""
+    return DataConfig.model_validate(data)
+
+
+def test_output_shape_type_and_percentile_range(volume):
+    # x and z are cropped/kept, y padded: every axis reaches voxel_size
+    data = data_config(voxel_size=[16, 24, 16])
+    image = build_transforms(data, train=False)({"image": volume})["image"]
+    assert isinstance(image, MetaTensor)
+    assert image.shape == (1, 16, 24, 16)
+    assert image.dtype == torch.float32
+    assert float(image.min()) == 0.0 and float(image.max()) == 1.0  # percentile scaling clips to [0, 1]
+    assert image.affine.shape == (4, 4)
+    assert torch.allclose(image.pixdim.float(), torch.tensor([1.5, 1.2, 2.0]))
+    assert image.meta["filename_or_obj"] == volume
+
+
+def test_orientation_is_applied_and_world_position_kept(volume):
+    data = data_config(voxel_size=list(SHAPE), intensity={"mode": "none"})
+    image = build_transforms(data, train=False)({"image": volume})["image"]
+    marker = np.unravel_index(int(torch.argmax(image[0])), SHAPE)
+    assert tuple(int(i) for i in marker) == (SHAPE[0] - 1 - MARKER[0], MARKER[1], MARKER[2])  # x flipped
+    assert float(image.max()) == 300.0 and float(image.min()) == -50.0  # mode none: values untouched
+    affine = image.affine.numpy()
+    assert np.all(np.diag(affine)[:3] > 0)  # RAS
+    world_before = AFFINE @ np.array([*MARKER, 1.0])
+    world_after = affine @ np.array([*marker, 1.0])
+    assert np.allclose(world_before, world_after)
+
+
+def test_spacing_resamples_and_range_mode_pads_with_b_min(volume):
+    data = data_config(
+        voxel_size=[24, 24, 24],
+        spacing=[3.0, 3.0, 3.0],
+        intensity={"mode": "range", "lower": 0, "upper": 100, "b_min": -1, "b_max": 1},
+    )
+    image = build_transforms(data, train=False)({"image": volume})["image"]
+    assert image.shape == (1, 24, 24, 24)
+    assert torch.allclose(image.pixdim.float(), torch.tensor([3.0, 3.0, 3.0]))
+    assert float(image.min()) >= -1 and float(image.max()) <= 1
+    assert float(image[0, 0, 0, 0]) == -1.0  # padding is the scaled background, not 0
+
+
+def test_train_augmentation_keeps_shape_and_is_seedable(volume):
+    data = data_config(voxel_size=[16, 16, 16], augment={"flip_prob": 0.5, "affine_prob": 1.0})
+    val_image = build_transforms(data, train=False)({"image": volume})["image"]
+    chain = build_transforms(data, train=True)
+    chain.set_random_state(seed=1)
+    first = chain({"image": volume})["image"]
+    chain.set_random_state(seed=1)
+    again = chain({"image": volume})["image"]
+    assert first.shape == (1, 16, 16, 16) and first.dtype == torch.float32
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, val_image)
+    assert float(first.min()) >= 0 and float(first.max()) <= 1
+
+
+def test_multichannel_4d_volume(tmp_path):
+    values = np.random.default_rng(1).random((*SHAPE, 2)).astype(np.float32)
+    path = write_volume(tmp_path / "two.nii.gz", values)
+    data = data_config(voxel_size=[16, 16, 16])
+    image = build_transforms(data, train=False, expected_channels=2)({"image": path})["image"]
+    assert image.shape == (2, 16, 16, 16)
+    with pytest.raises(RuntimeError) as raised:
+        build_transforms(data, train=False, expected_channels=1)({"image": path})
+    assert "two.nii.gz: has 2 channel(s)" in _chain(raised.value)
+
+
+def test_the_chain_rejects_non_finite_volumes_naming_the_file(tmp_path):
+    values = np.ones(SHAPE, np.float32)
+    values[1, 2, 3] = np.nan
+    path = write_volume(tmp_path / "nan.nii.gz", values)
+    with pytest.raises(RuntimeError) as raised:
+        build_transforms(data_config(voxel_size=[16, 16, 16]), train=False)({"image": path})
+    assert "nan.nii.gz: contains 1 NaN/Inf value(s)" in _chain(raised.value)
+
+
+def _chain(error: BaseException) -> str:
+    """Every message in an exception chain (MONAI's Compose wraps errors in RuntimeError)."""
+    messages = []
+    while error is not None:
+        messages.append(str(error))
+        error = error.__cause__ or error.__context__
+    return "\n".join(messages)
