@@ -147,7 +147,8 @@ def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1) 
     spatial_dims = len(data.voxel_size)
     background = background_value(data)
     transforms: list = [
-        LoadImaged(IMAGE_KEY, reader="NibabelReader", image_only=True),
+        # squeeze_non_spatial_dims: NIfTI's vector layout (x, y, z, 1, c) loads as (x, y, z, c).
+        LoadImaged(IMAGE_KEY, reader="NibabelReader", image_only=True, squeeze_non_spatial_dims=True),
         # Plain 3D files get a channel axis; 4D (x,y,z,c) files have theirs moved first.
         EnsureChannelFirstd(IMAGE_KEY),
         ValidateVolumed(IMAGE_KEY, expected_channels=expected_channels, spatial_dims=spatial_dims, spacing=data.spacing),

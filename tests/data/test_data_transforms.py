@@ -97,6 +97,10 @@ def test_multichannel_4d_volume(tmp_path):
     data = data_config(voxel_size=[16, 16, 16])
     image = build_transforms(data, train=False, expected_channels=2)({"image": path})["image"]
     assert image.shape == (2, 16, 16, 16)
+    # NIfTI's vector layout (x, y, z, 1, c) gives the same channels
+    vector_path = write_volume(tmp_path / "vector.nii.gz", values[:, :, :, None, :])
+    vector = build_transforms(data, train=False, expected_channels=2)({"image": vector_path})["image"]
+    assert torch.equal(vector.as_tensor(), image.as_tensor())
     with pytest.raises(RuntimeError) as raised:
         build_transforms(data, train=False, expected_channels=1)({"image": path})
     assert "two.nii.gz: has 2 channel(s)" in _chain(raised.value)
