@@ -1,0 +1,403 @@
+"""Latents for the diffusion model: autoencoder fingerprint, the per-volume latent cache, the scale factor, and
+(tiled) decoding.
+
+The latent cache stores, for every training volume, the autoencoder's posterior ``mu`` and ``sigma`` (not one
+sampled latent), so a fresh latent ``mu + sigma * eps`` is drawn every time a volume is used. It lives in
+``<output_dir>/latent_cache/<key>/`` with one ``<volume-id>.pt`` per volume, written atomically, where
+
+- ``key`` hashes the autoencoder's weights (:func:`state_dict_hash`), the settings of the deterministic data
+  transforms (:func:`monai_diffusion.data.transforms.deterministic_settings`) and the encoding precision: a
+  different autoencoder or different preprocessing gives a new folder, i.e. the cache is rebuilt;
+- ``volume-id`` hashes the source file's absolute path, size and modification time: an edited file is
+  encoded again, a new file is encoded on its own, unchanged files are reused.
+
+Augmentation is not part of the cache (a cached latent cannot be flipped/rotated); the cache encodes the
+deterministic transform chain (``build_transforms(train=False)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.inferers import sliding_window_inference
+from tqdm import tqdm
+
+from monai_diffusion.config.schema import Config
+from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint
+from monai_diffusion.engine.distributed import DistInfo, barrier
+from monai_diffusion.networks.builders import build_autoencoder
+
+__all__ = [
+    "CACHE_VERSION",
+    "CacheResult",
+    "LatentDataset",
+    "build_latent_cache",
+    "cache_key",
+    "compute_scale_factor",
+    "decode_latents",
+    "encode_volume",
+    "load_autoencoder",
+    "load_cache_entry",
+    "plain_affine",
+    "resolve_autoencoder_checkpoint",
+    "resolve_tile_size",
+    "state_dict_hash",
+    "tiled_decode",
+    "volume_id",
+]
+
+logger = logging.getLogger("monai_diffusion")
+
+# Bump when what a cache entry holds, or how it is computed, changes: old caches are then not reused.
+CACHE_VERSION = 1
+CACHE_ROOT = "latent_cache"
+
+
+# ------------------------------------------------------------------------------------------- the autoencoder
+
+
+def resolve_autoencoder_checkpoint(config: Config) -> Path:
+    """``ldm.autoencoder_checkpoint`` (a file, or a run folder: its best.pt, else last.pt), or when unset the
+    newest ``<output_dir>/autoencoder-*/checkpoints/best.pt``, else the newest ``.../last.pt``.
+
+    Raises:
+        FileNotFoundError: naming the path (or the places searched) when there is no checkpoint.
+    """
+    given = config.ldm.autoencoder_checkpoint
+    if given is not None:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            for inside in ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt"):
+                if (path / inside).is_file():
+                    return path / inside
+            raise FileNotFoundError(
+                f"ldm.autoencoder_checkpoint: folder {path} has no checkpoints/best.pt or checkpoints/last.pt"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(f"ldm.autoencoder_checkpoint: no such file: {path}")
+        return path
+    output_dir = Path(config.output.output_dir)
+    for name in ("best.pt", "last.pt"):
+        found = [p for p in output_dir.glob(f"autoencoder-*/checkpoints/{name}") if p.is_file()]
+        if found:
+            return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+    raise FileNotFoundError(
+        f"No autoencoder checkpoint: ldm.autoencoder_checkpoint is not set and there is no "
+        f"{output_dir}/autoencoder-*/checkpoints/best.pt (or last.pt). Train one first "
+        f"(monai-diffusion train-autoencoder) or set ldm.autoencoder_checkpoint."
+    )
+
+
+def load_autoencoder(path: Path, config: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The trained autoencoder from ``path``, checked against ``config``, frozen and in eval mode on ``device``.
+
+    Returns:
+        (autoencoder, hash of its weights as :func:`state_dict_hash`).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        ValueError: not an autoencoder checkpoint, or its shape-defining settings differ from the config's
+            (every differing key listed with both values).
+    """
+    # Imported here: the recipe module is heavy and only its list of shape keys is needed.
+    from monai_diffusion.train_autoencoder import SHAPE_KEYS
+
+    path = Path(path)
+    state = load_checkpoint(path)
+    kind = state.get("kind")
+    if kind != "autoencoder" or "autoencoder" not in state:
+        raise ValueError(f"{path}: not an autoencoder checkpoint (kind={kind!r}); set ldm.autoencoder_checkpoint")
+    try:
+        check_shape_keys(state.get("config", {}), config.model_dump(mode="json"), SHAPE_KEYS)
+    except ValueError as exc:
+        raise ValueError(f"Autoencoder checkpoint {path} does not match the config's autoencoder settings. {exc}") from None
+    autoencoder = build_autoencoder(config.autoencoder, len(config.data.voxel_size), use_checkpoint=False)
+    autoencoder.load_state_dict(state["autoencoder"])
+    autoencoder.to(device).eval().requires_grad_(False)
+    return autoencoder, state_dict_hash(state["autoencoder"])
+
+
+# ------------------------------------------------------------------------------------------------ fingerprints
+
+
+def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 (first 16 hex digits) of a state dict's names, dtypes, shapes and tensor bytes.
+
+    The weights alone decide it: the same autoencoder saved as ``best.pt`` and ``last.pt``, or saved again with
+    another step counter, hashes the same; one changed weight changes it.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name]
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        # A uint8 view reads the raw bytes of any dtype (numpy has no bfloat16).
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def cache_key(autoencoder_hash: str, transform_settings: dict, precision_name: str) -> str:
+    """The cache folder name: changes whenever the autoencoder, the deterministic preprocessing or the
+    encoding precision changes."""
+    payload = json.dumps(
+        {
+            "version": CACHE_VERSION,
+            "autoencoder": autoencoder_hash,
+            "transforms": transform_settings,
+            "precision": precision_name,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def volume_id(path: str | os.PathLike) -> str:
+    """File name of a volume's cache entry: absolute path + size + modification time (an edited file gets a new
+    entry; its stale one is never read)."""
+    resolved = os.path.abspath(os.fspath(path))
+    stat = os.stat(resolved)
+    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
+    return hashlib.sha256(key.encode()).hexdigest()[:20]
+
+
+# ------------------------------------------------------------------------------------------------- encoding
+
+
+@torch.no_grad()
+def encode_volume(autoencoder: torch.nn.Module, image: torch.Tensor, device: torch.device, precision=None):
+    """Posterior ``(mu, sigma)`` of one (C, *spatial) volume, each float32 on the CPU, shape (latent C, *latent).
+
+    Args:
+        autoencoder: the frozen autoencoder (eval mode).
+        image: the transformed volume (channel first, no batch axis).
+        device: where to encode.
+        precision: a :class:`~monai_diffusion.engine.precision.Precision` (autocast), or None for fp32.
+    """
+    # A plain tensor: MetaTensor metadata would follow the latents into the cache (and slow every op).
+    x = torch.as_tensor(image).as_subclass(torch.Tensor).unsqueeze(0).to(device=device, dtype=torch.float32)
+    context = precision.autocast() if precision is not None else contextlib.nullcontext()
+    with context:
+        mu, sigma = autoencoder.encode(x)
+    return mu[0].float().cpu(), sigma[0].float().cpu()
+
+
+def plain_affine(affine) -> torch.Tensor:
+    """A MetaTensor's affine as a plain float64 CPU tensor (4x4 for 3D), safe for ``weights_only`` loading."""
+    return torch.as_tensor(affine).as_subclass(torch.Tensor).detach().to("cpu", torch.float64).clone()
+
+
+def _save_atomic(payload: dict, path: Path) -> None:
+    """torch.save through a temp file in the same folder + os.replace: readers never see half a file."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            torch.save(payload, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_cache_entry(path: Path) -> dict:
+    """One cache entry: ``{"mu", "sigma", "affine", "image"}`` (tensors on the CPU)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class CacheResult:
+    """What :func:`build_latent_cache` did.
+
+    Attributes:
+        folder: ``<output_dir>/latent_cache/<key>``.
+        files: one entry file per item, in item order (every rank gets the full list).
+        encoded: volumes this rank encoded now (0 when everything was cached already).
+    """
+
+    folder: Path
+    files: list[Path]
+    encoded: int
+
+
+def build_latent_cache(
+    autoencoder: torch.nn.Module,
+    items: Sequence[dict],
+    transform: Callable[[dict], dict],
+    folder: Path,
+    device: torch.device,
+    precision=None,
+    dist: DistInfo | None = None,
+    describe: dict | None = None,
+) -> CacheResult:
+    """Encode every volume missing from ``folder`` (each rank its shard ``items[rank::world_size]``), then wait
+    for all ranks; return the entry files of all items.
+
+    Args:
+        autoencoder: the frozen autoencoder, on ``device``, in eval mode.
+        items: ``[{"image": path}, ...]``.
+        transform: the deterministic transform chain (``build_transforms(data, train=False)``).
+        folder: the cache folder (see :func:`cache_key`).
+        device: where to encode.
+        precision: autocast for encoding (None: fp32); part of the cache key.
+        dist: this process's place in the run (None: single process).
+        describe: written once to ``folder/cache.json`` for people (what the key stands for).
+    """
+    rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [folder / f"{volume_id(item['image'])}.pt" for item in items]
+    todo = [(item, path) for item, path in list(zip(items, files))[rank::world_size] if not path.is_file()]
+    if todo:
+        logger.info("latent cache %s: encoding %d of %d volume(s)%s", folder, len(todo), len(items),
+                    f" on rank {rank}" if world_size > 1 else "")
+    for item, path in tqdm(todo, desc="encoding latents", unit="volume", disable=rank != 0 or not todo,
+                           dynamic_ncols=True):
+        image = transform(dict(item))["image"]
+        mu, sigma = encode_volume(autoencoder, image, device, precision)
+        affine = getattr(image, "affine", None)
+        _save_atomic(
+            {
+                "mu": mu,
+                "sigma": sigma,
+                "affine": plain_affine(affine) if affine is not None else None,
+                "image": str(item["image"]),
+            },
+            path,
+        )
+    if rank == 0 and describe is not None and not (folder / "cache.json").is_file():
+        tmp = folder / f".cache.json.{uuid.uuid4().hex}.tmp"
+        tmp.write_text(json.dumps(describe, indent=2, sort_keys=True, default=str))
+        os.replace(tmp, folder / "cache.json")
+    barrier()  # every rank's shard is on disk before anyone reads the whole cache
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        raise RuntimeError(
+            f"latent cache {folder}: {len(missing)} entry file(s) missing after encoding (is the output folder "
+            f"shared by all ranks?), e.g. {missing[0]}"
+        )
+    if not todo and rank == 0:
+        logger.info("latent cache %s: all %d volume(s) already encoded", folder, len(items))
+    return CacheResult(folder=folder, files=files, encoded=len(todo))
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Cached posteriors as ``{"mu": (C, *latent), "sigma": (C, *latent)}``, read from disk per item."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = [Path(f) for f in files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        entry = load_cache_entry(self.files[index])
+        return {"mu": entry["mu"], "sigma": entry["sigma"]}
+
+
+# --------------------------------------------------------------------------------------------- scale factor
+
+
+def compute_scale_factor(posteriors: Iterable[tuple[torch.Tensor, torch.Tensor]], seed: int = 0) -> float:
+    """``1 / std`` of sampled latents ``mu + sigma * eps`` over all given volumes (all channels and voxels).
+
+    ``eps`` comes from a private generator seeded with ``seed``: the result is reproducible and the global RNG is
+    untouched. Sums are kept in float64, one volume at a time.
+
+    Args:
+        posteriors: ``(mu, sigma)`` pairs, e.g. the first ``ldm.training.scale_factor_volumes`` cache entries.
+        seed: seed of ``eps``.
+
+    Raises:
+        ValueError: no volumes, or latents with (near) zero spread.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    count, total, total_sq = 0, 0.0, 0.0
+    for mu, sigma in posteriors:
+        mu, sigma = mu.detach().double().cpu(), sigma.detach().double().cpu()
+        eps = torch.randn(mu.shape, generator=generator, dtype=torch.float64)
+        z = mu + sigma * eps
+        count += z.numel()
+        total += float(z.sum())
+        total_sq += float((z * z).sum())
+    if count < 2:
+        raise ValueError("latent scale factor: no latents to compute it from (no training volumes?)")
+    variance = (total_sq - total * total / count) / (count - 1)
+    std = math.sqrt(max(variance, 0.0))
+    if not math.isfinite(std) or std < 1e-8:
+        raise ValueError(f"latent scale factor: the latents have standard deviation {std}; is the autoencoder trained?")
+    return 1.0 / std
+
+
+# ------------------------------------------------------------------------------------------------- decoding
+
+
+def resolve_tile_size(latent_spatial: Sequence[int], tile_size: Sequence[int] | None) -> tuple[int, ...]:
+    """Decode window in latent voxels: the configured one (capped at the latent), or half the latent per axis."""
+    if tile_size is None:
+        return tuple(max(1, math.ceil(s / 2)) for s in latent_spatial)
+    if len(tile_size) != len(latent_spatial):
+        raise ValueError(f"ldm.sampling.tile_size: expected {len(latent_spatial)} sizes, got {list(tile_size)}")
+    return tuple(max(1, min(int(t), int(s))) for t, s in zip(tile_size, latent_spatial))
+
+
+def tiled_decode(
+    autoencoder: torch.nn.Module,
+    z: torch.Tensor,
+    tile_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    output_device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Decode ``z`` window by window with MONAI's ``sliding_window_inference``.
+
+    The predictor (the decoder) returns windows ``total_factor`` times larger than its latent windows;
+    ``sliding_window_inference`` detects the ratio and places ("zooms") each output window at the scaled
+    position, blending overlaps with a Gaussian importance map. Only one window's decoder activations are alive
+    at a time; the assembled output may live on ``output_device`` (e.g. the CPU) to save GPU memory.
+
+    The decoder's GroupNorm normalises each window with that window's own statistics, so the result is close
+    to, not identical with, a whole-volume decode (larger windows and overlap bring it closer).
+    """
+    roi = resolve_tile_size(z.shape[2:], tile_size)
+    return sliding_window_inference(
+        z,
+        roi_size=roi,
+        sw_batch_size=1,
+        predictor=autoencoder.decode,
+        overlap=overlap,
+        mode="gaussian",
+        device=output_device,
+    )
+
+
+@torch.no_grad()
+def decode_latents(
+    autoencoder: torch.nn.Module,
+    z: torch.Tensor,
+    scale_factor: float,
+    tiled: bool = False,
+    tile_size: Sequence[int] | None = None,
+    overlap: float = 0.25,
+    precision=None,
+    output_device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Undo the scale factor and decode a batch of diffusion latents to images (float32)."""
+    z = z / scale_factor
+    context = precision.autocast() if precision is not None else contextlib.nullcontext()
+    with context:
+        if tiled:
+            image = tiled_decode(autoencoder, z, tile_size, overlap, output_device)
+        else:
+            image = autoencoder.decode(z)
+    return image.float()
