@@ -1,0 +1,307 @@
+"""``monai-diffusion sample``: generate volumes with a trained latent diffusion model (NIfTI + PNG panel).
+
+Read top to bottom: find and load the LDM checkpoint (UNet or its EMA weights, scale factor, latent shape,
+affine of the training data) and the autoencoder it was trained on, then for each sample: draw noise from a
+seeded generator, denoise it with DDPM / DDIM / rectified flow, decode (whole volume or tiled), clip to the
+training intensity range and write ``sample-NNN.nii.gz`` and ``sample-NNN.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from monai_diffusion.config.arguments import add_config_arguments, config_from_args
+from monai_diffusion.config.loading import config_from_dict
+from monai_diffusion.config.schema import Config, SamplingConfig
+from monai_diffusion.engine.checkpoint import load_checkpoint
+from monai_diffusion.engine.distributed import init_distributed
+from monai_diffusion.engine.logging import get_logger, save_png, volume_panel
+from monai_diffusion.engine.precision import Precision, resolve_precision
+from monai_diffusion.latents import decode_latents, load_autoencoder, resolve_autoencoder_checkpoint
+from monai_diffusion.networks.builders import build_scheduler, build_unet
+
+# Samples of one seed are drawn from generators seeded ``seed * SEED_STRIDE + index``: sample i is the same
+# whatever --num-samples is, and nearby seeds do not share samples.
+SEED_STRIDE = 100_003
+
+
+# ----------------------------------------------------------------------------------------------- denoising
+
+
+def check_sampler(kind: str, trained: str) -> None:
+    """Rectified flow predicts velocity, DDPM/DDIM noise (or x0 / v): a model samples only with its family."""
+    if (kind == "rflow") != (trained == "rflow"):
+        raise ValueError(
+            f"Cannot sample with '{kind}' a model trained with '{trained}' (rectified flow predicts velocity, "
+            f"DDPM/DDIM predict noise); use {'rflow' if trained == 'rflow' else 'ddpm or ddim'}"
+        )
+
+
+@torch.no_grad()
+def sample_latents(
+    unet: torch.nn.Module,
+    scheduler,
+    kind: str,
+    shape: tuple[int, ...],
+    num_steps: int,
+    device: torch.device,
+    generator: torch.Generator,
+    precision: Precision | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Denoise Gaussian noise of ``shape`` (B, C, *latent) in ``num_steps`` scheduler steps; returns scaled latents.
+
+    All randomness (the start noise, DDPM's per-step noise) comes from ``generator`` (on ``device``), so the
+    result depends on its seed only, not on the global RNG.
+    """
+    z = torch.randn(shape, generator=generator, device=device)
+    if kind == "rflow":
+        scheduler.set_timesteps(num_steps, device=device, input_img_size_numel=math.prod(shape[2:]))
+        timesteps = scheduler.timesteps
+        next_timesteps = torch.cat((timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)))
+    else:
+        scheduler.set_timesteps(num_steps, device=device)
+        timesteps = scheduler.timesteps
+        next_timesteps = [None] * len(timesteps)
+    unet.eval()
+    for t, next_t in tqdm(list(zip(timesteps, next_timesteps)), desc="denoising", disable=not progress,
+                          leave=False, dynamic_ncols=True):
+        t_batch = torch.full((shape[0],), t.item(), device=device, dtype=timesteps.dtype)
+        if precision is not None:
+            with precision.autocast():
+                output = unet(z, timesteps=t_batch)
+        else:
+            output = unet(z, timesteps=t_batch)
+        output = output.float()
+        if kind == "rflow":
+            z, _ = scheduler.step(output, t, z, next_t)
+        else:
+            z, _ = scheduler.step(output, int(t), z, generator=generator)
+    return z
+
+
+@torch.no_grad()
+def generate_volume(
+    unet: torch.nn.Module,
+    autoencoder: torch.nn.Module,
+    scheduler,
+    kind: str,
+    latent_shape: tuple[int, ...],
+    scale_factor: float,
+    sampling: SamplingConfig,
+    num_steps: int,
+    value_range: tuple[float, float] | None,
+    device: torch.device,
+    generator: torch.Generator,
+    precision: Precision | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """One generated volume (1, C, *spatial) on the CPU, float32, clipped to ``value_range`` when given."""
+    z = sample_latents(unet, scheduler, kind, (1, *latent_shape), num_steps, device, generator, precision, progress)
+    image = decode_latents(
+        autoencoder,
+        z,
+        scale_factor,
+        tiled=sampling.tiled_decode,
+        tile_size=sampling.tile_size,
+        overlap=sampling.tile_overlap,
+        precision=precision,
+        output_device="cpu" if sampling.tiled_decode else None,
+    ).cpu()
+    if value_range is not None:
+        image = image.clamp(*value_range)
+    return image
+
+
+# ------------------------------------------------------------------------------------------------- writing
+
+
+def save_nifti(volume: torch.Tensor, affine: torch.Tensor | np.ndarray, path: Path) -> None:
+    """Write a (C, *spatial) volume as NIfTI with ``affine`` (voxel -> RAS mm), atomically.
+
+    One channel is written as a plain 3D image, several as 4D (x, y, z, c).
+    """
+    array = volume.detach().float().cpu().numpy()
+    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu().numpy(), dtype=np.float64)
+    image = nib.Nifti1Image(np.ascontiguousarray(array, dtype=np.float32), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp.nii.gz")  # nibabel picks the format from the suffix
+    try:
+        nib.save(image, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_sample(volume: torch.Tensor, affine, folder: Path, stem: str, value_range=None, title: str = "sample"):
+    """Write a (C, *spatial) volume as ``<folder>/<stem>.nii.gz`` and, for 3D, ``<folder>/<stem>.png`` (middle
+    slices). Returns (NIfTI path, panel or None)."""
+    folder = Path(folder)
+    nifti = folder / f"{stem}.nii.gz"
+    save_nifti(volume, affine, nifti)
+    panel = None
+    if volume.ndim == 4:
+        panel = volume_panel([(title, volume)], value_range=value_range)
+        save_png(panel, folder / f"{stem}.png")
+    return nifti, panel
+
+
+# ------------------------------------------------------------------------------------------------- loading
+
+
+def ema_weights(ema_state: dict) -> dict:
+    """The averaged model's weights in an ``AveragedModel.state_dict()`` (``module.`` prefix, ``n_averaged``)."""
+    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
+
+
+def newest_ldm_checkpoint(output_dir: Path) -> Path:
+    found = [p for p in Path(output_dir).glob("ldm-*/checkpoints/last.pt") if p.is_file()]
+    if not found:
+        raise FileNotFoundError(
+            f"No LDM checkpoint in {output_dir}/ldm-*/checkpoints/last.pt; train one (monai-diffusion train-ldm) "
+            f"or pass --checkpoint"
+        )
+    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+
+
+def load_ldm_checkpoint(path: Path) -> dict:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.pt" if (path / "checkpoints" / "last.pt").is_file() else path / "last.pt"
+    state = load_checkpoint(path)
+    if state.get("kind") != "ldm":
+        raise ValueError(f"{path}: not an LDM checkpoint (kind={state.get('kind')!r}); pass --checkpoint LDM_CKPT")
+    state["path"] = str(path)
+    return state
+
+
+# -------------------------------------------------------------------------------------------------- sample
+
+
+def sample(
+    config: Config,
+    num_samples: int | None = None,
+    steps: int | None = None,
+    scheduler_kind: str | None = None,
+    seed: int | None = None,
+    out: Path | None = None,
+    checkpoint: Path | None = None,
+) -> list[Path]:
+    """Generate ``num_samples`` volumes; returns the NIfTI paths.
+
+    The networks, scheduler settings and intensity range come from the checkpoint's own config (what the model
+    was trained with); ``config`` supplies the sampling options (``ldm.sampling``), device, precision and where
+    to look for checkpoints. Arguments left None take their ``ldm.sampling`` / ``seed`` defaults.
+    """
+    log = get_logger()
+    dist = init_distributed(config.device.device)
+    device = dist.device
+    precision = resolve_precision(config.device.mixed_precision, device)
+    sampling = config.ldm.sampling
+    num_samples = num_samples or sampling.num_samples
+    steps = steps or sampling.num_inference_steps
+    seed = config.seed if seed is None else seed
+
+    path = Path(checkpoint) if checkpoint is not None else newest_ldm_checkpoint(Path(config.output.output_dir))
+    state = load_ldm_checkpoint(path)
+    path = Path(state["path"])
+    trained = config_from_dict(state["config"], source=f"{path} (stored config)")
+    kind = scheduler_kind or sampling.scheduler or trained.ldm.scheduler.type
+    check_sampler(kind, trained.ldm.scheduler.type)
+
+    # The autoencoder the LDM was trained on: its recorded path (or the config's, if it moved), same weights.
+    ae_path = Path(state["autoencoder_checkpoint"])
+    if not ae_path.is_file() and config.ldm.autoencoder_checkpoint is not None:
+        ae_path = resolve_autoencoder_checkpoint(config)
+    if not ae_path.is_file():
+        raise FileNotFoundError(
+            f"The autoencoder this LDM was trained with is gone: {state['autoencoder_checkpoint']}; set "
+            f"ldm.autoencoder_checkpoint to its new location"
+        )
+    autoencoder, ae_hash = load_autoencoder(ae_path, trained, device)
+    if ae_hash != state["autoencoder_hash"]:
+        raise ValueError(
+            f"Autoencoder {ae_path} has weights {ae_hash}, but the LDM {path} was trained on latents of "
+            f"{state['autoencoder_hash']}; point ldm.autoencoder_checkpoint at the autoencoder it was trained with"
+        )
+
+    latent_shape = tuple(int(s) for s in state["latent_shape"])
+    spatial_dims = len(latent_shape) - 1
+    unet = build_unet(trained.ldm, latent_shape[0], spatial_dims)
+    weights = "EMA"
+    if state.get("ema") is not None:
+        unet.load_state_dict(ema_weights(state["ema"]))
+    else:
+        unet.load_state_dict(state["unet"])
+        weights = "raw (no EMA saved)"
+    unet.to(device).eval().requires_grad_(False)
+    scheduler = build_scheduler(trained.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
+    scale_factor = float(state["scale_factor"])
+    intensity = trained.data.intensity
+    value_range = (intensity.b_min, intensity.b_max) if intensity.mode != "none" else None
+    affine = torch.as_tensor(state["affine"], dtype=torch.float64)
+
+    out = Path(out) if out is not None else path.parent.parent / "generated"
+    log.info(
+        "sampling %d volume(s) from %s (step %d, %s weights) with %s, %d steps, seed %d, scale factor %.6g%s -> %s",
+        num_samples, path, state["step"], weights, kind, steps, seed, scale_factor,
+        ", tiled decode" if sampling.tiled_decode else "", out,
+    )
+    written = []
+    for index in tqdm(range(num_samples), desc="samples", dynamic_ncols=True, disable=num_samples < 2):
+        generator = torch.Generator(device=device).manual_seed(seed * SEED_STRIDE + index)
+        volume = generate_volume(
+            unet, autoencoder, scheduler, kind, latent_shape, scale_factor, sampling, steps, value_range,
+            device, generator, precision, progress=True,
+        )
+        nifti, _ = save_sample(volume[0], affine, out, f"sample-{index:03d}", value_range, title=f"seed {seed} #{index}")
+        written.append(nifti)
+        log.info("wrote %s", nifti)
+    return written
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--num-samples", "-n", type=int, default=None, help="volumes to generate (default: ldm.sampling.num_samples)")
+    parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: ldm.sampling.num_inference_steps)")
+    parser.add_argument("--scheduler", choices=["ddpm", "ddim", "rflow"], default=None,
+                        help="sampler (default: ldm.sampling.scheduler, else the training scheduler)")
+    parser.add_argument("--seed", type=int, default=None, help="sampling seed (default: the config's seed)")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <LDM run>/generated)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="LDM checkpoint or run folder (default: newest <output_dir>/ldm-*/checkpoints/last.pt)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="monai-diffusion sample", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    for name in ("num_samples", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    config = config_from_args(args)
+    try:
+        sample(config, args.num_samples, args.steps, args.scheduler, args.seed, args.out, args.checkpoint)
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        get_logger().error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
