@@ -75,16 +75,16 @@ def list_folder(data_dir: Path, pattern: str) -> list[dict]:
     return [{"image": _absolute(path)} for path in files]
 
 
-def _image_path(entry: object, where: str) -> str:
-    """The single image path of a datalist entry (a dict with 'image', or a plain path string)."""
-    image = entry.get("image") if isinstance(entry, dict) else entry
+def _image_path(entry: dict, where: str) -> str:
+    """The single image path of a datalist entry ``{"image": path, ...}``."""
+    image = entry.get("image")
     if isinstance(image, (list, tuple)):
         raise ValueError(
             f"{where}: an entry lists several files for one image ({image}); expected one NIfTI file per "
             "volume (store several channels as a 4D file instead)"
         )
     if not isinstance(image, (str, os.PathLike)) or not os.fspath(image):
-        raise ValueError(f"{where}: expected every entry to be {{'image': path}} or a path, got {entry!r}")
+        raise ValueError(f"{where}: expected every entry to have an 'image' path, got {entry!r}")
     return os.fspath(image)
 
 
