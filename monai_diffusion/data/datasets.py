@@ -82,7 +82,7 @@ def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_
 
 def build_dataloaders(
     config: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None
-) -> tuple[DataLoader, DataLoader, DistributedSampler | None]:
+) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Train and validation DataLoaders for ``config.data``, screened and cached as configured.
 
     Volumes are listed (:func:`list_volumes`), cut to 4 train / 2 val under ``fast_dev_run``,
@@ -90,12 +90,12 @@ def build_dataloaders(
     class of ``data.cache``. Batches are dicts; ``batch["image"]`` is a float32 MetaTensor of shape
     (B, in_channels, *voxel_size).
 
-    Under ``world_size`` > 1 the train loader samples with a torch DistributedSampler
+    The train loader samples with a torch DistributedSampler, also for one process
     (shuffle=True, seed=config.seed, equal share per rank; call ``sampler.set_epoch(epoch)``
-    every epoch) and the validation loader with MONAI's DistributedSampler (no shuffle,
+    every epoch: the order depends only on seed and epoch, which exact resume needs). Under
+    ``world_size`` > 1 the validation loader with MONAI's DistributedSampler (no shuffle,
     ``even_divisible=False``): every validation volume is seen exactly once across ranks, so ranks
-    may get different counts (reduce metric sums and counts, not per-batch values). With
-    ``world_size`` == 1 the train loader shuffles with a generator seeded by config.seed.
+    may get different counts (reduce metric sums and counts, not per-batch values).
     Random augmentations are seeded by config.seed + rank.
 
     Args:
@@ -105,7 +105,7 @@ def build_dataloaders(
         batch_size: volumes per batch (default ``config.autoencoder.training.batch_size``).
 
     Returns:
-        (train loader, validation loader, train DistributedSampler or None when world_size == 1).
+        (train loader, validation loader, train DistributedSampler).
 
     Raises:
         ValueError: bad volumes with on_bad_file='error', or no training volume left.
@@ -163,18 +163,15 @@ def build_dataloaders(
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": data.num_workers > 0,
     }
-    train_sampler: DistributedSampler | None = None
+    # A DistributedSampler even for one process: its order depends only on (seed, epoch), so a run
+    # resumed mid-epoch replays exactly the batches it would have seen.
+    train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
     val_sampler = None
     if world_size > 1:
-        train_sampler = DistributedSampler(
-            train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed
-        )
         val_sampler = EvenlySplitSampler(
             val_set, even_divisible=False, num_replicas=world_size, rank=rank, shuffle=False
         )
-    train_loader = DataLoader(
-        train_set, sampler=train_sampler, shuffle=train_sampler is None, generator=generator, **common
-    )
+    train_loader = DataLoader(train_set, sampler=train_sampler, generator=generator, **common)
     # A generator of its own here too: without one, monai.data.DataLoader draws from (and then
     # re-seeds) torch's global generator, which would disturb the recipe's seeding.
     val_loader = DataLoader(

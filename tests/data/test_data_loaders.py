@@ -46,7 +46,7 @@ def test_batches_have_the_configured_shape(tmp_path, cache, dataset_class):
     write_volumes(tmp_path / "images", 6)
     config = make_config(tmp_path, cache=cache, val_fraction=0.34, augment={"flip_prob": 0.5, "affine_prob": 0.5})
     train_loader, val_loader, sampler = build_dataloaders(config, batch_size=2)
-    assert sampler is None
+    assert sampler.num_replicas == 1 and sampler.shuffle  # order fixed by (seed, epoch): exact resume
     assert type(train_loader.dataset) is dataset_class
     assert len(train_loader.dataset) == 4 and len(val_loader.dataset) == 2
     batches = list(train_loader)
