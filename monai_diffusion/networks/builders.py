@@ -1,0 +1,99 @@
+"""Config -> networks and schedulers. Plain constructor calls with keyword arguments, nothing looked up by name."""
+
+from __future__ import annotations
+
+from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
+
+from monai_diffusion.config.schema import AutoencoderConfig, LDMConfig, SchedulerConfig
+from monai_diffusion.networks.autoencoderkl import AutoencoderKL
+
+
+def build_autoencoder(ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoint: bool | None = None) -> AutoencoderKL:
+    """The autoencoder described by the ``autoencoder`` section.
+
+    Args:
+        ae: the ``autoencoder`` config section.
+        spatial_dims: 3 for volumes (``len(data.voxel_size)``).
+        use_checkpoint: per-block gradient checkpointing; None takes ``ae.training.use_gradient_checkpointing``.
+    """
+    num_levels = len(ae.num_channels)
+    return AutoencoderKL(
+        spatial_dims=spatial_dims,
+        in_channels=ae.in_channels,
+        out_channels=ae.in_channels,
+        channels=tuple(ae.num_channels),
+        num_res_blocks=ae.num_res_blocks if isinstance(ae.num_res_blocks, int) else tuple(ae.num_res_blocks),
+        attention_levels=tuple(ae.attention_levels) if ae.attention_levels is not None else (False,) * num_levels,
+        latent_channels=ae.latent_channels,
+        norm_num_groups=ae.norm_num_groups,
+        with_encoder_nonlocal_attn=ae.with_encoder_nonlocal_attn,
+        with_decoder_nonlocal_attn=ae.with_decoder_nonlocal_attn,
+        use_checkpoint=ae.training.use_gradient_checkpointing if use_checkpoint is None else use_checkpoint,
+        use_convtranspose=ae.use_convtranspose,
+        use_flash_attention=ae.use_flash_attention,
+        downsample_factors=ae.downsample_factors,
+    )
+
+
+def build_discriminator(ae: AutoencoderConfig, spatial_dims: int = 3) -> PatchDiscriminator:
+    """MONAI's PatchDiscriminator sized by ``autoencoder.training.disc_*``."""
+    return PatchDiscriminator(
+        spatial_dims=spatial_dims,
+        in_channels=ae.in_channels,
+        channels=ae.training.disc_channels,
+        num_layers_d=ae.training.disc_num_layers,
+        norm="INSTANCE",  # batch statistics of 1-volume batches are meaningless; instance norm is not
+    )
+
+
+def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3) -> DiffusionModelUNet:
+    """The diffusion UNet over latents with ``latent_channels`` channels."""
+    unet = ldm.unet
+    return DiffusionModelUNet(
+        spatial_dims=spatial_dims,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        channels=tuple(unet.num_channels),
+        attention_levels=tuple(unet.attention_levels),
+        num_res_blocks=unet.num_res_blocks if isinstance(unet.num_res_blocks, int) else tuple(unet.num_res_blocks),
+        num_head_channels=unet.num_head_channels
+        if isinstance(unet.num_head_channels, int)
+        else tuple(unet.num_head_channels),
+        norm_num_groups=unet.norm_num_groups,
+        use_flash_attention=True,
+    )
+
+
+def build_scheduler(
+    sched: SchedulerConfig, kind: str | None = None, spatial_dims: int = 3, latent_numel: int | None = None
+) -> DDPMScheduler | DDIMScheduler | RFlowScheduler:
+    """The noise scheduler: ``kind`` (ddpm|ddim|rflow) or the configured training type.
+
+    Args:
+        sched: the ``ldm.scheduler`` section (timesteps, beta schedule, prediction type).
+        kind: override of ``sched.type`` (sampling with DDIM from a DDPM-trained model).
+        spatial_dims: latent dimensionality (rectified flow's timestep transform needs it).
+        latent_numel: voxels of one latent (rectified flow's resolution-aware timestep shift).
+    """
+    kind = kind or sched.type
+    if kind == "rflow":
+        return RFlowScheduler(
+            num_train_timesteps=sched.num_train_timesteps,
+            use_discrete_timesteps=True,
+            sample_method="logit-normal",
+            use_timestep_transform=True,
+            base_img_size_numel=latent_numel or 32768,
+            spatial_dim=spatial_dims,
+        )
+    beta = {"beta_start": sched.beta_start, "beta_end": sched.beta_end} if sched.schedule != "cosine" else {}
+    common = dict(
+        num_train_timesteps=sched.num_train_timesteps,
+        schedule=sched.schedule,
+        prediction_type=sched.prediction_type,
+        clip_sample=False,  # latents are not bounded to [-1, 1]
+        **beta,
+    )
+    if kind == "ddim":
+        return DDIMScheduler(**common)
+    return DDPMScheduler(**common)
