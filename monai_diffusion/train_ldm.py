@@ -171,13 +171,6 @@ def train(config: Config, resume: str | None = None) -> Path:
         if state.get("kind") != "ldm":
             raise ValueError(f"{resume_path}: not an LDM checkpoint (kind={state.get('kind')!r})")
         check_shape_keys(state["config"], config.model_dump(mode="json"), LDM_SHAPE_KEYS)
-        run_dir = resume_path.parent.parent
-        log.info("resuming from %s (step %d, epoch %d)", resume_path, state["step"], state["epoch"])
-    else:
-        run_dir = new_run_dir(config, "ldm", dist)
-    ckpt_dir = run_dir / "checkpoints"
-    if dist.is_main:
-        save_config(config, run_dir / "config.yaml")
 
     # ---- the frozen autoencoder (a resumed run keeps the one it started with, and checks it is unchanged)
     if state is not None and config.ldm.autoencoder_checkpoint is None:
@@ -194,6 +187,16 @@ def train(config: Config, resume: str | None = None) -> Path:
     latent_shape = (config.autoencoder.latent_channels, *autoencoder.latent_shape(config.data.voxel_size))
     check_latent_fits_unet(latent_shape[1:], len(config.ldm.unet.num_channels))
     log.info("autoencoder %s (weights %s); latent shape %s", ae_path, ae_hash, list(latent_shape))
+
+    # ---- the run folder (only once the autoencoder is known to fit: a failed start leaves no empty run)
+    if state is not None:
+        run_dir = resume_path.parent.parent
+        log.info("resuming from %s (step %d, epoch %d)", resume_path, state["step"], state["epoch"])
+    else:
+        run_dir = new_run_dir(config, "ldm", dist)
+    ckpt_dir = run_dir / "checkpoints"
+    if dist.is_main:
+        save_config(config, run_dir / "config.yaml")
 
     # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
     items = training_items(config)
