@@ -1,0 +1,231 @@
+"""train-ldm on tiny CPU models: latent cache reuse, scale factor, exact resume with EMA, diffusion targets, errors."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from monai_diffusion import latents
+from monai_diffusion import train_ldm as recipe
+from monai_diffusion.config import config_from_dict
+from monai_diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
+from monai_diffusion.networks.builders import build_autoencoder, build_scheduler
+
+AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -2.0, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
+LDM_KEYS = {
+    "kind", "unet", "ema", "optimizer", "scaler", "lr_scheduler", "step", "epoch", "batches_in_epoch", "rng",
+    "config", "scale_factor", "autoencoder_checkpoint", "autoencoder_hash", "latent_shape", "affine",
+    "format_version",
+}
+
+
+def write_volumes(folder: Path, count: int, shape=(18, 16, 14)) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        nib.save(nib.Nifti1Image(rng.random(shape).astype(np.float32), AFFINE), folder / f"vol{index}.nii.gz")
+
+
+def tiny_raw(tmp_path: Path, scheduler: str = "ddpm", **training) -> dict:
+    return {
+        "data": {"source": "folder", "data_dir": str(tmp_path / "data"), "voxel_size": [16, 16, 16],
+                 "cache": "none", "val_fraction": 0.0},
+        "autoencoder": {"num_channels": [8, 8], "norm_num_groups": 4, "latent_channels": 2, "downsample_factors": [2],
+                        "attention_levels": [False, False], "with_encoder_nonlocal_attn": False,
+                        "with_decoder_nonlocal_attn": False},
+        "ldm": {
+            "unet": {"num_channels": [8, 16], "attention_levels": [False, True], "norm_num_groups": 8,
+                     "num_head_channels": 8},
+            "scheduler": {"type": scheduler, "num_train_timesteps": 100},
+            "training": {"batch_size": 1, "max_epochs": None, "max_steps": 1, "val_every_n_epochs": 100,
+                         "ema_decay": 0.9, "scale_factor_volumes": 2, **training},
+            "sampling": {"num_inference_steps": 2},
+        },
+        "device": {"device": "cpu"},
+        "output": {"output_dir": str(tmp_path / "out"), "log_every_n_steps": 1},
+        "seed": 3,
+    }
+
+
+def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
+    """An autoencoder checkpoint in train_autoencoder's format (untrained weights: enough for the LDM plumbing)."""
+    torch.manual_seed(seed)
+    model = build_autoencoder(config.autoencoder, 3)
+    save_checkpoint(path, {"kind": "autoencoder", "autoencoder": model.state_dict(),
+                           "config": config.model_dump(mode="json"), "step": 0, "epoch": 0})
+    return path
+
+
+@pytest.fixture
+def setup(tmp_path):
+    """Four volumes and an autoencoder run in <output_dir>; returns a function raw-overrides -> Config."""
+    write_volumes(tmp_path / "data", 4)
+    base = config_from_dict(tiny_raw(tmp_path))
+    save_autoencoder(base, tmp_path / "out" / "autoencoder-1" / "checkpoints" / "best.pt")
+
+    def make(scheduler: str = "ddpm", **training):
+        return config_from_dict(tiny_raw(tmp_path, scheduler, **training))
+
+    return make
+
+
+def count_encodes(monkeypatch) -> list:
+    calls = []
+    original = latents.encode_volume
+    monkeypatch.setattr(latents, "encode_volume", lambda *a, **k: calls.append(1) or original(*a, **k))
+    return calls
+
+
+def test_cache_built_once_reused_and_rebuilt_for_a_new_autoencoder(setup, tmp_path, monkeypatch):
+    calls = count_encodes(monkeypatch)
+    config = setup()
+    run = recipe.train(config)
+    caches = sorted((tmp_path / "out" / "latent_cache").iterdir())
+    assert len(calls) == 4 and len(caches) == 1 and len(list(caches[0].glob("*.pt"))) == 4
+    mtimes = {p: p.stat().st_mtime_ns for p in caches[0].glob("*.pt")}
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert set(state) == LDM_KEYS and state["kind"] == "ldm" and state["step"] == 1
+    assert state["latent_shape"] == [2, 8, 8, 8]
+    assert state["autoencoder_checkpoint"] == str(tmp_path / "out/autoencoder-1/checkpoints/best.pt")
+    assert (run / "config.yaml").is_file() and list((run / "tensorboard").iterdir())
+    assert (run / "samples" / "sample-step00000001.nii.gz").is_file()
+    assert (run / "samples" / "sample-step00000001.png").is_file()
+
+    recipe.train(setup())  # a second run: nothing to encode, files untouched
+    assert len(calls) == 4
+    assert {p: p.stat().st_mtime_ns for p in caches[0].glob("*.pt")} == mtimes
+
+    # A newer autoencoder (other weights) -> a new cache, every volume encoded again.
+    save_autoencoder(config, tmp_path / "out" / "autoencoder-2" / "checkpoints" / "best.pt", seed=1)
+    run = recipe.train(setup())
+    assert len(calls) == 8 and len(list((tmp_path / "out" / "latent_cache").iterdir())) == 2
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["autoencoder_checkpoint"].endswith("autoencoder-2/checkpoints/best.pt")
+
+
+def test_exact_resume_with_ema_and_stored_scale_factor(setup, tmp_path, monkeypatch):
+    # 4 volumes, batch 1, accumulation 2: 2 optimizer steps per epoch. 5 steps straight vs 3 (stops mid-epoch 2)
+    # + resume to 5, with warm-up so the LR schedule's position matters too.
+    common = dict(gradient_accumulation_steps=2, warmup_steps=3, ema_decay=0.5)
+    straight = recipe.train(setup(max_steps=5, **common))
+    reference = load_checkpoint(straight / "checkpoints" / "last.pt")
+
+    for run in (tmp_path / "out").glob("ldm-*"):  # keep the straight run out of --resume auto's reach
+        run.rename(tmp_path / f"straight-{run.name}")
+    first = recipe.train(setup(max_steps=3, **common))
+    partial = load_checkpoint(first / "checkpoints" / "last.pt")
+    assert (partial["step"], partial["epoch"], partial["batches_in_epoch"]) == (3, 1, 2)
+    assert partial["scale_factor"] == reference["scale_factor"]
+
+    # The scale factor must come from the checkpoint, even when the data would now give another value.
+    def refuse(*args, **kwargs):
+        raise AssertionError("scale factor recomputed on resume")
+
+    monkeypatch.setattr(recipe, "compute_scale_factor", refuse)
+    resumed_dir = recipe.train(setup(max_steps=5, **common), resume="auto")
+    assert resumed_dir == first
+    resumed = load_checkpoint(resumed_dir / "checkpoints" / "last.pt")
+    assert resumed["step"] == 5 and resumed["scale_factor"] == partial["scale_factor"]
+    for key in ("unet", "ema"):
+        assert resumed[key].keys() == reference[key].keys()
+        for name, value in reference[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=1e-6, atol=1e-7, msg=f"{key}.{name}")
+    assert int(resumed["ema"]["n_averaged"]) == 5
+    # The EMA really differs from the raw weights (it is not a copy).
+    assert any(not torch.equal(resumed["ema"][f"module.{k}"], v) for k, v in resumed["unet"].items())
+    assert resumed["lr_scheduler"] == reference["lr_scheduler"]
+
+
+def test_on_the_fly_encoding_trains_without_a_cache(setup, tmp_path):
+    run = recipe.train(setup(cache_latents=False))
+    assert not (tmp_path / "out" / "latent_cache").exists()
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 1 and math.isfinite(state["scale_factor"]) and state["affine"].shape == (4, 4)
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+
+
+def test_mismatched_autoencoder_checkpoint_is_a_clear_error(setup, tmp_path, caplog):
+    other = config_from_dict({**tiny_raw(tmp_path), "autoencoder": {**tiny_raw(tmp_path)["autoencoder"], "latent_channels": 3}})
+    path = save_autoencoder(other, tmp_path / "ae3.pt")
+    config = setup()
+    config.ldm.autoencoder_checkpoint = path
+    with pytest.raises(ValueError) as info:
+        recipe.train(config)
+    assert str(path) in str(info.value)
+    assert "autoencoder.latent_channels: checkpoint 3, config 2" in str(info.value)
+
+    argv = ["--set", f"data.data_dir={tmp_path / 'data'}"]
+    for key, value in (("data.source", "folder"), ("data.voxel_size", "[16,16,16]"),
+                       ("output.output_dir", tmp_path / "empty"), ("device.device", "cpu")):
+        argv += ["--set", f"{key}={value}"]
+    assert recipe.main(argv) == 1  # no autoencoder anywhere: an error message, exit status 1
+    assert "No autoencoder checkpoint" in caplog.text and "autoencoder-*/checkpoints/best.pt" in caplog.text
+    assert not list((tmp_path / "empty").glob("ldm-*"))  # a failed start leaves no run folder behind
+
+
+def test_resume_refuses_a_changed_autoencoder(setup, tmp_path):
+    config = setup()
+    recipe.train(config)
+    save_autoencoder(config, tmp_path / "out" / "autoencoder-1" / "checkpoints" / "best.pt", seed=7)
+    with pytest.raises(ValueError, match="trained on latents of"):
+        recipe.train(setup(max_steps=2), resume="true")
+
+
+def test_latent_must_fit_the_unet_levels():
+    recipe.check_latent_fits_unet((8, 8, 8), 4)
+    with pytest.raises(ValueError, match=r"ldm.unet.num_channels: the latent is \[8, 6, 8\].*divisible by 4"):
+        recipe.check_latent_fits_unet((8, 6, 8), 3)
+
+
+# ------------------------------------------------------------------------------------------ training targets
+
+
+class Recorder(torch.nn.Module):
+    """Stands in for the UNet: returns zeros and records its inputs, so the loss is mean(target ** 2)."""
+
+    def forward(self, x, timesteps):
+        self.x, self.timesteps = x, timesteps
+        return torch.zeros_like(x)
+
+
+@pytest.mark.parametrize("kind, prediction", [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("ddim", "sample"),
+                                              ("rflow", None)])
+def test_diffusion_loss_targets(setup, kind, prediction):
+    config = setup(kind)
+    if prediction:
+        config.ldm.scheduler.prediction_type = prediction
+    scheduler = build_scheduler(config.ldm.scheduler, kind, 3, 512)
+    precision = recipe.resolve_precision(False, torch.device("cpu"))
+    z = torch.randn(2, 2, 8, 8, 8)
+    model = Recorder()
+    torch.manual_seed(11)
+    loss = recipe.diffusion_loss(model, scheduler, kind, z, precision)
+    torch.manual_seed(11)  # replay the same draws to build the expected target
+    noise = torch.randn_like(z)
+    if kind == "rflow":
+        timesteps = scheduler.sample_timesteps(z)
+        target = z - noise
+    else:
+        timesteps = torch.randint(0, 100, (2,))
+        target = {"epsilon": noise, "sample": z, "v_prediction": scheduler.get_velocity(z, noise, timesteps)}[prediction]
+    torch.testing.assert_close(model.timesteps.float(), timesteps.float())
+    torch.testing.assert_close(model.x, scheduler.add_noise(z, noise, timesteps))
+    torch.testing.assert_close(loss, (target**2).mean())
+
+
+def test_rflow_velocity_target_is_monai_convention(setup):
+    # With the exact velocity z - noise, one RFlowScheduler.step from t to 0 lands on the data: the target we
+    # train on is the one MONAI's sampler integrates.
+    scheduler = build_scheduler(setup("rflow").ldm.scheduler, "rflow", 3, 512)
+    scheduler.set_timesteps(10, input_img_size_numel=512)
+    z, noise = torch.randn(1, 2, 8, 8, 8), torch.randn(1, 2, 8, 8, 8)
+    t = scheduler.timesteps[3]
+    noisy = scheduler.add_noise(z, noise, t.reshape(1))
+    stepped, _ = scheduler.step(z - noise, t, noisy, torch.tensor(0))
+    torch.testing.assert_close(stepped, z, atol=1e-5, rtol=1e-5)
