@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from monai.data import DistributedSampler as EvenlySplitSampler
 from monai.transforms import Compose
 from torch.utils.data import DistributedSampler
 
@@ -166,11 +165,9 @@ def build_dataloaders(
     # A DistributedSampler even for one process: its order depends only on (seed, epoch), so a run
     # resumed mid-epoch replays exactly the batches it would have seen.
     train_sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed)
-    val_sampler = None
-    if world_size > 1:
-        val_sampler = EvenlySplitSampler(
-            val_set, even_divisible=False, num_replicas=world_size, rank=rank, shuffle=False
-        )
+    # Validation: every volume exactly once across ranks (a rank may get none when there are fewer
+    # volumes than ranks, which MONAI's DistributedSampler refuses).
+    val_sampler = list(range(rank, len(val_set), world_size)) if world_size > 1 else None
     train_loader = DataLoader(train_set, sampler=train_sampler, generator=generator, **common)
     # A generator of its own here too: without one, monai.data.DataLoader draws from (and then
     # re-seeds) torch's global generator, which would disturb the recipe's seeding.
