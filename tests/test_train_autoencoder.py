@@ -151,3 +151,23 @@ def test_torchrun_two_cpu_processes_gloo(tiny_config_file, tmp_path):
     assert "effective batch size 4 (batch 1 x accumulation 2 x 2 process(es))" in result.stderr
     checkpoint = load_checkpoint(tmp_path / "runs" / "ddp" / "checkpoints" / "last.pt")
     assert checkpoint["step"] == 2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_steps_on_cpu(tmp_path, nifti_folder, precision):
+    """bf16 autocast, and fp16 with a GradScaler per optimizer (adversarial on, so both scalers run)."""
+    run = train_autoencoder.train(make_config(
+        nifti_folder, tmp_path, f"device.mixed_precision={precision}", "autoencoder.training.max_steps=2",
+        "autoencoder.training.adv_weight=0.1"))
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert checkpoint["step"] == 2
+    assert all(torch.isfinite(v).all() for v in checkpoint["autoencoder"].values() if v.is_floating_point())
+    if precision == "fp16":
+        assert checkpoint["scaler_g"] and checkpoint["scaler_d"]  # both scalers were used and saved
+
+
+def test_perceptual_loss_without_local_weights_says_how_to_provide_them(tmp_path, nifti_folder):
+    config = make_config(nifti_folder, tmp_path, "autoencoder.training.use_perceptual_loss=true",
+                         f"autoencoder.training.perceptual_weights={tmp_path / 'empty-hub'}")
+    with pytest.raises(FileNotFoundError, match=r"(?s)no weights for perceptual network 'squeeze'.*Nothing is downloaded"):
+        train_autoencoder.train(config)
