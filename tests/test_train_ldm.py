@@ -108,17 +108,17 @@ def test_cache_built_once_reused_and_rebuilt_for_a_new_autoencoder(setup, tmp_pa
 
 
 def test_exact_resume_with_ema_and_stored_scale_factor(setup, tmp_path, monkeypatch):
-    # 4 volumes, batch 1, accumulation 2: 2 optimizer steps per epoch. 5 steps straight vs 3 (stops mid-epoch 2)
-    # + resume to 5, with warm-up so the LR schedule's position matters too.
+    # 4 volumes, batch 1, accumulation 2: 2 optimizer steps per epoch. 3 steps straight vs 1 (stops mid-epoch 1)
+    # + resume to 3 (crossing into epoch 2), with warm-up so the LR schedule's position matters too.
     common = dict(gradient_accumulation_steps=2, warmup_steps=3, ema_decay=0.5)
-    straight = recipe.train(setup(max_steps=5, **common))
+    straight = recipe.train(setup(max_steps=3, **common))
     reference = load_checkpoint(straight / "checkpoints" / "last.pt")
 
     for run in (tmp_path / "out").glob("ldm-*"):  # keep the straight run out of --resume auto's reach
         run.rename(tmp_path / f"straight-{run.name}")
-    first = recipe.train(setup(max_steps=3, **common))
+    first = recipe.train(setup(max_steps=1, **common))
     partial = load_checkpoint(first / "checkpoints" / "last.pt")
-    assert (partial["step"], partial["epoch"], partial["batches_in_epoch"]) == (3, 1, 2)
+    assert (partial["step"], partial["epoch"], partial["batches_in_epoch"]) == (1, 0, 2)
     assert partial["scale_factor"] == reference["scale_factor"]
 
     # The scale factor must come from the checkpoint, even when the data would now give another value.
@@ -126,15 +126,15 @@ def test_exact_resume_with_ema_and_stored_scale_factor(setup, tmp_path, monkeypa
         raise AssertionError("scale factor recomputed on resume")
 
     monkeypatch.setattr(recipe, "compute_scale_factor", refuse)
-    resumed_dir = recipe.train(setup(max_steps=5, **common), resume="auto")
+    resumed_dir = recipe.train(setup(max_steps=3, **common), resume="auto")
     assert resumed_dir == first
     resumed = load_checkpoint(resumed_dir / "checkpoints" / "last.pt")
-    assert resumed["step"] == 5 and resumed["scale_factor"] == partial["scale_factor"]
+    assert resumed["step"] == 3 and resumed["scale_factor"] == partial["scale_factor"]
     for key in ("unet", "ema"):
         assert resumed[key].keys() == reference[key].keys()
         for name, value in reference[key].items():
             torch.testing.assert_close(resumed[key][name], value, rtol=1e-6, atol=1e-7, msg=f"{key}.{name}")
-    assert int(resumed["ema"]["n_averaged"]) == 5
+    assert int(resumed["ema"]["n_averaged"]) == 3
     # The EMA really differs from the raw weights (it is not a copy).
     assert any(not torch.equal(resumed["ema"][f"module.{k}"], v) for k, v in resumed["unet"].items())
     assert resumed["lr_scheduler"] == reference["lr_scheduler"]
