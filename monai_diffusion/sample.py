@@ -24,7 +24,7 @@ from monai_diffusion.config.arguments import add_config_arguments, config_from_a
 from monai_diffusion.config.loading import config_from_dict
 from monai_diffusion.config.schema import Config, SamplingConfig
 from monai_diffusion.engine.checkpoint import load_checkpoint
-from monai_diffusion.engine.distributed import init_distributed
+from monai_diffusion.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from monai_diffusion.engine.logging import get_logger, save_png, volume_panel
 from monai_diffusion.engine.precision import Precision, resolve_precision
 from monai_diffusion.latents import decode_latents, load_autoencoder, resolve_autoencoder_checkpoint
@@ -202,14 +202,22 @@ def sample(
     out: Path | None = None,
     checkpoint: Path | None = None,
 ) -> list[Path]:
-    """Generate ``num_samples`` volumes; returns the NIfTI paths.
+    """Generate ``num_samples`` volumes; returns the NIfTI paths this process wrote.
 
     The networks, scheduler settings and intensity range come from the checkpoint's own config (what the model
     was trained with); ``config`` supplies the sampling options (``ldm.sampling``), device, precision and where
-    to look for checkpoints. Arguments left None take their ``ldm.sampling`` / ``seed`` defaults.
+    to look for checkpoints. Arguments left None take their ``ldm.sampling`` / ``seed`` defaults. Under
+    ``torchrun`` each process generates every ``world_size``-th sample (sample i is the same either way).
     """
-    log = get_logger()
     dist = init_distributed(config.device.device)
+    try:
+        return _generate(config, dist, num_samples, steps, scheduler_kind, seed, out, checkpoint)
+    finally:
+        cleanup_distributed()
+
+
+def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind, seed, out, checkpoint) -> list[Path]:
+    log = get_logger()
     device = dist.device
     precision = resolve_precision(config.device.mixed_precision, device)
     sampling = config.ldm.sampling
@@ -263,7 +271,8 @@ def sample(
         ", tiled decode" if sampling.tiled_decode else "", out,
     )
     written = []
-    for index in tqdm(range(num_samples), desc="samples", dynamic_ncols=True, disable=num_samples < 2):
+    mine = range(dist.rank, num_samples, dist.world_size)
+    for index in tqdm(mine, desc="samples", dynamic_ncols=True, disable=len(mine) < 2 or not dist.is_main):
         generator = torch.Generator(device=device).manual_seed(seed * SEED_STRIDE + index)
         volume = generate_volume(
             unet, autoencoder, scheduler, kind, latent_shape, scale_factor, sampling, steps, value_range,
@@ -272,6 +281,7 @@ def sample(
         nifti, _ = save_sample(volume[0], affine, out, f"sample-{index:03d}", value_range, title=f"seed {seed} #{index}")
         written.append(nifti)
         log.info("wrote %s", nifti)
+    barrier()
     return written
 
 
