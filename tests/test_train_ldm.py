@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -12,7 +16,7 @@ import torch
 
 from monai_diffusion import latents
 from monai_diffusion import train_ldm as recipe
-from monai_diffusion.config import config_from_dict
+from monai_diffusion.config import config_from_dict, save_config
 from monai_diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
 from monai_diffusion.networks.builders import build_autoencoder, build_scheduler
 
@@ -229,3 +233,26 @@ def test_rflow_velocity_target_is_monai_convention(setup):
     noisy = scheduler.add_noise(z, noise, t.reshape(1))
     stepped, _ = scheduler.step(z - noise, t, noisy, torch.tensor(0))
     torch.testing.assert_close(stepped, z, atol=1e-5, rtol=1e-5)
+
+
+def test_torchrun_two_cpu_processes_share_the_encoding(setup, tmp_path):
+    """Each rank encodes its half of the volumes, waits at the barrier, then both train from the whole cache."""
+    config_file = tmp_path / "ldm.yaml"
+    save_config(setup(max_steps=2), config_file)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+         "-m", "monai_diffusion.train_ldm", "--config", str(config_file), "--set", "output.run_name=ddp"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+        env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encoding 2 of 4 volume(s) on rank 0" in result.stderr
+    assert "effective batch size 2 (batch 1 x accumulation 1 x 2 process(es))" in result.stderr
+    (cache,) = (tmp_path / "out" / "latent_cache").iterdir()
+    assert len(list(cache.glob("*.pt"))) == 4
+    state = load_checkpoint(tmp_path / "out" / "ddp" / "checkpoints" / "last.pt")
+    assert state["step"] == 2 and state["ema"] is not None
+    assert (tmp_path / "out" / "ddp" / "samples" / "sample-step00000002.nii.gz").is_file()
