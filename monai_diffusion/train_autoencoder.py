@@ -329,8 +329,7 @@ def validate(autoencoder, val_loader, precision, config: Config, run_dir: Path, 
         count += images.shape[0]
         if panel is None:
             panel = volume_panel([("input", images[0].cpu()), ("reconstruction", reconstruction[0].cpu())],
-                                 value_range=(config.data.intensity.b_min, config.data.intensity.b_max),
-                                 scale=max(1, 128 // min(config.data.voxel_size)))
+                                 value_range=(config.data.intensity.b_min, config.data.intensity.b_max))
     autoencoder.train()
     total = all_reduce_mean(float(count)) * dist.world_size
     if total == 0:

@@ -15,4 +15,4 @@ python -m pip install --quiet -e .
 monai-diffusion train-autoencoder --config config/examples/quickstart.yaml "$@"
 monai-diffusion train-ldm --config config/examples/quickstart.yaml "$@"
 monai-diffusion sample --config config/examples/quickstart.yaml --num-samples 1 --seed 0 "$@"
-echo "Done. Look at runs/autoencoder-*/images/, runs/samples or runs/ldm-*/samples/, and: tensorboard --logdir runs"
+echo "Done. Reconstructions: runs/autoencoder-*/images/  generated volume: runs/ldm-*/generated/  logs: tensorboard --logdir runs"

@@ -179,7 +179,7 @@ def volume_panel(
     rows: Sequence[tuple[str, torch.Tensor | np.ndarray]],
     value_range: tuple[float, float] | None = None,
     gap: int = 2,
-    scale: int = 1,
+    scale: int | None = None,
 ) -> np.ndarray:
     """Middle axial, coronal and sagittal slices of each volume side by side, one row per volume.
 
@@ -195,7 +195,8 @@ def volume_panel(
             min/max in the first row, applied to that view in all rows, so a reconstruction is
             shown on its input's scale and intensity errors stay visible.
         gap: black pixels between panels and between rows.
-        scale: integer nearest-neighbour upscaling of the slices (small volumes are tiny).
+        scale: integer nearest-neighbour upscaling of the slices; None picks the smallest that makes
+            every slice at least 128 pixels on its short side (a 48^3 volume is otherwise tiny).
 
     Returns:
         ``H x W x 3`` uint8 image.
@@ -207,9 +208,11 @@ def volume_panel(
 
     if not rows:
         raise ValueError("volume_panel: no rows to draw")
-    if scale < 1:
+    if scale is not None and scale < 1:
         raise ValueError(f"volume_panel: scale must be >= 1, got {scale}")
     slices = [_middle_slices(_as_volume(volume, title)) for title, volume in rows]
+    if scale is None:
+        scale = max(1, -(-128 // min(min(s.shape) for s in slices[0])))
     if value_range is not None:
         windows = [tuple(map(float, value_range))] * 3
     else:

@@ -20,7 +20,7 @@ def _ramp(shape=(16, 20, 24)) -> torch.Tensor:
 
 def test_volume_panel_shape_and_dtype():
     volume = _ramp()
-    image = volume_panel([("input", volume), ("reconstruction", volume[None, None] * 0.5)], gap=2)
+    image = volume_panel([("input", volume), ("reconstruction", volume[None, None] * 0.5)], gap=2, scale=1)
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
     # two rows of height max(Y, Z) = 24 plus a gap; width: title + X + Y(... ) panels
     assert image.shape[0] == 2 * 24 + 2
@@ -95,3 +95,9 @@ def test_get_logger_configured_once():
 
 def test_peak_memory_cpu():
     assert peak_memory_mb(torch.device("cpu")) > 10  # a Python process with torch loaded
+
+
+def test_volume_panel_enlarges_small_volumes_by_default():
+    image = volume_panel([("x", torch.rand(16, 20, 24))])
+    # the shortest slice side (16) is enlarged to at least 128 pixels: scale 8
+    assert image.shape[0] == 24 * 8
