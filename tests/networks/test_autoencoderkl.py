@@ -295,31 +295,107 @@ def _count_checkpoint_calls(monkeypatch) -> list[type]:
     return calls
 
 
-def test_checkpointing_gives_same_outputs_and_gradients(monkeypatch):
-    settings = dict(TINY, downsample_factors=[[2, 2, 1]])
-    plain = AutoencoderKL(3, **settings).train()
-    checkpointed = AutoencoderKL(3, use_checkpoint=True, **settings).train()
-    checkpointed.load_state_dict(plain.state_dict())
-    calls = _count_checkpoint_calls(monkeypatch)
-
-    x = torch.randn(2, 1, 16, 16, 8)
-    outputs = []
-    for model in (plain, checkpointed):
+def _outputs_and_grads(models, x):
+    results = []
+    for model in models:
         torch.manual_seed(1)  # same sampling noise in forward
         reconstruction, z_mu, z_sigma = model(x)
         (reconstruction.square().mean() + z_mu.mean() + z_sigma.mean()).backward()
-        outputs.append((reconstruction, z_mu, z_sigma))
+        results.append(((reconstruction, z_mu, z_sigma), [p.grad for p in model.parameters()]))
+    return results
 
-    for ours, theirs in zip(*outputs):
-        torch.testing.assert_close(ours, theirs)
-    for (name, p_plain), p_ckpt in zip(plain.named_parameters(), checkpointed.parameters()):
-        torch.testing.assert_close(p_ckpt.grad, p_plain.grad, msg=name)
 
-    # One checkpoint per non-trivial block, never around a whole encoder/decoder.
-    blocks = list(checkpointed.encoder.blocks) + list(checkpointed.decoder.blocks)
-    expected = [type(b) for b in blocks if not isinstance(b, (aekl_module.Convolution, torch.nn.GroupNorm))]
+@pytest.mark.parametrize("chunk_elements", [None, 600])
+def test_checkpointing_gives_same_outputs_and_gradients(monkeypatch, chunk_elements):
+    # [[4, 4, 1], 2]: a factor-4 upsampling at full resolution (the fused upsample unit) and anisotropy.
+    settings = dict(TINY, channels=(8, 16, 16), attention_levels=(False, False, True),
+                    downsample_factors=[[4, 4, 1], 2])
+    plain = AutoencoderKL(3, **settings).train()
+    checkpointed = AutoencoderKL(3, use_checkpoint=True, **settings).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    # 600 elements: every fused unit runs in many slabs (with halos), not in one piece.
+    checkpointed.encoder.chunk_elements = checkpointed.decoder.chunk_elements = chunk_elements
+    calls = _count_checkpoint_calls(monkeypatch)
+
+    x = torch.randn(2, 1, 16, 16, 8)
+    (out_plain, grads_plain), (out_ckpt, grads_ckpt) = _outputs_and_grads((plain, checkpointed), x)
+    for ours, theirs in zip(out_ckpt, out_plain):
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+    for (name, _), g_ckpt, g_plain in zip(plain.named_parameters(), grads_ckpt, grads_plain):
+        torch.testing.assert_close(g_ckpt, g_plain, atol=2e-5, rtol=1e-4, msg=name)
+
+    # Residual blocks, norm+conv heads and the nearest upsampling run as fused units (no checkpoint); the
+    # encoder's full-resolution stage is one checkpoint; attention and downsampling are checkpointed one by one.
+    enc, dec = list(checkpointed.encoder.blocks), list(checkpointed.decoder.blocks)
+    first_down = next(i for i, b in enumerate(enc) if isinstance(b, aekl_module.FactorDownsample))
+    fused = (aekl_module.AEKLResBlock, aekl_module.Convolution, torch.nn.GroupNorm, aekl_module.Upsample)
+    expected = [type(aekl_module._run_blocks)]
+    expected += [type(b) for b in enc[first_down + 1 :] + dec if not isinstance(b, fused)]
     assert calls == expected
-    assert aekl_module.Encoder not in calls and aekl_module.Decoder not in calls
+    assert aekl_module.FactorDownsample in calls and aekl_module.SpatialAttentionBlock in calls
+    assert calls.count(aekl_module.FactorDownsample) == 1  # the first one is inside the stage: not nested
+    assert aekl_module.AEKLResBlock not in calls and aekl_module.Encoder not in calls
+
+
+def test_checkpointing_keeps_far_less_for_backward():
+    settings = dict(channels=(8, 16, 16), attention_levels=(False, False, True), num_res_blocks=1,
+                    norm_num_groups=8, downsample_factors=[4, 2])
+    x = torch.randn(1, 1, 32, 32, 16)
+
+    def saved_bytes(model):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)[0].mean().backward()
+        return sum(storages.values())
+
+    plain = saved_bytes(AutoencoderKL(3, **settings).train())
+    checkpointed = saved_bytes(AutoencoderKL(3, use_checkpoint=True, **settings).train())
+    # Only the input of the encoder stage, block boundaries and one map inside each decoder residual block.
+    assert checkpointed < 0.3 * plain
+
+
+def test_fused_units_match_the_modules_under_autocast():
+    from monai.networks.blocks import Convolution
+
+    norm = torch.nn.GroupNorm(4, 8)
+    conv = Convolution(3, 8, 4, strides=1, kernel_size=3, padding=1, conv_only=True)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    x = torch.randn(2, 8, 6, 5, 4, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = conv(torch.nn.functional.silu(norm(x)))
+        fused = aekl_module.norm_act_conv(x, norm, conv, True, chunk_elements=80)
+    # The norm hands the convolution the autocast dtype: the unit's output (next unit's saved input) is bf16.
+    assert fused.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.float(), reference.float(), atol=0.05, rtol=0.05)
+    grads = [torch.autograd.grad(y.float().square().sum(), [x, norm.weight, conv.conv.weight]) for y in (fused, reference)]
+    for g_fused, g_ref in zip(*grads):
+        assert g_fused.dtype == g_ref.dtype
+        torch.testing.assert_close(g_fused, g_ref, atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("factors, shape", [((4, 4, 4), (2, 6, 3, 4, 2)), ((2, 2, 1), (1, 6, 5, 3, 4))])
+@pytest.mark.parametrize("chunk_elements", [None, 50])
+def test_fused_upsample_matches_the_block(factors, shape, chunk_elements):
+    from monai.networks.blocks import Convolution
+
+    post = Convolution(3, 6, 6, strides=1, kernel_size=3, padding=1, conv_only=True)
+    block = aekl_module.Upsample(3, mode="nontrainable", in_channels=6, out_channels=6, interp_mode="nearest",
+                                 scale_factor=tuple(float(f) for f in factors), post_conv=post, align_corners=None)
+    assert aekl_module._fusable_upsample(block)
+    x = torch.randn(shape, requires_grad=True)
+    reference = block(x)
+    fused = aekl_module.upsample_conv(x, block, chunk_elements)
+    torch.testing.assert_close(fused, reference)
+    g = torch.randn_like(reference)
+    params = [x, post.conv.weight, post.conv.bias]
+    for a, b in zip(torch.autograd.grad(fused, params, g), torch.autograd.grad(reference, params, g)):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_checkpointing_is_skipped_in_eval_and_without_grad(monkeypatch):
