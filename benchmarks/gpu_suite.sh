@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The GPU benchmark set of docs/benchmarks.md, in one go (about 5 minutes on an H100).
+#
+# Usage, from the repository root of a CUDA machine:
+#     OUT=gpu-results bash benchmarks/gpu_suite.sh
+# Writes to $OUT: benchmarks.md (one section per suite), gpu.json, gpu-large.json, gpu-options.json, gpu.log,
+# nvidia-smi.txt. Copy the sections into docs/benchmarks.md.
+#
+# A machine without the project's dependencies can be given wheels in .whl/ (monai, pydantic and its needs):
+# they are installed into /tmp/site first. Cases run in one process each suite (--in-process) to save start-up
+# time; CUDA peaks are reset per step, so cases do not see each other's memory. Every suite runs under a time
+# limit and saves after each case, so a slow or failing case (torch.compile, out of memory) loses nothing else.
+set -uo pipefail
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || { echo "wheel install failed" | tee -a "$LOG"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/nvidia-smi.txt"
+python3 -c "import torch, monai; print('torch', torch.__version__, 'monai', monai.__version__, torch.cuda.get_device_name())" \
+    2>&1 | tee -a "$LOG"
+
+bench() {  # bench SECONDS SUITE [options...]
+    local limit=$1 name=$2
+    shift 2
+    echo "=== suite $name (limit ${limit}s) ===" | tee -a "$LOG"
+    timeout "$limit" python3 -m monai_diffusion.benchmark --suite "$name" --in-process \
+        --output "$OUT/benchmarks.md" --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$LOG"
+}
+
+# 256x256x64, fp16 AMP, channels (16,32,64): ours vs MONAI stock, factors, checkpointing, adversarial, LDM.
+bench ${GPU_LIMIT:-170} gpu --steps 5 --warmup 2
+# 512x512x128 with [8,2] and per-axis factors.
+bench ${LARGE_LIMIT:-90} gpu-large --steps 3 --warmup 1
+# cudnn.benchmark, channels-last, torch.compile (compile last: its first step can take minutes).
+bench ${OPTIONS_LIMIT:-100} gpu-options --steps 5 --warmup 2
+echo "done" | tee -a "$LOG"
