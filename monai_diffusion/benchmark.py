@@ -669,9 +669,14 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def write_report(records: list[dict[str, Any]], output: Path, section: str, title: str, command: str) -> None:
-    """Write (or replace) the marked section ``section`` of the markdown file ``output``."""
-    env = environment()
+def write_report(
+    records: list[dict[str, Any]], output: Path, section: str, title: str, command: str, env: dict | None = None
+) -> None:
+    """Write (or replace) the marked section ``section`` of the markdown file ``output``.
+
+    ``env`` (versions, date) defaults to this process's; pass the stored one when re-rendering a saved run.
+    """
+    env = env or environment()
     devices = sorted({r.get("device", "?") for r in records if "device" in r}) or ["?"]
     peak_note = (
         "peak = `torch.cuda.max_memory_allocated` over a step (model, optimizer state and activations)"
@@ -692,7 +697,9 @@ def write_report(records: list[dict[str, Any]], output: Path, section: str, titl
             "<details><summary>JSON</summary>",
             "",
             "```json",
-            json.dumps({"environment": env, "results": records}, indent=1),
+            '{"environment": ' + json.dumps(env) + ', "results": [',
+            ",\n".join(json.dumps(r) for r in records),
+            "]}",
             "```",
             "",
             "</details>",
@@ -729,6 +736,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--in-process", action="store_true", help="run the cases in this process instead of one process each (CUDA)"
     )
+    parser.add_argument(
+        "--from-json", default=None, help="render a saved run (a --json file, e.g. from another machine) into --output"
+    )
+    parser.add_argument("--title", default=None, help="section title (default: the suite and size)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -738,6 +749,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker is not None:
         result = measure(Case.from_json(args.worker))
         print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return 0
+
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        section = args.section or Path(args.from_json).stem
+        title = args.title or f"Suite `{section}`"
+        command = saved.get("command") or f"monai-diffusion benchmark --suite {section}"
+        write_report(saved["results"], Path(args.output), section, title, command, saved["environment"])
+        print(markdown_table(saved["results"]))
         return 0
 
     cases = suite(args.suite, tuple(args.size) if args.size else None, args.steps, args.warmup)
@@ -750,13 +770,14 @@ def main(argv: list[str] | None = None) -> int:
             case.threads = args.threads
     command = "monai-diffusion benchmark " + " ".join(argv if argv is not None else sys.argv[1:])
     section = args.section or args.suite
-    title = f"Suite `{args.suite}`" + (f" at {'x'.join(map(str, args.size))}" if args.size else "")
+    title = args.title or f"Suite `{args.suite}`" + (f" at {'x'.join(map(str, args.size))}" if args.size else "")
 
     def save(records: list[dict[str, Any]]) -> None:
         # After every case, so a run cut short (a time limit, a crash) keeps what it measured.
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps({"environment": environment(), "results": records}, indent=1))
+            saved = {"environment": environment(), "command": command.strip(), "results": records}
+            Path(args.json).write_text(json.dumps(saved, indent=1))
         if args.output.lower() != "none":
             write_report(records, Path(args.output), section, title, command.strip())
 
