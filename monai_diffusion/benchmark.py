@@ -588,11 +588,14 @@ def _device_name(device) -> str:
 RESULT_PREFIX = "BENCHMARK_RESULT "
 
 
-def run_case(case: Case, timeout: float | None = None) -> dict[str, Any]:
-    """Run ``case`` in a fresh Python process; always returns a record (with ``error`` when it failed)."""
+def run_case(case: Case, timeout: float | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run ``case`` in a fresh Python process; always returns a record (with ``error`` when it failed).
+
+    ``env``: extra environment variables for that process (the planner sets glibc's mmap threshold).
+    """
     record: dict[str, Any] = {"case": dataclasses.asdict(case)}
     command = [sys.executable, "-m", "monai_diffusion.benchmark", "--worker", case.to_json()]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:

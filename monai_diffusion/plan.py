@@ -1,13 +1,16 @@
 """``monai-diffusion plan``: predict the peak memory of a config's training steps and propose a change that fits.
 
 How it predicts: the benchmark harness (:mod:`monai_diffusion.benchmark`) runs the config's own autoencoder
-training step, in fresh processes, at two reduced volume sizes ("probes"), and the peak is extrapolated
-linearly in the number of voxels to the configured size. Every activation of these networks scales with the
-voxel count (attention included, since it runs through PyTorch's memory-efficient SDPA; without SDPA the
-quadratic attention matrices are added analytically). The probes slice the fused checkpointing units into as
-many slabs as the full size would, so their memory scales the same way. The LDM step from cached latents is
-measured directly at the full latent size (latents are small); encoding on the fly adds the frozen
-encoder's forward, predicted like the autoencoder step.
+training step, in a fresh process, at a reduced volume size (the "probe", about :data:`PROBE_VOXELS` voxels,
+each axis a multiple of the total downsampling factor), and the peak is scaled up in proportion to the number of
+voxels. Every activation of these networks scales with the voxel count (attention included, since it runs through
+PyTorch's memory-efficient SDPA; without SDPA the quadratic attention matrices are added analytically), and the
+peak is measured over what is held between steps, so it has no constant part. On the CPU the probe runs with
+glibc's mmap threshold scaled by the same ratio as the volume: at full size maps above 32 MiB are mmapped and
+returned to the system when freed while smaller ones fragment the heap, and the probe reproduces that split (without
+it a probe overstates the per-voxel peak by ~30%). The LDM step from cached latents is measured directly at the
+full latent size (latents are small); encoding on the fly adds the frozen encoder's forward, predicted like the
+autoencoder step.
 
 Where it measures: on the GPU when there is one (``torch.cuda.max_memory_allocated``, the config's precision);
 otherwise on the CPU (peak RSS increase, float32). A CPU measurement answers for a CPU run; for a GPU budget on
@@ -34,12 +37,13 @@ from monai_diffusion.config.arguments import add_config_arguments, config_from_a
 from monai_diffusion.config.schema import Config
 
 GIB = 1024.0  # MiB per GiB
-# Default size of the larger probe, in voxels: a CPU step at this size takes a few seconds.
-PROBE_VOXELS = 2**18
-# GPU peak (fp16 AMP where asked) from a CPU float32 peak: parameters, gradients and AdamW state stay float32;
-# activations shrink to ~0.83x under standard autocast (GroupNorm and the SiLU after it stay float32) and to
-# ~0.5x through the fused checkpointing units, whose saved maps are all half precision.
-GPU_FROM_CPU = {("fp32", False): 1.0, ("fp32", True): 1.0, ("amp", False): 0.83, ("amp", True): 0.55}
+# Default size of the probe, in voxels (half an issue-size volume): a CPU step at this size takes seconds.
+PROBE_VOXELS = 2**19
+# GPU peak (fp16 AMP where asked) from a CPU float32 peak, calibrated against the harness: at 256x256x64 the H200
+# measured 4.9 GiB ([4,2], fp16 AMP) and 1.40 GiB (the same with checkpointing) where the CPU fp32 peak scales to
+# 6.8 and 3.2 GiB. Standard autocast keeps GroupNorm and the SiLU after it in float32 (activations ~0.7-0.83x);
+# the fused checkpointing units store every map in half precision (~0.45x).
+GPU_FROM_CPU = {("fp32", False): 1.0, ("fp32", True): 1.0, ("amp", False): 0.72, ("amp", True): 0.45}
 # Reserve on a GPU: the CUDA context and cuDNN workspaces (not counted by max_memory_allocated), fragmentation.
 CUDA_RESERVE_MIB = 600.0
 USABLE_FRACTION = 0.9
@@ -131,32 +135,21 @@ def _total_factor(case: Case) -> tuple[int, ...]:
 
 
 def probe_sizes(case: Case, probe_voxels: int = PROBE_VOXELS) -> list[tuple[int, ...]]:
-    """Two reduced sizes (larger first) for ``case``: multiples of the total factor per axis, about
-    ``probe_voxels`` and an eighth of that; ``[case.size]`` alone when the size is already that small."""
+    """The reduced size to measure ``case`` at: about ``probe_voxels`` voxels, each axis a multiple of the total
+    factor (and large enough for the discriminator); ``[case.size]`` when the size is already that small."""
     size, factor = case.size, _total_factor(case)
     # The discriminator halves every axis num_layers times and normalises what is left: keep that above 1 voxel.
     minimum = [max(f, 2 ** (case.disc_num_layers + 2) if case.step == "adv" else 2 * f) for f in factor]
     minimum = [math.ceil(m / f) * f for m, f in zip(minimum, factor)]
-    voxels = math.prod(size)
-    if voxels <= probe_voxels:
+    if math.prod(size) <= probe_voxels or case.step == "ldm_cache":  # latents are small: measured at full size
         return [tuple(size)]
+    ratio = (probe_voxels / math.prod(size)) ** (1 / len(size))
+    probe = tuple(min(s, max(m, int(s * ratio) // f * f)) for s, f, m in zip(size, factor, minimum))
+    return [probe]
 
-    def scaled(ratio: float) -> tuple[int, ...]:
-        out = []
-        for s, f, m in zip(size, factor, minimum):
-            target = max(m, int(s * ratio) // f * f)
-            out.append(min(s, target))
-        return tuple(out)
 
-    ratio = (probe_voxels / voxels) ** (1 / len(size))
-    large = scaled(ratio)
-    small = scaled(ratio / 2)
-    if math.prod(small) >= math.prod(large):
-        small = scaled(ratio / 4)
-    sizes = [large]
-    if math.prod(small) < math.prod(large):
-        sizes.append(small)
-    return sizes
+# glibc mmaps allocations above this (its dynamic threshold's ceiling, reached in any real step).
+GLIBC_MMAP_THRESHOLD_MAX = 32 * 2**20
 
 
 def _attention_matrix_mib(case: Case, size: tuple[int, ...]) -> float:
@@ -189,41 +182,31 @@ class Prediction:
 
 def _probe(case: Case, size: tuple[int, ...], target_voxels: int, steps: int, timeout: float | None) -> dict:
     probe = dataclasses.replace(case, size=size, steps=steps, warmup=1)
-    if case.checkpoint == "ours":
-        from monai_diffusion.networks.autoencoderkl import DEFAULT_CHUNK_ELEMENTS
-
-        # As many slabs as at the full size, so the fused units' slabs scale with the volume too.
-        full = case.chunk_elements or DEFAULT_CHUNK_ELEMENTS["cuda" if case.device == "cuda" else "cpu"]
-        probe.chunk_elements = max(1, int(full * math.prod(size) / target_voxels))
-    return run_case(probe, timeout)
+    env = None
+    if case.device != "cuda" and math.prod(size) < target_voxels:
+        # Maps that would be mmapped at full size are mmapped in the probe too (see the module docstring).
+        ratio = math.prod(size) / target_voxels
+        env = {"MALLOC_MMAP_THRESHOLD_": str(max(2**17, int(GLIBC_MMAP_THRESHOLD_MAX * ratio)))}
+    return run_case(probe, timeout, env)
 
 
 def predict(case: Case, probe_voxels: int = PROBE_VOXELS, steps: int = 1, timeout: float | None = None) -> Prediction:
-    """Predict ``case``'s peak memory at its size from probes at reduced sizes (linear in voxels)."""
+    """Predict ``case``'s peak memory at its size from a probe at a reduced size (proportional to voxels)."""
     target = math.prod(case.size)
-    sizes = probe_sizes(case, probe_voxels)
-    records = [_probe(case, size, target, steps, timeout) for size in sizes]
-    failed = [r for r in records if "error" in r]
-    if failed:
-        return Prediction(float("nan"), None, records, error=failed[0]["error"])
-    points = []
-    for size, record in zip(sizes, records):
-        peak = record["peak_total_mb"] if case.device == "cuda" else record["peak_mb"]
-        points.append((math.prod(size), peak - _attention_matrix_mib(case, size), record["step_s"]))
-    if len(points) == 1:
-        voxels, peak, step_s = points[0]
-        slope_mem, base_mem, slope_t, base_t = 0.0, peak, 0.0, step_s
+    (size,) = probe_sizes(case, probe_voxels)
+    record = _probe(case, size, target, steps, timeout)
+    if "error" in record:
+        return Prediction(float("nan"), None, [record], error=record["error"])
+    measured = record["peak_total_mb"] if case.device == "cuda" else record["peak_mb"]
+    scale = target / math.prod(size)
+    if case.device == "cuda":
+        # The total includes parameters, gradients and optimizer state, which do not scale with the volume.
+        fixed = record["baseline_mb"]
+        peak = fixed + (measured - fixed) * scale
     else:
-        (v1, p1, t1), (v2, p2, t2) = points
-        slope_mem = (p1 - p2) / (v1 - v2)
-        base_mem = p1 - slope_mem * v1
-        slope_t = (t1 - t2) / (v1 - v2)
-        base_t = t1 - slope_t * v1
-        if slope_mem < 0:  # noise at tiny probes: fall back to proportional scaling of the larger probe
-            slope_mem, base_mem = p1 / v1, 0.0
-    peak = base_mem + slope_mem * target + _attention_matrix_mib(case, case.size)
-    step_s = max(base_t + slope_t * target, points[0][2]) if points else None
-    return Prediction(peak, step_s, records, measured_on=records[0].get("device", "?"))
+        peak = measured * scale
+    peak += _attention_matrix_mib(case, case.size) - _attention_matrix_mib(case, size) * scale
+    return Prediction(peak, record["step_s"] * scale, [record], measured_on=record.get("device", "?"))
 
 
 def to_gpu_estimate(prediction: Prediction, case: Case, gpu_precision: str) -> Prediction:
