@@ -398,7 +398,9 @@ def describe(config: Config, plan: Plan, source: str) -> str:
     how = "estimated for a GPU from a CPU float32 measurement" if a.estimated else "measured"
     lines.append(f"{how} on {a.measured_on} at {', '.join(sizes)}, extrapolated to the full size")
     lines.append("")
-    lines.append(f"  autoencoder training step  {_gib(a.peak_mib):>10}" + (f"   ~{a.step_s:.1f} s/step" if a.step_s else ""))
+    # A step time measured on another device than the target's says nothing about it: shown only when it does.
+    timing = f"   ~{a.step_s:.1f} s/step (rough: scaled from the probe)" if a.step_s and not a.estimated else ""
+    lines.append(f"  autoencoder training step  {_gib(a.peak_mib):>10}" + timing)
     if plan.ldm is not None:
         mode = "from cached latents" if config.ldm.training.cache_latents else "encoding on the fly"
         ldm_text = f"could not measure: {plan.ldm.error}" if plan.ldm.error else _gib(plan.ldm.peak_mib)
