@@ -202,7 +202,7 @@ class LDMTrainingConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warm-up.")
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip (None: off).")
     ema_decay: float | None = Field(
-        0.999, ge=0, lt=1, description="EMA of the UNet weights (used for samples and saved); None: off."
+        0.999, ge=0, lt=1, description="EMA of the UNet weights (used for samples and saved); None: off. Averages about 1/(1-decay) steps: keep that well below the run length (0.999 suits 10k+ steps)."
     )
     cache_latents: bool = Field(
         True, description="Encode each volume once (mu, sigma) and train from the cache; false: encode on the fly."
