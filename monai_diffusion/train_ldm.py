@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from monai_diffusion.config.arguments import add_config_arguments, config_from_args
+from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.loading import save_config
 from monai_diffusion.config.schema import Config
 from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, screen_volumes
@@ -433,12 +433,7 @@ def validate(unet, autoencoder, config: Config, scale_factor: float, latent_shap
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument(
-        "--resume",
-        default="false",
-        help="false (default): new run; auto: newest LDM run's last checkpoint if any; "
-        "true: the same but an error if there is none; PATH: a checkpoint file or run folder",
-    )
+    add_resume_argument(parser, "ldm")
 
 
 def main(argv: list[str] | None = None) -> int:

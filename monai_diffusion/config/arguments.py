@@ -29,3 +29,13 @@ def config_from_args(args: argparse.Namespace) -> Config:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def add_resume_argument(parser: argparse.ArgumentParser, run_kind: str) -> None:
+    """``--resume false|auto|true|PATH`` for a training command whose runs are ``<output_dir>/<run_kind>-*``."""
+    parser.add_argument(
+        "--resume",
+        default="false",
+        help=f"false (default): new run; auto: newest {run_kind} run's last checkpoint if any; "
+        "true: the same but an error if there is none; PATH: a checkpoint file or run folder",
+    )
