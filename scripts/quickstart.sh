@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Quickstart: install into .venv, train the autoencoder and the LDM on the demo brains, sample one volume.
-# CPU: about 10-15 minutes on 2 cores. Outputs land in runs/ (see the README).
+# CPU: about 10 minutes on 2 cores (plus the install). Outputs land in runs/ (see the README).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -d .venv ]; then
