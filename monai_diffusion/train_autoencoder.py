@@ -234,8 +234,6 @@ def train(config: Config, resume: str | None = None) -> Path:
                             logits_fake = discriminator(reconstruction)[-1]
                         losses["gen_adv"] = adversarial_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
                         loss_g = loss_g + t.adv_weight * losses["gen_adv"]
-                    # All ranks judge the same (averaged) loss, so they stop together.
-                    guard.check(all_reduce_mean(loss_g.detach()) if dist.world_size > 1 else loss_g.item(), step)
                     # Dividing by the accumulation count makes k micro-batches of b match one batch of k*b.
                     scaler_g.scale(loss_g / accumulation).backward()
                 if adversarial:
@@ -250,8 +248,13 @@ def train(config: Config, resume: str | None = None) -> Path:
                         )
                         losses["disc"] = loss_d
                         scaler_d.scale(t.adv_weight * loss_d / accumulation).backward()
-                for key, value in losses.items():
-                    totals[key] = totals.get(key, 0.0) + value.item()
+                # One device-to-host copy per micro-batch for the NaN check and every logged value.
+                loss_value, *values = torch.stack([loss_g.detach(), *(v.detach() for v in losses.values())]).tolist()
+                # All ranks judge the same (averaged) loss, so they stop together.
+                guard.check(all_reduce_mean(loss_value) if dist.world_size > 1 else loss_value, step)
+                values = dict(zip(losses, values))
+                for key, value in values.items():
+                    totals[key] = totals.get(key, 0.0) + value
                 bar.update(1)
                 if not last_micro:
                     continue
@@ -264,7 +267,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                 count = index + 1 - skip_batches
                 bar.set_postfix({k: f"{v / count:.4f}" for k, v in totals.items()} | {"step": step})
                 if step % config.output.log_every_n_steps == 0 or step == max_steps:
-                    scalars = {f"train/{k}": v.item() for k, v in losses.items()}
+                    scalars = {f"train/{k}": v for k, v in values.items()}
                     scalars |= {
                         "train/lr": sched_g.get_last_lr()[0],
                         "train/grad_norm": result.grad_norm,

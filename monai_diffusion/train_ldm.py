@@ -41,6 +41,7 @@ from monai_diffusion.engine.checkpoint import (
 )
 from monai_diffusion.engine.distributed import (
     DistInfo,
+    all_reduce_mean,
     barrier,
     broadcast_object,
     cleanup_distributed,
@@ -345,10 +346,12 @@ def train(config: Config, resume: str | None = None) -> Path:
                 sync = contextlib.nullcontext() if last_micro or dist.world_size == 1 else model.no_sync()
                 with sync:
                     loss = diffusion_loss(model, scheduler, kind, z, precision)
-                    guard.check(loss.item(), step)
+                    loss_value = loss.item()  # one device-to-host copy per micro-batch
+                    # All ranks judge the same (averaged) loss, so they stop together.
+                    guard.check(all_reduce_mean(loss_value) if dist.world_size > 1 else loss_value, step)
                     # Dividing by the accumulation count makes k micro-batches of b match one batch of k*b.
                     scaler.scale(loss / accumulation).backward()
-                total += loss.item()
+                total += loss_value
                 count += 1
                 bar.update(1)
                 if not last_micro:
@@ -363,7 +366,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                 if step % config.output.log_every_n_steps == 0 or step == max_steps:
                     writer.scalars(
                         {
-                            "train/loss": loss.item(),
+                            "train/loss": loss_value,
                             "train/lr": lr_scheduler.get_last_lr()[0],
                             "train/grad_norm": result.grad_norm,
                             "train/grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
