@@ -42,3 +42,17 @@ def tiny_config_dict(data_dir: Path, output_dir: Path) -> dict:
         "device": {"device": "cpu"},
         "output": {"output_dir": str(output_dir), "log_every_n_steps": 1},
     }
+
+
+def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
+    """An autoencoder checkpoint in train_autoencoder's format (untrained weights: enough for the LDM plumbing)."""
+    import torch
+
+    from monai_diffusion.engine.checkpoint import save_checkpoint
+    from monai_diffusion.networks.builders import build_autoencoder
+
+    torch.manual_seed(seed)
+    model = build_autoencoder(config.autoencoder, 3)
+    save_checkpoint(path, {"kind": "autoencoder", "autoencoder": model.state_dict(),
+                           "config": config.model_dump(mode="json"), "step": 0, "epoch": 0})
+    return path

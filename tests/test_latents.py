@@ -8,6 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import save_autoencoder
 import torch
 
 from monai_diffusion import latents
@@ -65,12 +66,6 @@ def tiny_config(tmp_path: Path, **autoencoder):
     )
 
 
-def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
-    torch.manual_seed(seed)
-    model = build_autoencoder(config.autoencoder, 3)
-    save_checkpoint(path, {"kind": "autoencoder", "autoencoder": model.state_dict(),
-                           "config": config.model_dump(mode="json"), "step": 0, "epoch": 0})
-    return path
 
 
 @pytest.fixture(autouse=True)

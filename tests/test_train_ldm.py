@@ -12,13 +12,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import save_autoencoder
 import torch
 
 from monai_diffusion import latents
 from monai_diffusion import train_ldm as recipe
 from monai_diffusion.config import config_from_dict, save_config
-from monai_diffusion.engine.checkpoint import load_checkpoint, save_checkpoint
-from monai_diffusion.networks.builders import build_autoencoder, build_scheduler
+from monai_diffusion.engine.checkpoint import load_checkpoint
+from monai_diffusion.networks.builders import build_scheduler
 
 AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -2.0, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
 LDM_KEYS = {
@@ -56,13 +57,6 @@ def tiny_raw(tmp_path: Path, scheduler: str = "ddpm", **training) -> dict:
     }
 
 
-def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
-    """An autoencoder checkpoint in train_autoencoder's format (untrained weights: enough for the LDM plumbing)."""
-    torch.manual_seed(seed)
-    model = build_autoencoder(config.autoencoder, 3)
-    save_checkpoint(path, {"kind": "autoencoder", "autoencoder": model.state_dict(),
-                           "config": config.model_dump(mode="json"), "step": 0, "epoch": 0})
-    return path
 
 
 @pytest.fixture
