@@ -1,26 +1,34 @@
-"""Autoencoder losses: KL, the adversarial schedule and perceptual-weights loading.
+"""Autoencoder losses: KL, the structural (SSIM / MS-SSIM) term, the adversarial schedule and perceptual loss.
 
-Reconstruction (L1) and the patch adversarial criterion are MONAI/PyTorch's own; what lives here is what
-the config decides: weights, when the discriminator starts, and where perceptual weights come from.
+Reconstruction (L1), SSIM and the patch adversarial criterion are MONAI/PyTorch's own; what lives here is
+what the config decides: weights, when the discriminator starts, and where perceptual weights come from.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
-from monai.losses import PatchAdversarialLoss, PerceptualLoss
+from monai.losses import PatchAdversarialLoss, PerceptualLoss, SSIMLoss
+from monai.utils import OptionalImportError
 
 from monai_diffusion.config.schema import AutoencoderTrainingConfig
+from monai_diffusion.metrics import SSIM_WINDOW, ms_ssim
 
-# Where torch.hub keeps each perceptual network (nothing is ever downloaded at run time).
+# What a torch hub folder holds once each perceptual network has been fetched: MONAI loads the 3D MedicalNet and
+# RadImageNet networks from the Project-MONAI/perceptual-models hub repository (weights from Hugging Face, kept in
+# the same folder), the 2D ones through the lpips package (torchvision weights under checkpoints/).
 _HUB_ENTRIES = {
-    "medicalnet_resnet10_23datasets": "warvito_MedicalNet-models_*",
-    "medicalnet_resnet50_23datasets": "warvito_MedicalNet-models_*",
+    "medicalnet_resnet10_23datasets": "Project-MONAI_perceptual-models_*",
+    "medicalnet_resnet50_23datasets": "Project-MONAI_perceptual-models_*",
+    "radimagenet_resnet50": "Project-MONAI_perceptual-models_*",
     "squeeze": "checkpoints/squeezenet1_1-*.pth",
     "alex": "checkpoints/alexnet-owt-*.pth",
     "vgg": "checkpoints/vgg16-*.pth",
 }
+# The 2D networks also need these packages (not installed by default: lpips pulls in torchvision).
+_EXTRA_PACKAGES = {"squeeze": "lpips torchvision", "alex": "lpips torchvision", "vgg": "lpips torchvision"}
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -33,6 +41,37 @@ def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
     return per_item.mean()
 
 
+class StructuralLoss(torch.nn.Module):
+    """``1 - SSIM`` (MONAI's SSIMLoss) or ``1 - MS-SSIM`` of a reconstruction, a term added to L1.
+
+    L1 alone is satisfied by a blurred average in the first hundreds of steps; SSIM rewards local contrast and
+    structure (edges, cortical folds), which is what a reader of the reconstruction looks at.
+
+    Args:
+        kind: ``"ssim"`` (one scale, 7-voxel Gaussian window like validation) or ``"ms_ssim"`` (as many scales as
+            the volume allows, see :func:`monai_diffusion.metrics.ms_ssim_scales`).
+        spatial_dims: 2 or 3.
+        data_range: intensity range of the images (``data.intensity.b_max - b_min``).
+
+    Raises:
+        ValueError: unknown ``kind``.
+    """
+
+    def __init__(self, kind: str, spatial_dims: int, data_range: float) -> None:
+        super().__init__()
+        if kind not in ("ssim", "ms_ssim"):
+            raise ValueError(f"StructuralLoss: kind must be 'ssim' or 'ms_ssim', got {kind!r}")
+        self.kind = kind
+        self.data_range = data_range
+        self.ssim = SSIMLoss(spatial_dims, data_range=data_range, win_size=SSIM_WINDOW) if kind == "ssim" else None
+
+    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        reconstruction, target = reconstruction.float(), target.float()
+        if self.ssim is not None:
+            return self.ssim(reconstruction, target)
+        return 1.0 - ms_ssim(reconstruction, target, self.data_range).mean()
+
+
 def adversarial_active(step: int, training: AutoencoderTrainingConfig) -> bool:
     """The discriminator trains, and its loss counts, from ``adv_start_step`` on (never when adv_weight is 0)."""
     return training.adv_weight > 0 and step >= training.adv_start_step
@@ -43,36 +82,71 @@ def build_adversarial_loss() -> PatchAdversarialLoss:
     return PatchAdversarialLoss(criterion="least_squares")
 
 
+def _two_ways(hub_folder: str) -> str:
+    return (
+        f"Either run once where the internet is reachable (the weights are then kept in torch hub's folder, "
+        f"{hub_folder}), or copy such a hub folder here and set "
+        f"autoencoder.training.perceptual_weights to it (offline, nothing is downloaded); "
+        f"or set autoencoder.training.use_perceptual_loss=false."
+    )
+
+
 def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int = 3) -> PerceptualLoss:
-    """MONAI's PerceptualLoss with weights from a local torch hub cache.
+    """MONAI's PerceptualLoss; its pretrained weights are downloaded into the torch hub cache on first use.
+
+    Two routes, as with MONAI itself:
+
+    - ``perceptual_weights`` unset: MONAI fetches the network into torch hub's folder (``torch.hub.get_dir()``,
+      i.e. ``$TORCH_HOME/hub``) the first time and reuses it afterwards.
+    - ``perceptual_weights: FOLDER``: an existing torch hub folder (copied from a connected machine) is used
+      offline: nothing is downloaded (``HF_HUB_OFFLINE`` is set while loading).
 
     Args:
-        training: ``autoencoder.training``; ``perceptual_network`` and ``perceptual_weights`` (a torch hub
-            folder; default: ``torch.hub.get_dir()``) are read.
-        spatial_dims: 3 uses MedicalNet networks directly; 2D networks (squeeze/alex/vgg) run slice-wise.
+        training: ``autoencoder.training``; ``perceptual_network`` and ``perceptual_weights`` are read.
+        spatial_dims: 3 uses the 3D MedicalNet networks directly; 2D networks run on slices (fake 3D).
 
     Raises:
-        FileNotFoundError: the weights are not in the cache, with the command that puts them there.
-        ImportError: a 2D network was chosen and the ``lpips`` package is not installed.
+        FileNotFoundError: ``perceptual_weights`` holds no weights for the network, or the download failed
+            (no network); the message says both ways to provide them.
+        ImportError: a 2D network was chosen and ``lpips``/``torchvision`` are not installed.
     """
     network = training.perceptual_network
-    hub_dir = Path(training.perceptual_weights) if training.perceptual_weights else Path(torch.hub.get_dir())
-    pattern = _HUB_ENTRIES[network]
-    if not any(hub_dir.glob(pattern)):
+    default_hub = torch.hub.get_dir()
+    offline_dir = Path(training.perceptual_weights).expanduser() if training.perceptual_weights else None
+    if offline_dir is not None and not any(offline_dir.glob(_HUB_ENTRIES[network])):
         raise FileNotFoundError(
-            f"autoencoder.training.perceptual_weights: no weights for perceptual network '{network}' in {hub_dir} "
-            f"(looked for {pattern}). Nothing is downloaded at run time. On a machine with internet run\n"
-            f"  TORCH_HOME=/some/dir python -c \"from monai.losses import PerceptualLoss; "
-            f"PerceptualLoss(spatial_dims=3, network_type='{network}', is_fake_3d={'medicalnet' not in network})\"\n"
-            f"then copy /some/dir/hub here and set autoencoder.training.perceptual_weights to it, "
-            f"or set autoencoder.training.use_perceptual_loss=false."
+            f"autoencoder.training.perceptual_weights: no weights for perceptual network '{network}' in "
+            f"{offline_dir} (looked for {_HUB_ENTRIES[network]}). " + _two_ways(default_hub)
         )
-    torch.hub.set_dir(str(hub_dir))
     medicalnet = network.startswith("medicalnet")
-    return PerceptualLoss(
-        spatial_dims=spatial_dims,
-        network_type=network,
-        is_fake_3d=not medicalnet,
-        fake_3d_ratio=0.25,
-        channel_wise=medicalnet,
-    )
+    # torch.hub's own setting (None unless set_dir was called), restored as it was so $TORCH_HOME keeps working.
+    previous_hub, previous_offline = getattr(torch.hub, "_hub_dir", None), os.environ.get("HF_HUB_OFFLINE")
+    if offline_dir is not None:
+        torch.hub.set_dir(str(offline_dir))
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return PerceptualLoss(
+            spatial_dims=spatial_dims,
+            network_type=network,
+            is_fake_3d=not medicalnet,
+            fake_3d_ratio=0.25,
+            channel_wise=medicalnet,
+        )
+    except (ImportError, OptionalImportError) as exc:
+        packages = _EXTRA_PACKAGES.get(network, "huggingface_hub")
+        raise ImportError(
+            f"autoencoder.training.perceptual_network '{network}' needs packages that are not installed "
+            f"({exc}); pip install {packages}, or choose a medicalnet_* network"
+        ) from exc
+    except OSError as exc:  # URLError, HTTPError and Hugging Face's connection errors are all OSErrors
+        raise FileNotFoundError(
+            f"autoencoder.training.use_perceptual_loss: could not get the weights of perceptual network "
+            f"'{network}' ({type(exc).__name__}: {exc}). " + _two_ways(default_hub)
+        ) from exc
+    finally:
+        if offline_dir is not None:
+            torch.hub._hub_dir = previous_hub
+            if previous_offline is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = previous_offline

@@ -46,11 +46,13 @@ from monai_diffusion.engine.logging import RunLogger, get_logger, peak_memory_mb
 from monai_diffusion.engine.optim import NonFiniteGuard, build_lr_scheduler, build_optimizer, optimizer_step
 from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.losses import (
+    StructuralLoss,
     adversarial_active,
     build_adversarial_loss,
     build_perceptual_loss,
     kl_loss,
 )
+from monai_diffusion.metrics import SSIM_WINDOW
 from monai_diffusion.networks.builders import build_autoencoder, build_discriminator
 
 # Keys that fix the network's shape: a checkpoint trained with other values cannot be resumed or reused.
@@ -140,6 +142,8 @@ def train(config: Config, resume: str | None = None) -> Path:
     autoencoder = build_autoencoder(config.autoencoder, spatial_dims).to(device)
     discriminator = build_discriminator(config.autoencoder, spatial_dims).to(device) if t.adv_weight > 0 else None
     perceptual = build_perceptual_loss(t, spatial_dims).to(device).eval() if t.use_perceptual_loss else None
+    value_range = config.data.intensity.b_max - config.data.intensity.b_min
+    structural = StructuralLoss(t.ssim_type, spatial_dims, value_range) if t.ssim_weight > 0 else None
     adversarial_loss = build_adversarial_loss()
     opt_g = build_optimizer(autoencoder.parameters(), t.lr, t.weight_decay)
     sched_g = build_lr_scheduler(opt_g, t.warmup_steps, t.lr_schedule, max_steps)
@@ -226,6 +230,9 @@ def train(config: Config, resume: str | None = None) -> Path:
                         "kl": kl_loss(z_mu, z_sigma),
                     }
                     loss_g = losses["recon_l1"] + t.kl_weight * losses["kl"]
+                    if structural is not None:
+                        losses[t.ssim_type] = structural(reconstruction, images)
+                        loss_g = loss_g + t.ssim_weight * losses[t.ssim_type]
                     if perceptual is not None:
                         losses["perceptual"] = perceptual(reconstruction.float(), images.float())
                         loss_g = loss_g + t.perceptual_weight * losses["perceptual"]
@@ -315,7 +322,7 @@ def validate(autoencoder, val_loader, precision, config: Config, run_dir: Path, 
     autoencoder.eval()
     value_range = config.data.intensity.b_max - config.data.intensity.b_min
     psnr = PSNRMetric(max_val=value_range, reduction="sum")
-    ssim = SSIMMetric(spatial_dims=len(config.data.voxel_size), data_range=value_range, win_size=7, reduction="sum")
+    ssim = SSIMMetric(spatial_dims=len(config.data.voxel_size), data_range=value_range, win_size=SSIM_WINDOW, reduction="sum")
     # Ranks may hold different numbers of validation volumes: reduce sums and counts, not means.
     sums = {"val/l1": 0.0, "val/psnr": 0.0, "val/ssim": 0.0}
     count, panel = 0, None

@@ -169,5 +169,86 @@ def test_mixed_precision_steps_on_cpu(tmp_path, nifti_folder, precision):
 def test_perceptual_loss_without_local_weights_says_how_to_provide_them(tmp_path, nifti_folder):
     config = make_config(nifti_folder, tmp_path, "autoencoder.training.use_perceptual_loss=true",
                          f"autoencoder.training.perceptual_weights={tmp_path / 'empty-hub'}")
-    with pytest.raises(FileNotFoundError, match=r"(?s)no weights for perceptual network 'squeeze'.*Nothing is downloaded"):
+    with pytest.raises(FileNotFoundError, match=r"(?s)no weights for perceptual network 'squeeze'.*Either run once "
+                       r"where the internet is reachable.*perceptual_weights to it \(offline"):
         train_autoencoder.train(config)
+
+
+FAKE_HUBCONF = """
+dependencies = ["torch"]
+import torch
+
+
+def medicalnet_resnet10_23datasets(cache_dir=None, **kwargs):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU())
+"""
+
+
+def write_hub(folder: Path) -> Path:
+    """A torch hub folder as MONAI leaves it after fetching the perceptual networks (a tiny stand-in network)."""
+    repo = folder / "Project-MONAI_perceptual-models_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(FAKE_HUBCONF)
+    return folder
+
+
+def test_perceptual_loss_trains_from_an_offline_hub_folder(tmp_path, nifti_folder):
+    hub = write_hub(tmp_path / "hub")
+    hub_before = torch.hub.get_dir()
+    run = train_autoencoder.train(make_config(
+        nifti_folder, tmp_path, "autoencoder.training.use_perceptual_loss=true", "autoencoder.training.max_steps=2",
+        "autoencoder.training.perceptual_network=medicalnet_resnet10_23datasets",
+        f"autoencoder.training.perceptual_weights={hub}"))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 2
+    assert torch.hub.get_dir() == hub_before  # the offline folder does not stick as torch hub's folder
+
+
+def test_perceptual_loss_uses_torch_hubs_own_folder_once_filled(tmp_path, nifti_folder, monkeypatch):
+    """perceptual_weights unset: MONAI loads from torch hub's folder ($TORCH_HOME/hub), filled on first use."""
+    write_hub(tmp_path / "torch-home" / "hub")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    run = train_autoencoder.train(make_config(
+        nifti_folder, tmp_path, "autoencoder.training.use_perceptual_loss=true", "autoencoder.training.max_steps=1",
+        "autoencoder.training.perceptual_network=medicalnet_resnet10_23datasets"))
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 1
+
+
+def test_perceptual_loss_download_failure_says_both_ways(tmp_path, nifti_folder, monkeypatch):
+    from urllib.error import URLError
+
+    def no_network(*args, **kwargs):
+        raise URLError("Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.setattr(torch.hub, "load", no_network)
+    config = make_config(nifti_folder, tmp_path, "autoencoder.training.use_perceptual_loss=true",
+                         "autoencoder.training.perceptual_network=medicalnet_resnet10_23datasets")
+    with pytest.raises(FileNotFoundError, match=r"(?s)could not get the weights.*URLError.*Either run once where the "
+                       r"internet is reachable.*empty-home.*set autoencoder.training.perceptual_weights"):
+        train_autoencoder.train(config)
+    assert not list((tmp_path / "runs").glob("autoencoder-*/checkpoints/*.pt"))
+
+
+@pytest.mark.parametrize("kind", ["ssim", "ms_ssim"])
+def test_structural_loss_term_is_trained_and_logged(tmp_path, kind):
+    """The SSIM / MS-SSIM term joins L1 (on 32^3 volumes MS-SSIM has room for 2 scales)."""
+    from monai_diffusion.losses import StructuralLoss
+
+    images = torch.rand(2, 1, 32, 32, 32)
+    loss = StructuralLoss(kind, 3, data_range=1.0)
+    assert float(loss(images, images)) == pytest.approx(0.0, abs=1e-5)
+    noisy = (images + 0.3 * torch.randn_like(images)).requires_grad_(True)
+    value = loss(noisy, images)
+    value.backward()
+    assert float(value.detach()) > 0.1 and noisy.grad.abs().sum() > 0
+
+    folder = tmp_path / "images32"
+    write_volumes(folder, 3, shape=(32, 32, 32))
+    run = train_autoencoder.train(make_config(
+        folder, tmp_path, "data.voxel_size=[32,32,32]", "autoencoder.training.max_steps=2",
+        "autoencoder.training.ssim_weight=0.5", f"autoencoder.training.ssim_type={kind}"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert f"train/{kind}" in events.Tags()["scalars"]

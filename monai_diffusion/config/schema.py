@@ -116,6 +116,14 @@ class AutoencoderTrainingConfig(Section):
     )
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: off).")
     kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term.")
+    ssim_weight: float = Field(
+        0.0, ge=0, description="Weight of a structural term (1 - SSIM or 1 - MS-SSIM, see ssim_type) added to L1; "
+        "0 disables it. It rewards edges and local contrast that L1 alone blurs away early in training."
+    )
+    ssim_type: Literal["ssim", "ms_ssim"] = Field(
+        "ssim", description="The structural term: 'ssim' (7-voxel window) or 'ms_ssim' (as many scales as the "
+        "volume allows; costs more)."
+    )
     adv_weight: float = Field(0.01, ge=0, description="Weight of the adversarial term (0 disables the discriminator).")
     adv_start_step: int = Field(
         0, ge=0, description="Optimizer step from which the discriminator trains and its loss counts."
@@ -123,16 +131,22 @@ class AutoencoderTrainingConfig(Section):
     disc_num_layers: int = Field(3, ge=1, description="PatchDiscriminator layers.")
     disc_channels: int = Field(32, ge=1, description="PatchDiscriminator channels of the first layer.")
     use_perceptual_loss: bool = Field(
-        False, description="Add MONAI PerceptualLoss; needs pretrained weights on disk (see perceptual_weights)."
+        False, description="Add MONAI PerceptualLoss. Its pretrained network is downloaded into torch hub's "
+        "folder ($TORCH_HOME/hub) on first use, or read offline from perceptual_weights."
     )
     perceptual_weight: float = Field(0.001, ge=0, description="Weight of the perceptual term.")
-    perceptual_network: Literal["squeeze", "alex", "vgg", "medicalnet_resnet10_23datasets", "medicalnet_resnet50_23datasets"] = Field(
-        "squeeze", description="Network behind the perceptual loss."
+    perceptual_network: Literal[
+        "squeeze", "alex", "vgg", "radimagenet_resnet50", "medicalnet_resnet10_23datasets",
+        "medicalnet_resnet50_23datasets",
+    ] = Field(
+        "squeeze",
+        description="Network behind the perceptual loss: 2D ImageNet networks on slices (squeeze/alex/vgg, need "
+        "`pip install lpips torchvision`), RadImageNet on slices, or 3D MedicalNet.",
     )
     perceptual_weights: Path | None = Field(
         None,
-        description="Local file or torch hub cache folder with the perceptual network's weights "
-        "(nothing is downloaded).",
+        description="A torch hub folder that already holds the perceptual network (copied from a connected "
+        "machine): used offline, nothing is downloaded. None: torch hub's own folder, filled on first use.",
     )
     use_gradient_checkpointing: bool = Field(
         False, description="Recompute each network block in backward: less memory, ~20-40% more time."
