@@ -178,6 +178,11 @@ class AutoencoderConfig(Section):
     use_flash_attention: bool = Field(True, description="Attention through PyTorch SDPA (memory-efficient).")
     use_convtranspose: bool = Field(False, description="Upsample with transposed convs instead of nearest + conv.")
     in_channels: int = Field(1, ge=1, description="Image channels.")
+    initial_sigma: float | None = Field(
+        None, gt=0, description="Posterior standard deviation the encoder starts with (None: PyTorch's default init, "
+        "about 1). Near 1 the decoder first sees mostly sampling noise, and Adam moves the log-variance only about "
+        "lr per step, so short runs stay blurry; a small value (e.g. 0.01) lets the latent carry detail at once."
+    )
     training: AutoencoderTrainingConfig = Field(default_factory=AutoencoderTrainingConfig)
 
 

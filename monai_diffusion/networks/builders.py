@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
@@ -18,7 +21,7 @@ def build_autoencoder(ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoi
         use_checkpoint: per-block gradient checkpointing; None takes ``ae.training.use_gradient_checkpointing``.
     """
     num_levels = len(ae.num_channels)
-    return AutoencoderKL(
+    autoencoder = AutoencoderKL(
         spatial_dims=spatial_dims,
         in_channels=ae.in_channels,
         out_channels=ae.in_channels,
@@ -34,6 +37,10 @@ def build_autoencoder(ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoi
         use_flash_attention=ae.use_flash_attention,
         downsample_factors=ae.downsample_factors,
     )
+    if ae.initial_sigma is not None:
+        # The log-variance projection's bias sets where sigma starts: log(sigma^2) = 2 log(sigma).
+        torch.nn.init.constant_(autoencoder.quant_conv_log_sigma.conv.bias, 2 * math.log(ae.initial_sigma))
+    return autoencoder
 
 
 def build_discriminator(ae: AutoencoderConfig, spatial_dims: int = 3) -> PatchDiscriminator:
