@@ -353,9 +353,8 @@ def build_autoencoder(case: Case):
         return MonaiAutoencoderKL(use_checkpoint=case.checkpoint != "none", **common)
     from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 
-    model = AutoencoderKL(downsample_factors=case.factors, use_checkpoint=case.checkpoint == "ours", **common)
-    if case.checkpoint == "ours" and case.chunk_elements is not None:
-        model.encoder.chunk_elements = model.decoder.chunk_elements = case.chunk_elements
+    model = AutoencoderKL(downsample_factors=case.factors, use_checkpoint=case.checkpoint == "ours",
+                          chunk_elements=case.chunk_elements, **common)
     if case.checkpoint == "whole":
         _WholeCheckpoint.apply(model.encoder)
         _WholeCheckpoint.apply(model.decoder)

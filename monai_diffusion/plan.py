@@ -128,10 +128,9 @@ def ldm_case(config: Config, device_type: str) -> Case:
 
 
 def _total_factor(case: Case) -> tuple[int, ...]:
-    from monai_diffusion.networks.autoencoderkl import _normalise_downsample_factors
+    from monai_diffusion.factors import per_axis_factors, total_factor
 
-    factors = _normalise_downsample_factors(case.factors, len(case.channels) - 1, len(case.size))
-    return tuple(math.prod(axis) for axis in zip(*factors)) or (1,) * len(case.size)
+    return total_factor(per_axis_factors(case.factors, len(case.channels) - 1, len(case.size)), len(case.size))
 
 
 def probe_sizes(case: Case, probe_voxels: int = PROBE_VOXELS) -> list[tuple[int, ...]]:
