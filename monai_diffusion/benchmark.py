@@ -363,11 +363,10 @@ def build_autoencoder(case: Case):
 
 def latent_shape(case: Case) -> tuple[int, ...]:
     """Spatial latent shape of the case's autoencoder for its input size."""
-    from monai_diffusion.networks.autoencoderkl import _normalise_downsample_factors
+    from monai_diffusion.factors import latent_shape as latent, per_axis_factors, total_factor
 
-    factors = _normalise_downsample_factors(case.factors, len(case.channels) - 1, len(case.size))
-    total = [math.prod(axis) for axis in zip(*factors)] or [1] * len(case.size)
-    return tuple(s // f for s, f in zip(case.size, total))
+    levels = per_axis_factors(case.factors, len(case.channels) - 1, len(case.size))
+    return latent(case.size, total_factor(levels, len(case.size)))
 
 
 def _autocast(case: Case, device):
