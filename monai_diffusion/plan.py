@@ -64,12 +64,9 @@ def parse_memory(text: str) -> float:
 
 
 def _precision_name(config: Config, device_type: str) -> str:
-    setting = config.device.mixed_precision
-    if setting is False or setting in ("no", "fp32"):
-        return "fp32"
-    if setting is True:
-        return "fp16" if device_type == "cuda" else "bf16"
-    return str(setting)
+    from monai_diffusion.engine.precision import precision_name
+
+    return precision_name(config.device.mixed_precision, device_type)
 
 
 def autoencoder_case(config: Config, device_type: str, step: str | None = None) -> Case:

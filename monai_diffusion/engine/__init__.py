@@ -36,7 +36,7 @@ from monai_diffusion.engine.optim import (
     build_optimizer,
     optimizer_step,
 )
-from monai_diffusion.engine.precision import Precision, resolve_precision
+from monai_diffusion.engine.precision import Precision, precision_name, resolve_precision
 
 __all__ = [
     "FORMAT_VERSION",
@@ -61,6 +61,7 @@ __all__ = [
     "load_checkpoint",
     "optimizer_step",
     "peak_memory_mb",
+    "precision_name",
     "prune_checkpoints",
     "resolve_precision",
     "resolve_resume",
