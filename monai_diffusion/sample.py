@@ -10,184 +10,31 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import uuid
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.config.loading import config_from_dict
-from monai_diffusion.config.schema import Config, SamplingConfig
-from monai_diffusion.engine.checkpoint import load_checkpoint
+from monai_diffusion.config.schema import Config
+from monai_diffusion.diffusion import (
+    check_sampler,
+    ema_weights,
+    generate_volume,
+    load_ldm_checkpoint,
+    newest_ldm_checkpoint,
+)
 from monai_diffusion.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
-from monai_diffusion.engine.logging import get_logger, save_png, volume_panel
-from monai_diffusion.engine.precision import Precision, resolve_precision
-from monai_diffusion.latents import decode_latents, load_autoencoder, resolve_autoencoder_checkpoint
+from monai_diffusion.engine.logging import get_logger, save_sample
+from monai_diffusion.engine.precision import resolve_precision
+from monai_diffusion.latents import load_autoencoder, resolve_autoencoder_checkpoint
 from monai_diffusion.networks.builders import build_scheduler, build_unet
 
 # Samples of one seed are drawn from generators seeded ``seed * SEED_STRIDE + index``: sample i is the same
 # whatever --num-samples is, and nearby seeds do not share samples.
 SEED_STRIDE = 100_003
-
-
-# ----------------------------------------------------------------------------------------------- denoising
-
-
-def check_sampler(kind: str, trained: str) -> None:
-    """Rectified flow predicts velocity, DDPM/DDIM noise (or x0 / v): a model samples only with its family."""
-    if (kind == "rflow") != (trained == "rflow"):
-        raise ValueError(
-            f"Cannot sample with '{kind}' a model trained with '{trained}' (rectified flow predicts velocity, "
-            f"DDPM/DDIM predict noise); use {'rflow' if trained == 'rflow' else 'ddpm or ddim'}"
-        )
-
-
-@torch.no_grad()
-def sample_latents(
-    unet: torch.nn.Module,
-    scheduler,
-    kind: str,
-    shape: tuple[int, ...],
-    num_steps: int,
-    device: torch.device,
-    generator: torch.Generator,
-    precision: Precision | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """Denoise Gaussian noise of ``shape`` (B, C, *latent) in ``num_steps`` scheduler steps; returns scaled latents.
-
-    All randomness (the start noise, DDPM's per-step noise) comes from ``generator`` (on ``device``), so the
-    result depends on its seed only, not on the global RNG.
-    """
-    z = torch.randn(shape, generator=generator, device=device)
-    if kind == "rflow":
-        scheduler.set_timesteps(num_steps, device=device, input_img_size_numel=math.prod(shape[2:]))
-        timesteps = scheduler.timesteps
-        next_timesteps = torch.cat((timesteps[1:], torch.zeros(1, dtype=timesteps.dtype, device=timesteps.device)))
-    else:
-        scheduler.set_timesteps(num_steps, device=device)
-        timesteps = scheduler.timesteps
-        next_timesteps = [None] * len(timesteps)
-    unet.eval()
-    for t, next_t in tqdm(list(zip(timesteps, next_timesteps)), desc="denoising", disable=not progress,
-                          leave=False, dynamic_ncols=True):
-        t_batch = torch.full((shape[0],), t.item(), device=device, dtype=timesteps.dtype)
-        if precision is not None:
-            with precision.autocast():
-                output = unet(z, timesteps=t_batch)
-        else:
-            output = unet(z, timesteps=t_batch)
-        output = output.float()
-        if kind == "rflow":
-            z, _ = scheduler.step(output, t, z, next_t)
-        else:
-            z, _ = scheduler.step(output, int(t), z, generator=generator)
-    return z
-
-
-@torch.no_grad()
-def generate_volume(
-    unet: torch.nn.Module,
-    autoencoder: torch.nn.Module,
-    scheduler,
-    kind: str,
-    latent_shape: tuple[int, ...],
-    scale_factor: float,
-    sampling: SamplingConfig,
-    num_steps: int,
-    value_range: tuple[float, float] | None,
-    device: torch.device,
-    generator: torch.Generator,
-    precision: Precision | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """One generated volume (1, C, *spatial) on the CPU, float32, clipped to ``value_range`` when given."""
-    z = sample_latents(unet, scheduler, kind, (1, *latent_shape), num_steps, device, generator, precision, progress)
-    image = decode_latents(
-        autoencoder,
-        z,
-        scale_factor,
-        tiled=sampling.tiled_decode,
-        tile_size=sampling.tile_size,
-        overlap=sampling.tile_overlap,
-        precision=precision,
-        output_device="cpu" if sampling.tiled_decode else None,
-    ).cpu()
-    if value_range is not None:
-        image = image.clamp(*value_range)
-    return image
-
-
-# ------------------------------------------------------------------------------------------------- writing
-
-
-def save_nifti(volume: torch.Tensor, affine: torch.Tensor | np.ndarray, path: Path) -> None:
-    """Write a (C, *spatial) volume as NIfTI with ``affine`` (voxel -> RAS mm), atomically.
-
-    One channel is written as a plain 3D image, several as 4D (x, y, z, c).
-    """
-    array = volume.detach().float().cpu().numpy()
-    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
-    affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu().numpy(), dtype=np.float64)
-    image = nib.Nifti1Image(np.ascontiguousarray(array, dtype=np.float32), affine)
-    image.set_qform(affine, code=1)
-    image.set_sform(affine, code=1)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp.nii.gz")  # nibabel picks the format from the suffix
-    try:
-        nib.save(image, str(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def save_sample(volume: torch.Tensor, affine, folder: Path, stem: str, value_range=None, title: str = "sample"):
-    """Write a (C, *spatial) volume as ``<folder>/<stem>.nii.gz`` and, for 3D, ``<folder>/<stem>.png`` (middle
-    slices). Returns (NIfTI path, panel or None)."""
-    folder = Path(folder)
-    nifti = folder / f"{stem}.nii.gz"
-    save_nifti(volume, affine, nifti)
-    panel = None
-    if volume.ndim == 4:
-        panel = volume_panel([(title, volume)], value_range=value_range)
-        save_png(panel, folder / f"{stem}.png")
-    return nifti, panel
-
-
-# ------------------------------------------------------------------------------------------------- loading
-
-
-def ema_weights(ema_state: dict) -> dict:
-    """The averaged model's weights in an ``AveragedModel.state_dict()`` (``module.`` prefix, ``n_averaged``)."""
-    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
-
-
-def newest_ldm_checkpoint(output_dir: Path) -> Path:
-    found = [p for p in Path(output_dir).glob("ldm-*/checkpoints/last.pt") if p.is_file()]
-    if not found:
-        raise FileNotFoundError(
-            f"No LDM checkpoint in {output_dir}/ldm-*/checkpoints/last.pt; train one (monai-diffusion train-ldm) "
-            f"or pass --checkpoint"
-        )
-    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
-
-
-def load_ldm_checkpoint(path: Path) -> dict:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt" if (path / "checkpoints" / "last.pt").is_file() else path / "last.pt"
-    state = load_checkpoint(path)
-    if state.get("kind") != "ldm":
-        raise ValueError(f"{path}: not an LDM checkpoint (kind={state.get('kind')!r}); pass --checkpoint LDM_CKPT")
-    state["path"] = str(path)
-    return state
 
 
 # -------------------------------------------------------------------------------------------------- sample

@@ -2,7 +2,8 @@
 
 ``precision`` (autocast, grad scalers), ``optim`` (AdamW, LR schedule, guarded step),
 ``checkpoint`` (atomic save, checked load, resume), ``distributed`` (torchrun/DDP),
-``ema`` (weight averaging) and ``logging`` (console, TensorBoard, slice panels).
+``ema`` (weight averaging), ``logging`` (console, TensorBoard, slice panels, NIfTI outputs) and
+``loop`` (run folder, step budget, end-of-epoch checkpoints: the loop both recipes share).
 """
 
 from monai_diffusion.engine.checkpoint import (
@@ -22,6 +23,7 @@ from monai_diffusion.engine.distributed import (
     barrier,
     broadcast_object,
     cleanup_distributed,
+    gradient_sync,
     init_distributed,
     is_distributed,
     unwrap,
@@ -56,6 +58,7 @@ __all__ = [
     "check_shape_keys",
     "cleanup_distributed",
     "get_logger",
+    "gradient_sync",
     "init_distributed",
     "is_distributed",
     "load_checkpoint",
