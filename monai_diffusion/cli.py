@@ -12,8 +12,8 @@ COMMANDS = {
     "train-autoencoder": ("monai_diffusion.train_autoencoder", "train the 3D AutoencoderKL"),
     "train-ldm": ("monai_diffusion.train_ldm", "train the latent diffusion UNet"),
     "sample": ("monai_diffusion.sample", "generate volumes (NIfTI + PNG)"),
-    "benchmark": ("monai_diffusion.benchmark", "measure peak memory and step time"),
-    "plan": ("monai_diffusion.plan", "predict memory for a config and propose a fitting change"),
+    "benchmark": ("monai_diffusion.memory.benchmark", "measure peak memory and step time"),
+    "plan": ("monai_diffusion.memory.plan", "predict memory for a config and propose a fitting change"),
 }
 
 

@@ -17,7 +17,7 @@ from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 from monai_diffusion.networks.builders import build_autoencoder
 
-from helpers import tiny_config_dict, write_volumes
+from helpers import tiny_config_dict, write_hub, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,25 +172,6 @@ def test_perceptual_loss_without_local_weights_says_how_to_provide_them(tmp_path
     with pytest.raises(FileNotFoundError, match=r"(?s)no weights for perceptual network 'squeeze'.*Either run once "
                        r"where the internet is reachable.*perceptual_weights to it \(offline"):
         train_autoencoder.train(config)
-
-
-FAKE_HUBCONF = """
-dependencies = ["torch"]
-import torch
-
-
-def medicalnet_resnet10_23datasets(cache_dir=None, **kwargs):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU())
-"""
-
-
-def write_hub(folder: Path) -> Path:
-    """A torch hub folder as MONAI leaves it after fetching the perceptual networks (a tiny stand-in network)."""
-    repo = folder / "Project-MONAI_perceptual-models_main"
-    repo.mkdir(parents=True)
-    (repo / "hubconf.py").write_text(FAKE_HUBCONF)
-    return folder
 
 
 def test_perceptual_loss_trains_from_an_offline_hub_folder(tmp_path, nifti_folder):
