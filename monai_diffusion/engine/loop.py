@@ -23,7 +23,7 @@ from monai_diffusion.config.loading import save_config
 from monai_diffusion.config.schema import Config
 from monai_diffusion.engine.checkpoint import prune_checkpoints, resolve_resume
 from monai_diffusion.engine.distributed import DistInfo, broadcast_object, init_distributed
-from monai_diffusion.engine.logging import peak_memory_mb
+from monai_diffusion.engine.logging import get_logger, peak_memory_mb
 from monai_diffusion.engine.optim import StepResult
 from monai_diffusion.engine.precision import Precision, resolve_precision
 
@@ -48,7 +48,9 @@ SaveFn = Callable[[str, int, int], None]
 
 
 def start_run(config: Config) -> tuple[DistInfo, Precision]:
-    """Join the process group (under torchrun), seed this rank, set cuDNN and resolve the precision."""
+    """Set up console logging, join the process group (under torchrun), seed this rank, set cuDNN and resolve the
+    precision (logged)."""
+    get_logger()
     dist = init_distributed(config.device.device)
     torch.manual_seed(config.seed + dist.rank)
     if dist.device.type == "cuda":
