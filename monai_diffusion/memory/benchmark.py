@@ -108,6 +108,24 @@ def factors(text: str) -> str:
     return f"autoencoder.downsample_factors={text}"
 
 
+# The settings of the memory targets: ours against MONAI's stock class, factors, both ways of checkpointing, the
+# adversarial step and the LDM step both ways.
+MAIN_CASES = [
+    ("MONAI [2,2] SDPA", [], dict(network="monai")),
+    ("ours [2,2]", [], {}),
+    ("MONAI [2,2] SDPA ckpt", [CHECKPOINTING], dict(network="monai")),
+    ("ours [2,2] ckpt", [CHECKPOINTING], {}),
+    ("ours [4,2]", [factors("[4,2]")], {}),
+    ("ours [4,2] whole-ckpt (MONAI's way)", [factors("[4,2]")], dict(whole_checkpoint=True)),
+    ("ours [4,2] ckpt", [factors("[4,2]"), CHECKPOINTING], {}),
+    ("ours [8,2]", [factors("[8,2]")], {}),
+    ("ours [8,2] ckpt", [factors("[8,2]"), CHECKPOINTING], {}),
+    ("ours [4,2] adversarial", [factors("[4,2]"), ADVERSARIAL], {}),
+    ("LDM [4,2] cached latents", [factors("[4,2]")], dict(stage="ldm")),
+    ("LDM [4,2] on the fly", [factors("[4,2]"), "ldm.training.cache_latents=false"], dict(stage="ldm")),
+]
+
+
 def suite(name: str, size: tuple[int, ...] | None = None, steps: int | None = None,
           warmup: int | None = None) -> list[Case]:
     """The named list of cases (see :data:`SUITES`), optionally at another size and number of steps."""
@@ -115,39 +133,13 @@ def suite(name: str, size: tuple[int, ...] | None = None, steps: int | None = No
         # One thread: on a shared 2-core machine two OpenMP threads stall at every barrier whenever the other core
         # is busy (seen: a 0.23 s UNet step taking 10 s), which would make the timings meaningless.
         base, measure = NETWORK + ["data.voxel_size=[128,128,64]"], dict(threads=1, steps=2)
-        cases = [
-            ("MONAI [2,2] SDPA", [], dict(network="monai")),
-            ("ours [2,2]", [], {}),
-            ("MONAI [2,2] SDPA ckpt", [CHECKPOINTING], dict(network="monai")),
-            ("ours [2,2] ckpt", [CHECKPOINTING], {}),
-            ("ours [4,2]", [factors("[4,2]")], {}),
-            ("ours [4,2] whole-ckpt (MONAI's way)", [factors("[4,2]")], dict(whole_checkpoint=True)),
-            ("ours [4,2] ckpt", [factors("[4,2]"), CHECKPOINTING], {}),
-            ("ours [8,2]", [factors("[8,2]")], {}),
-            ("ours [8,2] ckpt", [factors("[8,2]"), CHECKPOINTING], {}),
-            ("ours [4,2] adversarial", [factors("[4,2]"), ADVERSARIAL], {}),
-            ("LDM [4,2] cached latents", [factors("[4,2]")], dict(stage="ldm")),
-            ("LDM [4,2] on the fly", [factors("[4,2]"), "ldm.training.cache_latents=false"], dict(stage="ldm")),
-        ]
+        cases = MAIN_CASES
     elif name == "gpu":
         base = NETWORK + ["data.voxel_size=[256,256,64]", "device.mixed_precision=fp16", "device.cudnn_benchmark=true"]
         measure = dict(device="cuda")
-        cases = [
-            ("MONAI [2,2] SDPA", [], dict(network="monai")),
-            ("MONAI [2,2] SDPA ckpt", [CHECKPOINTING], dict(network="monai")),
-            ("ours [2,2]", [], {}),
-            ("ours [2,2] ckpt", [CHECKPOINTING], {}),
-            ("ours [4,2]", [factors("[4,2]")], {}),
-            ("ours [4,2] whole-ckpt (MONAI's way)", [factors("[4,2]")], dict(whole_checkpoint=True)),
-            ("ours [4,2] ckpt", [factors("[4,2]"), CHECKPOINTING], {}),
-            ("ours [8,2]", [factors("[8,2]")], {}),
-            ("ours [8,2] ckpt", [factors("[8,2]"), CHECKPOINTING], {}),
-            ("ours [4,2] adversarial", [factors("[4,2]"), ADVERSARIAL], {}),
-            ("LDM [4,2] cached latents", [factors("[4,2]")], dict(stage="ldm")),
-            ("LDM [4,2] on the fly", [factors("[4,2]"), "ldm.training.cache_latents=false"], dict(stage="ldm")),
-            # Last: without SDPA the attention matrices at 64x64x16 tokens need tens of GiB.
-            ("MONAI [2,2] stock (no SDPA)", ["autoencoder.use_flash_attention=false"], dict(network="monai")),
-        ]
+        # Last: without SDPA the attention matrices at 64x64x16 tokens need tens of GiB.
+        cases = MAIN_CASES + [("MONAI [2,2] stock (no SDPA)", ["autoencoder.use_flash_attention=false"],
+                               dict(network="monai"))]
     elif name == "gpu-large":
         base = NETWORK + ["data.voxel_size=[512,512,128]", "device.mixed_precision=fp16", "device.cudnn_benchmark=true"]
         measure = dict(device="cuda")
