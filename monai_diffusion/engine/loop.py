@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from monai_diffusion.config.loading import save_config
-from monai_diffusion.config.schema import Config
+from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, LDMTrainingConfig
 from monai_diffusion.engine.checkpoint import prune_checkpoints, resolve_resume
 from monai_diffusion.engine.distributed import DistInfo, broadcast_object, init_distributed
 from monai_diffusion.engine.logging import get_logger, peak_memory_mb
@@ -126,7 +126,8 @@ class StepBudget:
         return (epoch + 1, 0) if done_in_epoch >= self.micro_batches else (epoch, done_in_epoch)
 
 
-def step_budget(loader_length: int, training: Any, fast_dev_run: bool, world_size: int) -> StepBudget:
+def step_budget(loader_length: int, training: AutoencoderTrainingConfig | LDMTrainingConfig, fast_dev_run: bool,
+                world_size: int) -> StepBudget:
     """The budget of a training section (``batch_size``, ``gradient_accumulation_steps``, ``max_epochs``,
     ``max_steps``) over a loader of ``loader_length`` micro-batches; logs the effective batch size."""
     micro_batches = min(loader_length, FAST_DEV_RUN_BATCHES) if fast_dev_run else loader_length
