@@ -46,7 +46,7 @@ from monai_diffusion.config.loading import ConfigError, apply_overrides, config_
 from monai_diffusion.config.schema import Config
 from monai_diffusion.engine.precision import precision_name
 from monai_diffusion.factors import per_axis_factors, total_factor
-from monai_diffusion.memory.probe import Options, run_measurement
+from monai_diffusion.memory.probe import Options, config_total_factor, run_measurement
 
 GIB = 1024.0  # MiB per GiB
 # Default size of the probe, in voxels (half an issue-size volume): a CPU step at this size takes seconds.
@@ -79,15 +79,10 @@ def parse_memory(text: str) -> float:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _total_factor(config: Config) -> tuple[int, ...]:
-    ae, spatial_dims = config.autoencoder, len(config.data.voxel_size)
-    return total_factor(per_axis_factors(ae.downsample_factors, len(ae.num_channels) - 1, spatial_dims), spatial_dims)
-
-
 def probe_size(config: Config, stage: str, probe_voxels: int = PROBE_VOXELS) -> tuple[int, ...]:
     """The size to measure ``stage`` at: about ``probe_voxels`` voxels, each axis a multiple of the total factor (and
     large enough for the discriminator); the full size when it is already that small, or for the LDM step."""
-    size, factor = tuple(config.data.voxel_size), _total_factor(config)
+    size, factor = tuple(config.data.voxel_size), config_total_factor(config)
     if math.prod(size) <= probe_voxels or stage == "ldm":
         return size
     adversarial = stage == "autoencoder" and config.autoencoder.training.adv_weight > 0
@@ -110,7 +105,7 @@ def _attention_matrix_mib(config: Config, stage: str, size: tuple[int, ...], pre
     ae = config.autoencoder
     if ae.use_flash_attention or stage == "ldm":
         return 0.0
-    tokens = math.prod(s // f for s, f in zip(size, _total_factor(config)))
+    tokens = math.prod(s // f for s, f in zip(size, config_total_factor(config)))
     blocks = int(ae.with_encoder_nonlocal_attn) + int(ae.with_decoder_nonlocal_attn)
     res = ae.num_res_blocks if isinstance(ae.num_res_blocks, int) else max(ae.num_res_blocks)
     if ae.attention_levels and ae.attention_levels[-1]:

@@ -69,7 +69,9 @@ __all__ = [
     "Step",
     "build_step",
     "check_options",
+    "config_factors",
     "config_latent_shape",
+    "config_total_factor",
     "device_name",
     "measure",
     "rss_mb",
@@ -116,11 +118,20 @@ class Options:
             raise ValueError(f"network must be 'ours' or 'monai', got {self.network!r}")
 
 
+def config_factors(config: Config) -> tuple[tuple[int, ...], ...]:
+    """The config's autoencoder factors, one per-axis tuple per level."""
+    ae = config.autoencoder
+    return per_axis_factors(ae.downsample_factors, len(ae.num_channels) - 1, len(config.data.voxel_size))
+
+
+def config_total_factor(config: Config) -> tuple[int, ...]:
+    """The config's total downsampling factor per axis."""
+    return total_factor(config_factors(config), len(config.data.voxel_size))
+
+
 def config_latent_shape(config: Config) -> tuple[int, ...]:
     """Spatial latent shape of the config's autoencoder at ``data.voxel_size``."""
-    ae, size = config.autoencoder, config.data.voxel_size
-    levels = per_axis_factors(ae.downsample_factors, len(ae.num_channels) - 1, len(size))
-    return latent_shape(size, total_factor(levels, len(size)))
+    return latent_shape(config.data.voxel_size, config_total_factor(config))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -230,9 +241,7 @@ def _whole_checkpoint(module: torch.nn.Module) -> None:
 
 def check_options(config: Config, options: Options) -> None:
     """Raise ValueError when the options cannot measure this config (MONAI's stock network at other factors)."""
-    ae, spatial_dims = config.autoencoder, len(config.data.voxel_size)
-    levels = per_axis_factors(ae.downsample_factors, len(ae.num_channels) - 1, spatial_dims)
-    if options.network == "monai" and any(f != 2 for level in levels for f in level):
+    if options.network == "monai" and any(f != 2 for level in config_factors(config) for f in level):
         raise ValueError("MONAI's stock AutoencoderKL only downsamples by 2 (autoencoder.downsample_factors)")
 
 
