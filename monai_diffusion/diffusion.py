@@ -1,35 +1,21 @@
-"""The diffusion process both ways, and a trained LDM: shared by train-ldm, sample and evaluation.
+"""The diffusion process both ways: the training target of each scheduler and the sampler that inverts it.
 
 - Training: :func:`diffusion_loss` noises a latent and regresses the target of each scheduler and prediction type.
-- Sampling: :func:`sample_latents` inverts that process step by step (the sampler must be of the family the model
-  was trained with, :func:`check_sampler`); :func:`generate_volume` decodes the result into an image.
-- A trained model: :func:`load_ldm_checkpoint` (a file or run folder), :func:`newest_ldm_checkpoint`,
-  :func:`ema_weights`.
+- Sampling: :func:`sample_latents` inverts that process step by step; the sampler must be of the family the model
+  was trained with (:func:`check_sampler`).
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from monai_diffusion.config.schema import SamplingConfig
-from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.engine.precision import Precision
-from monai_diffusion.latents import decode_latents
 
-__all__ = [
-    "check_sampler",
-    "diffusion_loss",
-    "ema_weights",
-    "generate_volume",
-    "load_ldm_checkpoint",
-    "newest_ldm_checkpoint",
-    "sample_latents",
-]
+__all__ = ["check_sampler", "diffusion_loss", "sample_latents"]
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -119,76 +105,3 @@ def sample_latents(
         else:
             z, _ = scheduler.step(output, int(t), z, generator=generator)
     return z
-
-
-@torch.no_grad()
-def generate_volume(
-    unet: torch.nn.Module,
-    autoencoder: torch.nn.Module,
-    scheduler,
-    kind: str,
-    latent_shape: tuple[int, ...],
-    scale_factor: float,
-    sampling: SamplingConfig,
-    num_steps: int,
-    value_range: tuple[float, float] | None,
-    device: torch.device,
-    generator: torch.Generator,
-    precision: Precision | None = None,
-    progress: bool = False,
-) -> torch.Tensor:
-    """One generated volume (1, C, *spatial) on the CPU, float32, clipped to ``value_range`` when given."""
-    z = sample_latents(unet, scheduler, kind, (1, *latent_shape), num_steps, device, generator, precision, progress)
-    image = decode_latents(
-        autoencoder,
-        z,
-        scale_factor,
-        tiled=sampling.tiled_decode,
-        tile_size=sampling.tile_size,
-        overlap=sampling.tile_overlap,
-        precision=precision,
-        output_device="cpu" if sampling.tiled_decode else None,
-    ).cpu()
-    if value_range is not None:
-        image = image.clamp(*value_range)
-    return image
-
-
-# ------------------------------------------------------------------------------------------- a trained LDM
-
-
-def ema_weights(ema_state: dict) -> dict:
-    """The averaged model's weights in an ``AveragedModel.state_dict()`` (``module.`` prefix, ``n_averaged``)."""
-    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
-
-
-def newest_ldm_checkpoint(output_dir: Path) -> Path:
-    """The most recently written ``<output_dir>/ldm-*/checkpoints/last.pt``.
-
-    Raises:
-        FileNotFoundError: there is none.
-    """
-    found = [p for p in Path(output_dir).glob("ldm-*/checkpoints/last.pt") if p.is_file()]
-    if not found:
-        raise FileNotFoundError(
-            f"No LDM checkpoint in {output_dir}/ldm-*/checkpoints/last.pt; train one (monai-diffusion train-ldm) "
-            f"or pass --checkpoint"
-        )
-    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
-
-
-def load_ldm_checkpoint(path: Path) -> dict:
-    """An LDM checkpoint (a file, or a run folder: its ``checkpoints/last.pt``), with ``"path"`` set to the file.
-
-    Raises:
-        FileNotFoundError: no such checkpoint.
-        ValueError: the file is not an LDM checkpoint.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt" if (path / "checkpoints" / "last.pt").is_file() else path / "last.pt"
-    state = load_checkpoint(path)
-    if state.get("kind") != "ldm":
-        raise ValueError(f"{path}: not an LDM checkpoint (kind={state.get('kind')!r}); pass --checkpoint LDM_CKPT")
-    state["path"] = str(path)
-    return state

@@ -27,7 +27,7 @@ from monai_diffusion.config.schema import Config
 from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, screen_volumes
 from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
 from monai_diffusion.data.transforms import deterministic_settings
-from monai_diffusion.diffusion import generate_volume
+from monai_diffusion.generation import generate_volume
 from monai_diffusion.engine.checkpoint import (
     capture_rng_state,
     check_shape_keys,
