@@ -404,7 +404,9 @@ def measure(config: Config, options: Options) -> dict[str, Any]:
         peaks.append(totals[-1] - baseline)
     state, gradients = state_bytes(step)
     median = statistics.median(times)
-    batch = config.autoencoder.training.batch_size if options.stage == "autoencoder" else config.ldm.training.batch_size
+    # Volumes one optimizer step sees: the micro-batch times the accumulation (the encoder alone: one batch).
+    t = config.autoencoder.training if options.stage == "autoencoder" else config.ldm.training
+    volumes = t.batch_size * (t.gradient_accumulation_steps if options.stage != "encode" else 1)
     return {
         "peak_mb": round(max(peaks), 1),
         "peak_total_mb": round(max(totals), 1),
@@ -413,7 +415,7 @@ def measure(config: Config, options: Options) -> dict[str, Any]:
         "gradients_mb": round(gradients / 2**20, 1),
         "step_s": round(median, 4),
         "step_times_s": [round(t, 4) for t in times],
-        "voxels_per_s": round(batch * math.prod(config.data.voxel_size) / median, 1),
+        "voxels_per_s": round(volumes * math.prod(config.data.voxel_size) / median, 1),
         "params": step.params,
         "latent_shape": list(config_latent_shape(config)),
         "device": device_name(device),
