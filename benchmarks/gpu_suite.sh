@@ -28,7 +28,7 @@ bench() {  # bench SECONDS SUITE [options...]
     local limit=$1 name=$2
     shift 2
     echo "=== suite $name (limit ${limit}s) ===" | tee -a "$LOG"
-    timeout "$limit" python3 -m monai_diffusion.benchmark --suite "$name" --in-process \
+    timeout "$limit" python3 -m monai_diffusion.memory.benchmark --suite "$name" --in-process \
         --output "$OUT/benchmarks.md" --json "$OUT/$name.json" "$@" 2>&1 | tee -a "$LOG"
 }
 

@@ -13,8 +13,8 @@ COMMANDS = {
     "train-ldm": ("monai_diffusion.train_ldm", "train the latent diffusion UNet"),
     "sample": ("monai_diffusion.sample", "generate volumes (NIfTI + PNG)"),
     "evaluate": ("monai_diffusion.evaluate", "score a trained autoencoder or LDM run against baselines"),
-    "benchmark": ("monai_diffusion.benchmark", "measure peak memory and step time"),
-    "plan": ("monai_diffusion.plan", "predict memory for a config and propose a fitting change"),
+    "benchmark": ("monai_diffusion.memory.benchmark", "measure peak memory and step time"),
+    "plan": ("monai_diffusion.memory.plan", "predict memory for a config and propose a fitting change"),
 }
 
 

@@ -37,6 +37,7 @@ from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.engine.distributed import init_distributed
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_png, volume_panel
 from monai_diffusion.engine.precision import resolve_precision
+from monai_diffusion.generation import sample
 from monai_diffusion.metrics import SSIM_WINDOW, ms_ssim, ms_ssim_scales, resampling_baseline
 from monai_diffusion.networks.builders import build_autoencoder
 
@@ -300,7 +301,6 @@ def mean_pairwise_ms_ssim(volumes: torch.Tensor, data_range: float) -> float:
 def evaluate_ldm(state: dict, checkpoint: Path, config: Config, run_dir: Path, real_items: list[dict], out: Path,
                  num_samples: int, seed: int, steps: int | None, fid_network: str) -> dict:
     """Generate ``num_samples`` volumes and compare them with real ones (diversity, MMD, FID)."""
-    from monai_diffusion.sample import sample  # the sample command writes the volumes a user would get
 
     log = get_logger()
     if num_samples < 2:

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from monai_diffusion.config.schema import Config
 from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier
-from monai_diffusion.networks.builders import build_autoencoder
+from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS, build_autoencoder
 
 __all__ = [
     "CACHE_VERSION",
@@ -109,16 +109,13 @@ def load_autoencoder(path: Path, config: Config, device: torch.device) -> tuple[
         ValueError: not an autoencoder checkpoint, or its shape-defining settings differ from the config's
             (every differing key listed with both values).
     """
-    # Imported here: the recipe module is heavy and only its list of shape keys is needed.
-    from monai_diffusion.train_autoencoder import SHAPE_KEYS
-
     path = Path(path)
     state = load_checkpoint(path)
     kind = state.get("kind")
     if kind != "autoencoder" or "autoencoder" not in state:
         raise ValueError(f"{path}: not an autoencoder checkpoint (kind={kind!r}); set ldm.autoencoder_checkpoint")
     try:
-        check_shape_keys(state.get("config", {}), config.model_dump(mode="json"), SHAPE_KEYS)
+        check_shape_keys(state.get("config", {}), config.model_dump(mode="json"), AUTOENCODER_SHAPE_KEYS)
     except ValueError as exc:
         raise ValueError(f"Autoencoder checkpoint {path} does not match the config's autoencoder settings. {exc}") from None
     autoencoder = build_autoencoder(config.autoencoder, len(config.data.voxel_size), use_checkpoint=False)

@@ -8,11 +8,8 @@ checkpoints at each epoch's end. Works unchanged under ``torchrun --nproc_per_no
 from __future__ import annotations
 
 import argparse
-import contextlib
-import math
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -21,150 +18,67 @@ from monai.metrics import PSNRMetric, SSIMMetric
 from tqdm import tqdm
 
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
-from monai_diffusion.config.loading import save_config
 from monai_diffusion.config.schema import Config
 from monai_diffusion.data import build_dataloaders
 from monai_diffusion.engine.checkpoint import (
     capture_rng_state,
     check_shape_keys,
     load_checkpoint,
-    prune_checkpoints,
-    resolve_resume,
     restore_rng_state,
     save_checkpoint,
 )
-from monai_diffusion.engine.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    broadcast_object,
-    cleanup_distributed,
-    init_distributed,
-    unwrap,
-    wrap_ddp,
+from monai_diffusion.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, wrap_ddp
+from monai_diffusion.engine.logging import RunLogger, get_logger, save_png, volume_panel
+from monai_diffusion.engine.loop import (
+    epoch_batches,
+    find_resume,
+    open_run_dir,
+    save_epoch_end,
+    save_interrupted,
+    start_run,
+    step_budget,
+    step_scalars,
 )
-from monai_diffusion.engine.logging import RunLogger, get_logger, peak_memory_mb, save_png, volume_panel
-from monai_diffusion.engine.optim import NonFiniteGuard, build_lr_scheduler, build_optimizer, optimizer_step
-from monai_diffusion.engine.precision import resolve_precision
-from monai_diffusion.losses import (
-    StructuralLoss,
-    adversarial_active,
-    build_adversarial_loss,
-    build_perceptual_loss,
-    kl_loss,
-)
+from monai_diffusion.engine.optim import NonFiniteGuard
+from monai_diffusion.losses import adversarial_active
 from monai_diffusion.metrics import SSIM_WINDOW
-from monai_diffusion.networks.builders import build_autoencoder, build_discriminator
-
-# Keys that fix the network's shape: a checkpoint trained with other values cannot be resumed or reused.
-SHAPE_KEYS = [
-    "autoencoder.num_channels",
-    "autoencoder.downsample_factors",
-    "autoencoder.latent_channels",
-    "autoencoder.num_res_blocks",
-    "autoencoder.attention_levels",
-    "autoencoder.norm_num_groups",
-    "autoencoder.with_encoder_nonlocal_attn",
-    "autoencoder.with_decoder_nonlocal_attn",
-    "autoencoder.use_convtranspose",
-    "autoencoder.in_channels",
-]
-FAST_DEV_RUN_BATCHES = 2
-
-
-def new_run_dir(config: Config, command: str, dist: DistInfo) -> Path:
-    """``<output_dir>/<run_name or command-date-time>``, named by rank 0 and shared with the other ranks."""
-    name = config.output.run_name or f"{command}-{datetime.now():%Y%m%d-%H%M%S}"
-    name = broadcast_object(name)
-    run_dir = Path(config.output.output_dir) / name
-    if dist.is_main:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-@contextlib.contextmanager
-def frozen(module: torch.nn.Module):
-    """No gradients into ``module`` (the discriminator while the generator learns to fool it)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(module.parameters(), flags):
-            p.requires_grad_(flag)
+from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS
+from monai_diffusion.steps import autoencoder_micro_step, autoencoder_update, build_autoencoder_training
 
 
 def train(config: Config, resume: str | None = None) -> Path:
     """Train the autoencoder described by ``config``; returns the run folder."""
-    dist = init_distributed(config.device.device)
+    dist, precision = start_run(config)
     log = get_logger()
     device = dist.device
-    torch.manual_seed(config.seed + dist.rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = config.device.cudnn_benchmark
-    precision = resolve_precision(config.device.mixed_precision, device)
     t = config.autoencoder.training
-    spatial_dims = len(config.data.voxel_size)
 
     # ---- resume or start a run folder
-    output_dir = Path(config.output.output_dir)
-    resume_path = None if config.fast_dev_run else resolve_resume(
-        resume, sorted(output_dir.glob("autoencoder-*/checkpoints/last.pt")) + sorted(
-            output_dir.glob(f"{config.output.run_name}/checkpoints/last.pt") if config.output.run_name else []
-        )
-    )
+    resume_path = find_resume(config, "autoencoder", resume)
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
-        check_shape_keys(state["config"], config.model_dump(mode="json"), SHAPE_KEYS)
-        run_dir = resume_path.parent.parent
-        log.info("resuming from %s (step %d, epoch %d)", resume_path, state["step"], state["epoch"])
-    else:
-        run_dir = new_run_dir(config, "autoencoder", dist)
-    ckpt_dir = run_dir / "checkpoints"
-    if dist.is_main:
-        save_config(config, run_dir / "config.yaml")
+        check_shape_keys(state["config"], config.model_dump(mode="json"), AUTOENCODER_SHAPE_KEYS)
+    run_dir = open_run_dir(config, "autoencoder", dist, resume_path, state)
 
     # ---- data
     train_loader, val_loader, train_sampler = build_dataloaders(config, dist.rank, dist.world_size)
-    micro_batches = min(len(train_loader), FAST_DEV_RUN_BATCHES) if config.fast_dev_run else len(train_loader)
-    accumulation = t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(micro_batches / accumulation)
-    max_epochs = 1 if config.fast_dev_run else t.max_epochs
-    max_steps = t.max_steps if t.max_steps is not None else steps_per_epoch * max_epochs
-    if config.fast_dev_run:
-        max_steps = min(max_steps, steps_per_epoch)
-    max_epochs = max_epochs or math.ceil(max_steps / steps_per_epoch)
-    log.info(
-        "effective batch size %d (batch %d x accumulation %d x %d process(es)); %d optimizer steps per epoch",
-        t.batch_size * accumulation * dist.world_size, t.batch_size, accumulation, dist.world_size, steps_per_epoch,
-    )
+    budget = step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
-    # ---- networks, losses, optimizers
-    autoencoder = build_autoencoder(config.autoencoder, spatial_dims).to(device)
-    discriminator = build_discriminator(config.autoencoder, spatial_dims).to(device) if t.adv_weight > 0 else None
-    perceptual = build_perceptual_loss(t, spatial_dims).to(device).eval() if t.use_perceptual_loss else None
-    value_range = config.data.intensity.b_max - config.data.intensity.b_min
-    structural = StructuralLoss(t.ssim_type, spatial_dims, value_range) if t.ssim_weight > 0 else None
-    adversarial_loss = build_adversarial_loss()
-    opt_g = build_optimizer(autoencoder.parameters(), t.lr, t.weight_decay)
-    sched_g = build_lr_scheduler(opt_g, t.warmup_steps, t.lr_schedule, max_steps)
-    scaler_g = precision.make_scaler()
-    opt_d = sched_d = scaler_d = None
-    if discriminator is not None:
-        opt_d = build_optimizer(discriminator.parameters(), t.disc_lr, t.weight_decay)
-        sched_d = build_lr_scheduler(opt_d, t.warmup_steps, t.lr_schedule, max_steps)
-        scaler_d = precision.make_scaler()
+    # ---- networks, losses, optimizers: the step benchmark and plan measure
+    parts = build_autoencoder_training(config, device, precision, budget.max_steps)
+    autoencoder, discriminator = parts.autoencoder, parts.discriminator
 
     step, start_epoch, skip_batches, best_val = 0, 0, 0, float("inf")
     if state is not None:
         autoencoder.load_state_dict(state["autoencoder"])
-        opt_g.load_state_dict(state["optimizer_g"])
-        sched_g.load_state_dict(state["lr_scheduler_g"])
-        scaler_g.load_state_dict(state["scaler_g"])
+        parts.optimizer_g.load_state_dict(state["optimizer_g"])
+        parts.lr_scheduler_g.load_state_dict(state["lr_scheduler_g"])
+        parts.scaler_g.load_state_dict(state["scaler_g"])
         if discriminator is not None and state.get("discriminator") is not None:
             discriminator.load_state_dict(state["discriminator"])
-            opt_d.load_state_dict(state["optimizer_d"])
-            sched_d.load_state_dict(state["lr_scheduler_d"])
-            scaler_d.load_state_dict(state["scaler_d"])
+            parts.optimizer_d.load_state_dict(state["optimizer_d"])
+            parts.lr_scheduler_d.load_state_dict(state["lr_scheduler_d"])
+            parts.scaler_d.load_state_dict(state["scaler_d"])
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
         best_val = state.get("best_val_l1", best_val)
         restore_rng_state(state["rng"])
@@ -178,17 +92,17 @@ def train(config: Config, resume: str | None = None) -> Path:
         if not dist.is_main:
             return
         save_checkpoint(
-            ckpt_dir / name,
+            run_dir / "checkpoints" / name,
             {
                 "kind": "autoencoder",
                 "autoencoder": autoencoder.state_dict(),
                 "discriminator": discriminator.state_dict() if discriminator is not None else None,
-                "optimizer_g": opt_g.state_dict(),
-                "optimizer_d": opt_d.state_dict() if opt_d is not None else None,
-                "scaler_g": scaler_g.state_dict(),
-                "scaler_d": scaler_d.state_dict() if scaler_d is not None else None,
-                "lr_scheduler_g": sched_g.state_dict(),
-                "lr_scheduler_d": sched_d.state_dict() if sched_d is not None else None,
+                "optimizer_g": parts.optimizer_g.state_dict(),
+                "optimizer_d": parts.optimizer_d.state_dict() if discriminator is not None else None,
+                "scaler_g": parts.scaler_g.state_dict(),
+                "scaler_d": parts.scaler_d.state_dict() if discriminator is not None else None,
+                "lr_scheduler_g": parts.lr_scheduler_g.state_dict(),
+                "lr_scheduler_d": parts.lr_scheduler_d.state_dict() if discriminator is not None else None,
                 "step": step,
                 "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch,
@@ -201,60 +115,22 @@ def train(config: Config, resume: str | None = None) -> Path:
     # ---- training loop
     epoch, done_in_epoch = start_epoch, skip_batches
     try:
-        for epoch in range(start_epoch, max_epochs):
-            if step >= max_steps:
+        for epoch in range(start_epoch, budget.max_epochs):
+            if step >= budget.max_steps:
                 break
             if train_sampler is not None:
                 train_sampler.set_epoch(epoch)
             model.train()
             totals: dict[str, float] = {}
-            bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}/{max_epochs}", disable=not dist.is_main,
-                       initial=skip_batches, dynamic_ncols=True)
+            bar = tqdm(total=budget.micro_batches, desc=f"epoch {epoch + 1}/{budget.max_epochs}",
+                       disable=not dist.is_main, initial=skip_batches, dynamic_ncols=True)
             step_start = time.perf_counter()
             done_in_epoch = skip_batches
-            for index, batch in enumerate(train_loader):
-                if index >= micro_batches or step >= max_steps:
-                    break
-                if index < skip_batches:  # resumed mid-epoch: these micro-batches were already trained on
-                    continue
+            for index, batch in epoch_batches(train_loader, budget, skip_batches):
                 images = batch["image"].to(device, non_blocking=True)
-                last_micro = (index + 1) % accumulation == 0 or index + 1 == micro_batches
-                adversarial = disc_model is not None and adversarial_active(step, t)
-                # Gradients are all-reduced only on the micro-batch that ends an optimizer step.
-                sync = contextlib.nullcontext() if last_micro or dist.world_size == 1 else model.no_sync()
-                with sync:
-                    with precision.autocast():
-                        reconstruction, z_mu, z_sigma = model(images)
-                    losses = {
-                        "recon_l1": F.l1_loss(reconstruction.float(), images.float()),
-                        "kl": kl_loss(z_mu, z_sigma),
-                    }
-                    loss_g = losses["recon_l1"] + t.kl_weight * losses["kl"]
-                    if structural is not None:
-                        losses[t.ssim_type] = structural(reconstruction, images)
-                        loss_g = loss_g + t.ssim_weight * losses[t.ssim_type]
-                    if perceptual is not None:
-                        losses["perceptual"] = perceptual(reconstruction.float(), images.float())
-                        loss_g = loss_g + t.perceptual_weight * losses["perceptual"]
-                    if adversarial:
-                        with frozen(discriminator), precision.autocast():
-                            logits_fake = discriminator(reconstruction)[-1]
-                        losses["gen_adv"] = adversarial_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
-                        loss_g = loss_g + t.adv_weight * losses["gen_adv"]
-                    # Dividing by the accumulation count makes k micro-batches of b match one batch of k*b.
-                    scaler_g.scale(loss_g / accumulation).backward()
-                if adversarial:
-                    sync_d = contextlib.nullcontext() if last_micro or dist.world_size == 1 else disc_model.no_sync()
-                    with sync_d:
-                        with precision.autocast():
-                            logits_fake = disc_model(reconstruction.detach())[-1]
-                            logits_real = disc_model(images)[-1]
-                        loss_d = 0.5 * (
-                            adversarial_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
-                            + adversarial_loss(logits_real.float(), target_is_real=True, for_discriminator=True)
-                        )
-                        losses["disc"] = loss_d
-                        scaler_d.scale(t.adv_weight * loss_d / accumulation).backward()
+                last_micro = budget.ends_step(index)
+                adversarial = discriminator is not None and adversarial_active(step, t)
+                loss_g, losses = autoencoder_micro_step(parts, images, adversarial, last_micro, model, disc_model)
                 # One device-to-host copy per micro-batch for the NaN check and every logged value.
                 loss_value, *values = torch.stack([loss_g.detach(), *(v.detach() for v in losses.values())]).tolist()
                 # All ranks judge the same (averaged) loss, so they stop together.
@@ -266,29 +142,22 @@ def train(config: Config, resume: str | None = None) -> Path:
                 if not last_micro:
                     continue
 
-                result = optimizer_step(opt_g, scaler_g, autoencoder.parameters(), t.grad_clip, sched_g)
-                if adversarial:
-                    optimizer_step(opt_d, scaler_d, discriminator.parameters(), t.grad_clip, sched_d)
+                result = autoencoder_update(parts, adversarial)
                 step += 1
                 done_in_epoch = index + 1
                 count = index + 1 - skip_batches
                 bar.set_postfix({k: f"{v / count:.4f}" for k, v in totals.items()} | {"step": step})
-                if step % config.output.log_every_n_steps == 0 or step == max_steps:
+                if step % config.output.log_every_n_steps == 0 or step == budget.max_steps:
                     scalars = {f"train/{k}": v for k, v in values.items()}
-                    scalars |= {
-                        "train/lr": sched_g.get_last_lr()[0],
-                        "train/grad_norm": result.grad_norm,
-                        "train/grad_scale": scaler_g.get_scale() if scaler_g.is_enabled() else 1.0,
-                        "train/step_time_s": (time.perf_counter() - step_start),
-                        "train/peak_memory_mb": peak_memory_mb(device),
-                        "train/skipped_step": float(not result.stepped),
-                    }
-                    writer.scalars(scalars, step)
+                    writer.scalars(scalars | step_scalars(result, parts.lr_scheduler_g, parts.scaler_g, step_start,
+                                                          device), step)
                 step_start = time.perf_counter()
+                if step >= budget.max_steps:
+                    break
             bar.close()
             skip_batches = 0
 
-            if (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == max_epochs or step >= max_steps:
+            if (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == budget.max_epochs or step >= budget.max_steps:
                 metrics = validate(autoencoder, val_loader, precision, config, run_dir, step, writer, dist)
                 if dist.is_main and metrics:
                     log.info("epoch %d step %d validation %s", epoch + 1,
@@ -296,16 +165,9 @@ def train(config: Config, resume: str | None = None) -> Path:
                     if metrics["val/l1"] < best_val:
                         best_val = metrics["val/l1"]
                         save("best.pt", epoch + 1, 0)
-            # A run that stops mid-epoch (max_steps) records where, so a resume continues at the next batch.
-            finished = done_in_epoch >= micro_batches
-            where = (epoch + 1, 0) if finished else (epoch, done_in_epoch)
-            save(f"step-{step:08d}.pt", *where)
-            save("last.pt", *where)
-            if dist.is_main:
-                prune_checkpoints(ckpt_dir, "step-*.pt", t.keep_last_checkpoints)
+            save_epoch_end(save, run_dir, budget, step, epoch, done_in_epoch, t.keep_last_checkpoints, dist)
     except KeyboardInterrupt:
-        log.warning("interrupted: saving %s", ckpt_dir / "last.pt")
-        save("last.pt", epoch, done_in_epoch)
+        save_interrupted(save, run_dir, epoch, done_in_epoch)
         raise
     finally:
         writer.close()

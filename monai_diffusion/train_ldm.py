@@ -13,45 +13,41 @@ in the checkpoint) and trains the UNet to undo noise added by the scheduler.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
-from monai_diffusion.config.loading import save_config
 from monai_diffusion.config.schema import Config
 from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, screen_volumes
 from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
 from monai_diffusion.data.transforms import deterministic_settings
+from monai_diffusion.generation import generate_volume
 from monai_diffusion.engine.checkpoint import (
     capture_rng_state,
     check_shape_keys,
     load_checkpoint,
-    prune_checkpoints,
-    resolve_resume,
     restore_rng_state,
     save_checkpoint,
 )
-from monai_diffusion.engine.distributed import (
-    DistInfo,
-    all_reduce_mean,
-    barrier,
-    broadcast_object,
-    cleanup_distributed,
-    init_distributed,
-    wrap_ddp,
+from monai_diffusion.engine.distributed import all_reduce_mean, barrier, broadcast_object, cleanup_distributed, wrap_ddp
+from monai_diffusion.engine.logging import RunLogger, get_logger, save_sample
+from monai_diffusion.engine.loop import (
+    epoch_batches,
+    find_resume,
+    open_run_dir,
+    save_epoch_end,
+    save_interrupted,
+    start_run,
+    step_budget,
+    step_scalars,
 )
-from monai_diffusion.engine.ema import build_ema
-from monai_diffusion.engine.logging import RunLogger, get_logger, peak_memory_mb
-from monai_diffusion.engine.optim import NonFiniteGuard, build_lr_scheduler, build_optimizer, optimizer_step
-from monai_diffusion.engine.precision import resolve_precision
+from monai_diffusion.engine.optim import NonFiniteGuard
 from monai_diffusion.latents import (
     CACHE_ROOT,
     LatentDataset,
@@ -64,40 +60,11 @@ from monai_diffusion.latents import (
     plain_affine,
     resolve_autoencoder_checkpoint,
 )
-from monai_diffusion.networks.builders import build_scheduler, build_unet
-from monai_diffusion.sample import check_sampler, generate_volume, save_sample
-from monai_diffusion.train_autoencoder import FAST_DEV_RUN_BATCHES, SHAPE_KEYS, new_run_dir
+from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_scheduler
+from monai_diffusion.steps import build_ldm_training, ldm_latents, ldm_micro_step, ldm_update
 
-# Keys a resumed LDM run must share with its checkpoint: the autoencoder and latent shape, the UNet, and the
-# diffusion process the UNet has learnt so far.
-LDM_SHAPE_KEYS = SHAPE_KEYS + [
-    "data.voxel_size",
-    "ldm.unet.num_channels",
-    "ldm.unet.attention_levels",
-    "ldm.unet.num_res_blocks",
-    "ldm.unet.num_head_channels",
-    "ldm.unet.norm_num_groups",
-    "ldm.scheduler.type",
-    "ldm.scheduler.num_train_timesteps",
-    "ldm.scheduler.schedule",
-    "ldm.scheduler.beta_start",
-    "ldm.scheduler.beta_end",
-    "ldm.scheduler.prediction_type",
-]
 # fast_dev_run samples its validation volume with this many denoising steps.
 FAST_DEV_RUN_INFERENCE_STEPS = 2
-
-
-def check_latent_fits_unet(latent_spatial: tuple[int, ...], num_levels: int) -> None:
-    """The UNet halves the latent at every level but the last: each axis must divide by 2**(levels-1)."""
-    need = 2 ** (num_levels - 1)
-    bad = [axis for axis, size in enumerate(latent_spatial) if size % need]
-    if bad:
-        raise ValueError(
-            f"ldm.unet.num_channels: the latent is {list(latent_spatial)} and a {num_levels}-level UNet needs every "
-            f"axis divisible by {need}; axes {bad} are not. Use fewer UNet levels, a larger data.voxel_size or "
-            f"smaller autoencoder.downsample_factors"
-        )
 
 
 def training_items(config: Config) -> list[dict]:
@@ -119,54 +86,15 @@ def training_items(config: Config) -> list[dict]:
     return items
 
 
-def diffusion_loss(model, scheduler, kind: str, z: torch.Tensor, precision) -> torch.Tensor:
-    """Noise ``z`` at random timesteps and regress the scheduler's training target (MSE).
-
-    DDPM/DDIM: uniform integer timesteps; target noise (epsilon), ``get_velocity`` (v_prediction) or ``z``
-    (sample). Rectified flow (MONAI's RFlowScheduler, MAISI convention): timesteps from
-    ``sample_timesteps``, ``add_noise`` gives ``(1 - t/T) z + (t/T) noise`` and the target velocity is
-    ``z - noise`` (``step`` moves a sample by ``v * dt`` from noise towards data).
-    """
-    noise = torch.randn_like(z)
-    if kind == "rflow":
-        timesteps = scheduler.sample_timesteps(z)
-        target = z - noise
-    else:
-        timesteps = torch.randint(0, scheduler.num_train_timesteps, (z.shape[0],), device=z.device).long()
-        prediction = scheduler.prediction_type
-        if prediction == "epsilon":
-            target = noise
-        elif prediction == "v_prediction":
-            target = scheduler.get_velocity(z, noise, timesteps)
-        else:  # "sample"
-            target = z
-    noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=timesteps)
-    with precision.autocast():
-        prediction = model(noisy, timesteps=timesteps)
-    return F.mse_loss(prediction.float(), target.float())
-
-
 def train(config: Config, resume: str | None = None) -> Path:
     """Train the latent diffusion model described by ``config``; returns the run folder."""
-    dist = init_distributed(config.device.device)
+    dist, precision = start_run(config)
     log = get_logger()
     device = dist.device
-    torch.manual_seed(config.seed + dist.rank)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = config.device.cudnn_benchmark
-    precision = resolve_precision(config.device.mixed_precision, device)
     t = config.ldm.training
-    spatial_dims = len(config.data.voxel_size)
-    kind = config.ldm.scheduler.type
-    check_sampler(config.ldm.sampling.scheduler or kind, kind)
 
-    # ---- resume or start a run folder
-    output_dir = Path(config.output.output_dir)
-    resume_path = None if config.fast_dev_run else resolve_resume(
-        resume, sorted(output_dir.glob("ldm-*/checkpoints/last.pt")) + sorted(
-            output_dir.glob(f"{config.output.run_name}/checkpoints/last.pt") if config.output.run_name else []
-        )
-    )
+    # ---- resume
+    resume_path = find_resume(config, "ldm", resume)
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
         if state.get("kind") != "ldm":
@@ -185,19 +113,12 @@ def train(config: Config, resume: str | None = None) -> Path:
             f"{state['autoencoder_hash']} ({state['autoencoder_checkpoint']}); resume with that autoencoder "
             f"or start a new LDM run"
         )
+    # The config rules have checked that this latent fits the UNet's levels.
     latent_shape = (config.autoencoder.latent_channels, *autoencoder.latent_shape(config.data.voxel_size))
-    check_latent_fits_unet(latent_shape[1:], len(config.ldm.unet.num_channels))
     log.info("autoencoder %s (weights %s); latent shape %s", ae_path, ae_hash, list(latent_shape))
 
     # ---- the run folder (only once the autoencoder is known to fit: a failed start leaves no empty run)
-    if state is not None:
-        run_dir = resume_path.parent.parent
-        log.info("resuming from %s (step %d, epoch %d)", resume_path, state["step"], state["epoch"])
-    else:
-        run_dir = new_run_dir(config, "ldm", dist)
-    ckpt_dir = run_dir / "checkpoints"
-    if dist.is_main:
-        save_config(config, run_dir / "config.yaml")
+    run_dir = open_run_dir(config, "ldm", dist, resume_path, state)
 
     # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
     items = training_items(config)
@@ -208,9 +129,9 @@ def train(config: Config, resume: str | None = None) -> Path:
         settings = deterministic_settings(config.data, config.autoencoder.in_channels)
         key = cache_key(ae_hash, settings, precision.name)
         cache = build_latent_cache(
-            autoencoder, items, deterministic, output_dir / CACHE_ROOT / key, device, precision, dist,
-            describe={"autoencoder_checkpoint": str(ae_path), "autoencoder_hash": ae_hash,
-                      "transforms": settings, "precision": precision.name},
+            autoencoder, items, deterministic, Path(config.output.output_dir) / CACHE_ROOT / key, device, precision,
+            dist, describe={"autoencoder_checkpoint": str(ae_path), "autoencoder_hash": ae_hash,
+                            "transforms": settings, "precision": precision.name},
         )
         dataset = LatentDataset(cache.files)
         train_sampler = DistributedSampler(
@@ -248,33 +169,18 @@ def train(config: Config, resume: str | None = None) -> Path:
         log.info("latent scale factor %.6g (1/std over %d training volume(s))", scale_factor,
                  min(t.scale_factor_volumes, len(items)))
 
-    micro_batches = min(len(train_loader), FAST_DEV_RUN_BATCHES) if config.fast_dev_run else len(train_loader)
-    accumulation = t.gradient_accumulation_steps
-    steps_per_epoch = math.ceil(micro_batches / accumulation)
-    max_epochs = 1 if config.fast_dev_run else t.max_epochs
-    max_steps = t.max_steps if t.max_steps is not None else steps_per_epoch * max_epochs
-    if config.fast_dev_run:
-        max_steps = min(max_steps, steps_per_epoch)
-    max_epochs = max_epochs or math.ceil(max_steps / steps_per_epoch)
-    log.info(
-        "effective batch size %d (batch %d x accumulation %d x %d process(es)); %d optimizer steps per epoch",
-        t.batch_size * accumulation * dist.world_size, t.batch_size, accumulation, dist.world_size, steps_per_epoch,
-    )
+    budget = step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
-    # ---- UNet, scheduler, optimizer, EMA
-    unet = build_unet(config.ldm, latent_shape[0], spatial_dims).to(device)
-    scheduler = build_scheduler(config.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
-    optimizer = build_optimizer(unet.parameters(), t.lr, t.weight_decay)
-    lr_scheduler = build_lr_scheduler(optimizer, t.warmup_steps, t.lr_schedule, max_steps)
-    scaler = precision.make_scaler()
-    ema = build_ema(unet, t.ema_decay) if t.ema_decay is not None else None
+    # ---- UNet, scheduler, optimizer, EMA: the step benchmark and plan measure
+    parts = build_ldm_training(config, latent_shape, device, precision, budget.max_steps)
+    unet, ema = parts.unet, parts.ema
 
     step, start_epoch, skip_batches = 0, 0, 0
     if state is not None:
         unet.load_state_dict(state["unet"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        parts.scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])
         elif ema is not None:
@@ -292,14 +198,14 @@ def train(config: Config, resume: str | None = None) -> Path:
         if not dist.is_main:
             return
         save_checkpoint(
-            ckpt_dir / name,
+            run_dir / "checkpoints" / name,
             {
                 "kind": "ldm",
                 "unet": unet.state_dict(),
                 "ema": ema.state_dict() if ema is not None else None,
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(),
-                "lr_scheduler": lr_scheduler.state_dict(),
+                "optimizer": parts.optimizer.state_dict(),
+                "scaler": parts.scaler.state_dict(),
+                "lr_scheduler": parts.lr_scheduler.state_dict(),
                 "step": step,
                 "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch,
@@ -316,87 +222,53 @@ def train(config: Config, resume: str | None = None) -> Path:
     # ---- training loop
     epoch, done_in_epoch = start_epoch, skip_batches
     try:
-        for epoch in range(start_epoch, max_epochs):
-            if step >= max_steps:
+        for epoch in range(start_epoch, budget.max_epochs):
+            if step >= budget.max_steps:
                 break
             if train_sampler is not None:
                 train_sampler.set_epoch(epoch)
             model.train()
             total, count = 0.0, 0
-            bar = tqdm(total=micro_batches, desc=f"epoch {epoch + 1}/{max_epochs}", disable=not dist.is_main,
-                       initial=skip_batches, dynamic_ncols=True)
+            bar = tqdm(total=budget.micro_batches, desc=f"epoch {epoch + 1}/{budget.max_epochs}",
+                       disable=not dist.is_main, initial=skip_batches, dynamic_ncols=True)
             step_start = time.perf_counter()
             done_in_epoch = skip_batches
-            for index, batch in enumerate(train_loader):
-                if index >= micro_batches or step >= max_steps:
-                    break
-                if index < skip_batches:  # resumed mid-epoch: these micro-batches were already trained on
-                    continue
-                if cache is not None:
-                    mu, sigma = batch["mu"].to(device, non_blocking=True), batch["sigma"].to(device, non_blocking=True)
-                else:
-                    with torch.no_grad(), precision.autocast():
-                        images = torch.as_tensor(batch["image"]).as_subclass(torch.Tensor)
-                        mu, sigma = autoencoder.encode(images.to(device, non_blocking=True))
-                    mu, sigma = mu.float(), sigma.float()
-                # A fresh latent from the posterior every time, scaled to unit variance.
-                z = (mu + sigma * torch.randn_like(sigma)) * scale_factor
-                last_micro = (index + 1) % accumulation == 0 or index + 1 == micro_batches
-                # Gradients are all-reduced only on the micro-batch that ends an optimizer step.
-                sync = contextlib.nullcontext() if last_micro or dist.world_size == 1 else model.no_sync()
-                with sync:
-                    loss = diffusion_loss(model, scheduler, kind, z, precision)
-                    loss_value = loss.item()  # one device-to-host copy per micro-batch
-                    # All ranks judge the same (averaged) loss, so they stop together.
-                    guard.check(all_reduce_mean(loss_value) if dist.world_size > 1 else loss_value, step)
-                    # Dividing by the accumulation count makes k micro-batches of b match one batch of k*b.
-                    scaler.scale(loss / accumulation).backward()
+            for index, batch in epoch_batches(train_loader, budget, skip_batches):
+                z = ldm_latents(batch, autoencoder, scale_factor, precision, device)
+                last_micro = budget.ends_step(index)
+                loss = ldm_micro_step(parts, z, last_micro, model)
+                loss_value = loss.item()  # one device-to-host copy per micro-batch
+                # All ranks judge the same (averaged) loss, so they stop together.
+                guard.check(all_reduce_mean(loss_value) if dist.world_size > 1 else loss_value, step)
                 total += loss_value
                 count += 1
                 bar.update(1)
                 if not last_micro:
                     continue
 
-                result = optimizer_step(optimizer, scaler, unet.parameters(), t.grad_clip, lr_scheduler)
-                if ema is not None and result.stepped:
-                    ema.update_parameters(unet)
+                result = ldm_update(parts)
                 step += 1
                 done_in_epoch = index + 1
                 bar.set_postfix({"loss": f"{total / count:.4f}", "step": step})
-                if step % config.output.log_every_n_steps == 0 or step == max_steps:
-                    writer.scalars(
-                        {
-                            "train/loss": loss_value,
-                            "train/lr": lr_scheduler.get_last_lr()[0],
-                            "train/grad_norm": result.grad_norm,
-                            "train/grad_scale": scaler.get_scale() if scaler.is_enabled() else 1.0,
-                            "train/step_time_s": time.perf_counter() - step_start,
-                            "train/peak_memory_mb": peak_memory_mb(device),
-                            "train/skipped_step": float(not result.stepped),
-                        },
-                        step,
-                    )
+                if step % config.output.log_every_n_steps == 0 or step == budget.max_steps:
+                    writer.scalars({"train/loss": loss_value} | step_scalars(
+                        result, parts.lr_scheduler, parts.scaler, step_start, device), step)
                 step_start = time.perf_counter()
+                if step >= budget.max_steps:
+                    break
             bar.close()
             skip_batches = 0
             if dist.is_main and count:
                 log.info("epoch %d step %d train loss %.4f", epoch + 1, step, total / count)
 
-            if (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == max_epochs or step >= max_steps:
+            if (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == budget.max_epochs or step >= budget.max_steps:
                 if dist.is_main:
                     validate(ema.module if ema is not None else unet, autoencoder, config, scale_factor,
                              latent_shape, affine, precision, run_dir, step, writer, device)
                 barrier()  # the other ranks wait here while rank 0 samples
-            # A run that stops mid-epoch (max_steps) records where, so a resume continues at the next batch.
-            finished = done_in_epoch >= micro_batches
-            where = (epoch + 1, 0) if finished else (epoch, done_in_epoch)
-            save(f"step-{step:08d}.pt", *where)
-            save("last.pt", *where)
-            if dist.is_main:
-                prune_checkpoints(ckpt_dir, "step-*.pt", t.keep_last_checkpoints)
+            save_epoch_end(save, run_dir, budget, step, epoch, done_in_epoch, t.keep_last_checkpoints, dist)
     except KeyboardInterrupt:
-        log.warning("interrupted: saving %s", ckpt_dir / "last.pt")
-        save("last.pt", epoch, done_in_epoch)
+        save_interrupted(save, run_dir, epoch, done_in_epoch)
         raise
     finally:
         writer.close()

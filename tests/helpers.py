@@ -56,3 +56,22 @@ def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
     save_checkpoint(path, {"kind": "autoencoder", "autoencoder": model.state_dict(),
                            "config": config.model_dump(mode="json"), "step": 0, "epoch": 0})
     return path
+
+
+FAKE_HUBCONF = """
+dependencies = ["torch"]
+import torch
+
+
+def medicalnet_resnet10_23datasets(cache_dir=None, **kwargs):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU())
+"""
+
+
+def write_hub(folder: Path) -> Path:
+    """A torch hub folder as MONAI leaves it after fetching the perceptual networks (a tiny stand-in network)."""
+    repo = folder / "Project-MONAI_perceptual-models_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text(FAKE_HUBCONF)
+    return folder

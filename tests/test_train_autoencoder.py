@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from monai_diffusion import train_autoencoder
+from monai_diffusion import steps, train_autoencoder
 from monai_diffusion.config import apply_overrides, config_from_dict
 from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 from monai_diffusion.networks.builders import build_autoencoder
 
-from helpers import tiny_config_dict, write_volumes
+from helpers import tiny_config_dict, write_hub, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +71,7 @@ def test_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(AutoencoderKL, "sampling", lambda self, mu, sigma: mu)
     # SGD makes the weight change proportional to the gradient; Adam's first step is ~lr * sign(grad),
     # which turns rounding noise in near-zero gradients into full-size differences.
-    monkeypatch.setattr(train_autoencoder, "build_optimizer",
+    monkeypatch.setattr(steps, "build_optimizer",
                         lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
     common = ["data.val_fraction=0", "autoencoder.training.max_steps=1", "autoencoder.training.grad_clip=null",
               "autoencoder.training.kl_weight=0.01"]
@@ -125,7 +125,7 @@ def test_resume_true_without_a_checkpoint_is_an_error(tmp_path, nifti_folder):
 
 
 def test_consecutive_nonfinite_losses_stop_the_run_naming_the_step(tmp_path, nifti_folder, monkeypatch):
-    monkeypatch.setattr(train_autoencoder, "kl_loss", lambda mu, sigma: torch.tensor(float("nan")))
+    monkeypatch.setattr(steps, "kl_loss", lambda mu, sigma: torch.tensor(float("nan")))
     config = make_config(nifti_folder, tmp_path, "autoencoder.training.max_nonfinite_steps=2",
                          "autoencoder.training.max_epochs=2")
     with pytest.raises(RuntimeError, match=r"2 consecutive non-finite losses.*step 1"):
@@ -172,25 +172,6 @@ def test_perceptual_loss_without_local_weights_says_how_to_provide_them(tmp_path
     with pytest.raises(FileNotFoundError, match=r"(?s)no weights for perceptual network 'squeeze'.*Either run once "
                        r"where the internet is reachable.*perceptual_weights to it \(offline"):
         train_autoencoder.train(config)
-
-
-FAKE_HUBCONF = """
-dependencies = ["torch"]
-import torch
-
-
-def medicalnet_resnet10_23datasets(cache_dir=None, **kwargs):
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.ReLU())
-"""
-
-
-def write_hub(folder: Path) -> Path:
-    """A torch hub folder as MONAI leaves it after fetching the perceptual networks (a tiny stand-in network)."""
-    repo = folder / "Project-MONAI_perceptual-models_main"
-    repo.mkdir(parents=True)
-    (repo / "hubconf.py").write_text(FAKE_HUBCONF)
-    return folder
 
 
 def test_perceptual_loss_trains_from_an_offline_hub_folder(tmp_path, nifti_folder):

@@ -17,6 +17,8 @@ import torch
 
 from monai_diffusion import latents
 from monai_diffusion import train_ldm as recipe
+from monai_diffusion.diffusion import diffusion_loss
+from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.config import config_from_dict, save_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.networks.builders import build_scheduler
@@ -175,10 +177,15 @@ def test_resume_refuses_a_changed_autoencoder(setup, tmp_path):
         recipe.train(setup(max_steps=2), resume="true")
 
 
-def test_latent_must_fit_the_unet_levels():
-    recipe.check_latent_fits_unet((8, 8, 8), 4)
+def test_latent_must_fit_the_unet_levels(tmp_path):
+    # The config rule is the one check (the recipe does not repeat it). 16^3 at factor 2: an 8x8x8 latent.
+    raw = tiny_raw(tmp_path)
+    raw["ldm"]["unet"] |= {"num_channels": [8, 8, 16, 16], "attention_levels": [False] * 4}
+    config_from_dict(raw)  # a 4-level UNet halves 3 times: 8 divides by 8
+    raw["ldm"]["unet"] |= {"num_channels": [8, 8, 16], "attention_levels": [False] * 3}
+    raw["data"]["voxel_size"] = [16, 12, 16]
     with pytest.raises(ValueError, match=r"ldm.unet.num_channels: the latent is \[8, 6, 8\].*divisible by 4"):
-        recipe.check_latent_fits_unet((8, 6, 8), 3)
+        config_from_dict(raw)
 
 
 # ------------------------------------------------------------------------------------------ training targets
@@ -199,11 +206,11 @@ def test_diffusion_loss_targets(setup, kind, prediction):
     if prediction:
         config.ldm.scheduler.prediction_type = prediction
     scheduler = build_scheduler(config.ldm.scheduler, kind, 3, 512)
-    precision = recipe.resolve_precision(False, torch.device("cpu"))
+    precision = resolve_precision(False, torch.device("cpu"))
     z = torch.randn(2, 2, 8, 8, 8)
     model = Recorder()
     torch.manual_seed(11)
-    loss = recipe.diffusion_loss(model, scheduler, kind, z, precision)
+    loss = diffusion_loss(model, scheduler, kind, z, precision)
     torch.manual_seed(11)  # replay the same draws to build the expected target
     noise = torch.randn_like(z)
     if kind == "rflow":

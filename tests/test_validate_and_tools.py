@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from monai_diffusion.networks import AutoencoderKL
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -49,6 +51,20 @@ def test_downsample_factor_scenarios_all_pass_at_a_small_size():
     assert "rejected as it must be" in out
     assert "state dict loads strictly" in out
     assert "input 0.062 MiB (float32)" in out  # 32*32*16 float32 = 64 KiB
+
+
+def test_downsample_factor_tool_gives_the_seed_size_analysis_and_runs_small_by_default():
+    result = run("tools/test_downsample_factors.py")
+    assert result.returncode == 0, result.stdout[-3000:]
+    test_2 = result.stdout.split("Test 2:")[1].split("Test 3:")[0]
+    assert "at 256x256x64 (shapes from the network's arithmetic, nothing runs)" in test_2
+    assert "expected latent   (32, 32, 8)" in test_2 and "actual latent     (32, 32, 8)" in test_2
+    network = AutoencoderKL(3, channels=(16, 32, 64), downsample_factors=[4, 2], latent_channels=3, num_res_blocks=1,
+                            attention_levels=(False,) * 3, norm_num_groups=8)
+    assert f"parameters        {sum(p.numel() for p in network.parameters()):,}" in test_2
+    assert "input 16.000 MiB (float32)" in test_2  # 256*256*64 float32
+    assert "forward/backward at 64x64x32" in test_2 and "expected latent   (8, 8, 4)" in test_2
+    assert "11 passed, 0 failed" in result.stdout
 
 
 def test_downsample_factor_tool_checks_a_user_config():

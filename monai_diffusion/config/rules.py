@@ -5,29 +5,8 @@ Each rule names every key it involves, so a user knows which line of the YAML to
 
 from __future__ import annotations
 
-import math
-
 from monai_diffusion.config.schema import Config
-
-
-def per_axis_factors(factors: list | None, num_levels: int, spatial_dims: int) -> list[tuple[int, ...]] | None:
-    """Expand ``downsample_factors`` to one tuple per level with one int per axis (None when malformed)."""
-    if factors is None:
-        return [(2,) * spatial_dims] * num_levels
-    if len(factors) != num_levels:
-        return None
-    levels = []
-    for factor in factors:
-        axes = (factor,) * spatial_dims if isinstance(factor, int) else tuple(factor)
-        if len(axes) != spatial_dims or any(a < 1 for a in axes):
-            return None
-        levels.append(axes)
-    return levels
-
-
-def total_factor(levels: list[tuple[int, ...]]) -> tuple[int, ...]:
-    """Per-axis product of the per-level factors."""
-    return tuple(math.prod(axis) for axis in zip(*levels))
+from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
 
 
 def check_rules(config: Config) -> list[str]:
@@ -72,14 +51,16 @@ def check_rules(config: Config) -> list[str]:
         problems.append(
             f"autoencoder.num_res_blocks: expected an int or {num_levels} entries, got {len(ae.num_res_blocks)}"
         )
-    levels = per_axis_factors(ae.downsample_factors, num_levels - 1, spatial_dims)
-    if levels is None:
+    try:
+        levels = per_axis_factors(ae.downsample_factors, max(num_levels - 1, 0), spatial_dims)
+    except ValueError:
+        levels = None
         problems.append(
             f"autoencoder.downsample_factors: expected {num_levels - 1} entries (len(num_channels) - 1 = "
             f"{num_levels} - 1), each an int >= 1 or a list of {spatial_dims} ints >= 1; got {ae.downsample_factors}"
         )
-    elif spatial_dims in (2, 3):
-        factor = total_factor(levels) if levels else (1,) * spatial_dims
+    if levels is not None and spatial_dims in (2, 3):
+        factor = total_factor(levels, spatial_dims)
         for axis, (size, f) in enumerate(zip(data.voxel_size, factor)):
             if size % f:
                 problems.append(
@@ -88,7 +69,7 @@ def check_rules(config: Config) -> list[str]:
                     f"{(size // f + 1) * f})"
                 )
         if not any(p.startswith("data.voxel_size /") for p in problems):
-            latent = [s // f for s, f in zip(data.voxel_size, factor)]
+            latent = list(latent_shape(data.voxel_size, factor))
             problems += _check_unet(config, latent)
 
     # ---- training bounds and schedules

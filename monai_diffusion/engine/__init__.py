@@ -2,7 +2,8 @@
 
 ``precision`` (autocast, grad scalers), ``optim`` (AdamW, LR schedule, guarded step),
 ``checkpoint`` (atomic save, checked load, resume), ``distributed`` (torchrun/DDP),
-``ema`` (weight averaging) and ``logging`` (console, TensorBoard, slice panels).
+``ema`` (weight averaging), ``logging`` (console, TensorBoard, slice panels, NIfTI outputs) and
+``loop`` (run folder, step budget, end-of-epoch checkpoints: the loop both recipes share).
 """
 
 from monai_diffusion.engine.checkpoint import (
@@ -22,6 +23,7 @@ from monai_diffusion.engine.distributed import (
     barrier,
     broadcast_object,
     cleanup_distributed,
+    gradient_sync,
     init_distributed,
     is_distributed,
     unwrap,
@@ -36,7 +38,7 @@ from monai_diffusion.engine.optim import (
     build_optimizer,
     optimizer_step,
 )
-from monai_diffusion.engine.precision import Precision, resolve_precision
+from monai_diffusion.engine.precision import Precision, precision_name, resolve_precision
 
 __all__ = [
     "FORMAT_VERSION",
@@ -56,11 +58,13 @@ __all__ = [
     "check_shape_keys",
     "cleanup_distributed",
     "get_logger",
+    "gradient_sync",
     "init_distributed",
     "is_distributed",
     "load_checkpoint",
     "optimizer_step",
     "peak_memory_mb",
+    "precision_name",
     "prune_checkpoints",
     "resolve_precision",
     "resolve_resume",

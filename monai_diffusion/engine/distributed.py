@@ -7,6 +7,7 @@ Every helper is a no-op (or identity) without a process group, so a recipe is wr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ __all__ = [
     "all_reduce_mean",
     "broadcast_object",
     "wrap_ddp",
+    "gradient_sync",
     "unwrap",
 ]
 
@@ -201,6 +203,19 @@ def wrap_ddp(model: nn.Module, dist_info: DistInfo, **ddp_kwargs: Any) -> nn.Mod
             model, device_ids=[dist_info.local_rank], output_device=dist_info.local_rank, **ddp_kwargs
         )
     return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Context for one micro-batch's backward: DDP all-reduces gradients only when ``sync`` (the micro-batch that
+    ends an optimizer step); the others accumulate locally under ``no_sync``. A no-op for an unwrapped model.
+
+    Args:
+        model: the model the forward runs through (DDP-wrapped or not).
+        sync: whether this backward ends an optimizer step.
+    """
+    if sync or not isinstance(model, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return model.no_sync()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

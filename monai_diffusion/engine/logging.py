@@ -1,4 +1,4 @@
-"""Console logging, TensorBoard scalars/images, slice panels of 3D volumes and peak memory.
+"""Console logging, TensorBoard scalars/images, slice panels of 3D volumes, NIfTI outputs and peak memory.
 
 Everything here is rank-aware only through its arguments: the recipes build a
 :class:`RunLogger` with ``enabled=dist_info.is_main`` and call :func:`save_png` on rank 0.
@@ -24,6 +24,8 @@ __all__ = [
     "RunLogger",
     "volume_panel",
     "save_png",
+    "save_nifti",
+    "save_sample",
     "peak_memory_mb",
 ]
 
@@ -281,6 +283,46 @@ def save_png(image_hwc_uint8: np.ndarray, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------- NIfTI
+
+
+def save_nifti(volume: torch.Tensor, affine: torch.Tensor | np.ndarray, path: Path) -> None:
+    """Write a (C, *spatial) volume as NIfTI with ``affine`` (voxel -> RAS mm), atomically.
+
+    One channel is written as a plain 3D image, several as 4D (x, y, z, c).
+    """
+    import nibabel as nib
+
+    array = volume.detach().float().cpu().numpy()
+    array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+    affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu().numpy(), dtype=np.float64)
+    image = nib.Nifti1Image(np.ascontiguousarray(array, dtype=np.float32), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine, code=1)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{uuid.uuid4().hex}.tmp.nii.gz")  # nibabel picks the format from the suffix
+    try:
+        nib.save(image, str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_sample(volume: torch.Tensor, affine, folder: Path, stem: str, value_range=None, title: str = "sample"):
+    """Write a (C, *spatial) volume as ``<folder>/<stem>.nii.gz`` and, for 3D, ``<folder>/<stem>.png`` (middle
+    slices). Returns (NIfTI path, panel or None)."""
+    folder = Path(folder)
+    nifti = folder / f"{stem}.nii.gz"
+    save_nifti(volume, affine, nifti)
+    panel = None
+    if volume.ndim == 4:
+        panel = volume_panel([(title, volume)], value_range=value_range)
+        save_png(panel, folder / f"{stem}.png")
+    return nifti, panel
 
 
 # ------------------------------------------------------------------- memory

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Precision", "resolve_precision"]
+__all__ = ["Precision", "precision_name", "resolve_precision"]
 
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 logger = logging.getLogger("monai_diffusion")
@@ -77,6 +77,29 @@ def _cuda_bf16_supported(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
+def precision_name(setting: bool | str, device_type: str) -> str:
+    """What ``device.mixed_precision`` asks for on a device type, before the hardware is consulted.
+
+    ``False``/``"no"``/``"fp32"`` -> ``"fp32"``; ``True`` -> ``"fp16"`` on CUDA, ``"bf16"`` on CPU (the CPU's native
+    reduced precision); ``"fp16"``/``"bf16"`` -> themselves. :func:`resolve_precision` adds what the machine
+    supports; the memory planner uses this alone to name the precision of a device it does not run on.
+
+    Args:
+        setting: the config value.
+        device_type: ``"cuda"`` or ``"cpu"``.
+
+    Raises:
+        ValueError: an unknown setting.
+    """
+    if setting is False or (isinstance(setting, str) and setting.lower() in ("no", "fp32")):
+        return "fp32"
+    if setting is True:
+        return "bf16" if device_type == "cpu" else "fp16"
+    if isinstance(setting, str) and setting.lower() in ("fp16", "bf16"):
+        return setting.lower()
+    raise ValueError(f"device.mixed_precision: expected true, false, 'fp16', 'bf16' or 'no', got {setting!r}")
+
+
 def resolve_precision(setting: bool | str, device: torch.device) -> Precision:
     """Resolve ``device.mixed_precision`` for the device the run uses, and log the choice.
 
@@ -104,32 +127,27 @@ def resolve_precision(setting: bool | str, device: torch.device) -> Precision:
     device = torch.device(device)
     device_type = "cuda" if device.type == "cuda" else "cpu"
     on_cpu = device_type == "cpu"
+    name = precision_name(setting, device_type)
 
-    if setting is False or (isinstance(setting, str) and setting.lower() in ("no", "fp32")):
-        name, reason = "fp32", "mixed precision off"
+    if name == "fp32":
+        reason = "mixed precision off"
     elif setting is True:
-        if on_cpu:
-            # CPU autocast is built around bf16 (oneDNN, AVX512-BF16/AMX kernels); bf16 keeps
-            # fp32's exponent range, so no loss scaling is needed either.
-            name = "bf16"
-            reason = "mixed_precision=true on CPU: using bf16, the CPU's native reduced precision (fp16 is for CUDA)"
-        else:
-            name, reason = "fp16", "mixed_precision=true on CUDA"
-    elif isinstance(setting, str) and setting.lower() in ("fp16", "bf16"):
-        name, reason = setting.lower(), f"mixed_precision={setting.lower()}"
-        if name == "fp16" and on_cpu and not _cpu_fp16_supported():
-            logger.warning(
-                "mixed_precision=fp16: this PyTorch build has no fp16 autocast on CPU; using bf16 instead"
-            )
-            name, reason = "bf16", "fp16 unsupported on CPU by this PyTorch, fell back to bf16"
-        if name == "bf16" and not on_cpu and not _cuda_bf16_supported(device):
-            raise ValueError(
-                f"device.mixed_precision: bf16 is not supported natively by {device} "
-                f"({torch.cuda.get_device_name(device)}); use 'fp16' (or true) instead"
-            )
+        # CPU autocast is built around bf16 (oneDNN, AVX512-BF16/AMX kernels); bf16 keeps fp32's exponent range, so
+        # no loss scaling is needed either.
+        reason = (
+            "mixed_precision=true on CPU: using bf16, the CPU's native reduced precision (fp16 is for CUDA)"
+            if on_cpu
+            else "mixed_precision=true on CUDA"
+        )
     else:
+        reason = f"mixed_precision={name}"
+    if name == "fp16" and on_cpu and not _cpu_fp16_supported():
+        logger.warning("mixed_precision=fp16: this PyTorch build has no fp16 autocast on CPU; using bf16 instead")
+        name, reason = "bf16", "fp16 unsupported on CPU by this PyTorch, fell back to bf16"
+    if name == "bf16" and not on_cpu and not _cuda_bf16_supported(device):
         raise ValueError(
-            f"device.mixed_precision: expected true, false, 'fp16', 'bf16' or 'no', got {setting!r}"
+            f"device.mixed_precision: bf16 is not supported natively by {device} "
+            f"({torch.cuda.get_device_name(device)}); use 'fp16' (or true) instead"
         )
 
     precision = Precision(name=name, device_type=device_type)

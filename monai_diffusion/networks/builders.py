@@ -11,14 +11,49 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowSchedul
 from monai_diffusion.config.schema import AutoencoderConfig, LDMConfig, SchedulerConfig
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 
+# Config keys that fix the autoencoder's tensor shapes (what build_autoencoder reads, training options aside): a
+# checkpoint trained with other values cannot be resumed or reused.
+AUTOENCODER_SHAPE_KEYS = [
+    "autoencoder.num_channels",
+    "autoencoder.downsample_factors",
+    "autoencoder.latent_channels",
+    "autoencoder.num_res_blocks",
+    "autoencoder.attention_levels",
+    "autoencoder.norm_num_groups",
+    "autoencoder.with_encoder_nonlocal_attn",
+    "autoencoder.with_decoder_nonlocal_attn",
+    "autoencoder.use_convtranspose",
+    "autoencoder.in_channels",
+]
+# Keys a resumed LDM run must share with its checkpoint: the autoencoder and latent shape, the UNet, and the
+# diffusion process the UNet has learnt so far.
+LDM_SHAPE_KEYS = AUTOENCODER_SHAPE_KEYS + [
+    "data.voxel_size",
+    "ldm.unet.num_channels",
+    "ldm.unet.attention_levels",
+    "ldm.unet.num_res_blocks",
+    "ldm.unet.num_head_channels",
+    "ldm.unet.norm_num_groups",
+    "ldm.scheduler.type",
+    "ldm.scheduler.num_train_timesteps",
+    "ldm.scheduler.schedule",
+    "ldm.scheduler.beta_start",
+    "ldm.scheduler.beta_end",
+    "ldm.scheduler.prediction_type",
+]
 
-def build_autoencoder(ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoint: bool | None = None) -> AutoencoderKL:
+
+def build_autoencoder(
+    ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoint: bool | None = None, chunk_elements: int | None = None
+) -> AutoencoderKL:
     """The autoencoder described by the ``autoencoder`` section.
 
     Args:
         ae: the ``autoencoder`` config section.
         spatial_dims: 3 for volumes (``len(data.voxel_size)``).
-        use_checkpoint: per-block gradient checkpointing; None takes ``ae.training.use_gradient_checkpointing``.
+        use_checkpoint: the memory-saving training path; None takes ``ae.training.use_gradient_checkpointing``.
+        chunk_elements: slab size of the memory-saving path (None: the network's default per device); the
+            benchmark varies it.
     """
     num_levels = len(ae.num_channels)
     autoencoder = AutoencoderKL(
@@ -36,6 +71,7 @@ def build_autoencoder(ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoi
         use_convtranspose=ae.use_convtranspose,
         use_flash_attention=ae.use_flash_attention,
         downsample_factors=ae.downsample_factors,
+        chunk_elements=chunk_elements,
     )
     if ae.initial_sigma is not None:
         # The log-variance projection's bias sets where sigma starts: log(sigma^2) = 2 log(sigma).

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from monai_diffusion.engine import precision as precision_mod
-from monai_diffusion.engine.precision import Precision, resolve_precision
+from monai_diffusion.engine.precision import Precision, precision_name, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -74,3 +74,16 @@ def test_scaler_enabled_only_for_fp16():
     assert not Precision("bf16", "cpu").make_scaler().is_enabled()
     assert not Precision("fp32", "cpu").make_scaler().is_enabled()
     assert Precision("fp16", "cpu").make_scaler().is_enabled()
+
+
+@pytest.mark.parametrize("setting, device_type, name", [(False, "cuda", "fp32"), ("no", "cpu", "fp32"),
+                                                         ("fp32", "cuda", "fp32"), (True, "cuda", "fp16"),
+                                                         (True, "cpu", "bf16"), ("fp16", "cpu", "fp16"),
+                                                         ("BF16", "cuda", "bf16")])
+def test_precision_name_reads_the_setting_without_asking_the_hardware(setting, device_type, name):
+    assert precision_name(setting, device_type) == name
+
+
+def test_resolve_precision_starts_from_precision_name(monkeypatch):
+    monkeypatch.setattr(precision_mod, "precision_name", lambda setting, device_type: "bf16")
+    assert resolve_precision(False, torch.device("cpu")).name == "bf16"

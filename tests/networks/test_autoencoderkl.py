@@ -9,6 +9,7 @@ from monai.networks.nets.autoencoderkl import AEKLDownsample
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 import monai_diffusion.networks.autoencoderkl as aekl_module
+import monai_diffusion.networks.memory_saving as memory_saving
 from monai_diffusion.networks import AutoencoderKL, FactorDownsample
 
 # Tiny settings so the whole file runs in seconds on CPU.
@@ -278,6 +279,11 @@ def test_rejects_latent_channels_below_one():
         _build(latent_channels=0)
 
 
+def test_rejects_chunk_elements_below_one():
+    with pytest.raises(ValueError, match="chunk_elements must be >= 1"):
+        _build(chunk_elements=0)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Gradient checkpointing
 # ---------------------------------------------------------------------------------------------------------------------
@@ -285,13 +291,13 @@ def test_rejects_latent_channels_below_one():
 
 def _count_checkpoint_calls(monkeypatch) -> list[type]:
     calls: list[type] = []
-    original = aekl_module.checkpoint
+    original = memory_saving.checkpoint
 
     def counting_checkpoint(fn, *args, **kwargs):
         calls.append(type(fn))
         return original(fn, *args, **kwargs)
 
-    monkeypatch.setattr(aekl_module, "checkpoint", counting_checkpoint)
+    monkeypatch.setattr(memory_saving, "checkpoint", counting_checkpoint)
     return calls
 
 
@@ -311,10 +317,10 @@ def test_checkpointing_gives_same_outputs_and_gradients(monkeypatch, chunk_eleme
     settings = dict(TINY, channels=(8, 16, 16), attention_levels=(False, False, True),
                     downsample_factors=[[4, 4, 1], 2])
     plain = AutoencoderKL(3, **settings).train()
-    checkpointed = AutoencoderKL(3, use_checkpoint=True, **settings).train()
-    checkpointed.load_state_dict(plain.state_dict())
     # 600 elements: every fused unit runs in many slabs (with halos), not in one piece.
-    checkpointed.encoder.chunk_elements = checkpointed.decoder.chunk_elements = chunk_elements
+    checkpointed = AutoencoderKL(3, use_checkpoint=True, chunk_elements=chunk_elements, **settings).train()
+    assert checkpointed.encoder.chunk_elements == checkpointed.decoder.chunk_elements == chunk_elements
+    checkpointed.load_state_dict(plain.state_dict())
     calls = _count_checkpoint_calls(monkeypatch)
 
     x = torch.randn(2, 1, 16, 16, 8)
@@ -329,7 +335,7 @@ def test_checkpointing_gives_same_outputs_and_gradients(monkeypatch, chunk_eleme
     enc, dec = list(checkpointed.encoder.blocks), list(checkpointed.decoder.blocks)
     first_down = next(i for i, b in enumerate(enc) if isinstance(b, aekl_module.FactorDownsample))
     fused = (aekl_module.AEKLResBlock, aekl_module.Convolution, torch.nn.GroupNorm, aekl_module.Upsample)
-    expected = [type(aekl_module._run_blocks)]
+    expected = [type(memory_saving._run_blocks)]
     expected += [type(b) for b in enc[first_down + 1 :] + dec if not isinstance(b, fused)]
     assert calls == expected
     assert aekl_module.FactorDownsample in calls and aekl_module.SpatialAttentionBlock in calls
@@ -369,7 +375,7 @@ def test_fused_units_match_the_modules_under_autocast():
     x = torch.randn(2, 8, 6, 5, 4, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = conv(torch.nn.functional.silu(norm(x)))
-        fused = aekl_module.norm_act_conv(x, norm, conv, True, chunk_elements=80)
+        fused = memory_saving.norm_act_conv(x, norm, conv, True, chunk_elements=80)
     # The norm hands the convolution the autocast dtype: the unit's output (next unit's saved input) is bf16.
     assert fused.dtype == reference.dtype == torch.bfloat16
     torch.testing.assert_close(fused.float(), reference.float(), atol=0.05, rtol=0.05)
@@ -387,10 +393,10 @@ def test_fused_upsample_matches_the_block(factors, shape, chunk_elements):
     post = Convolution(3, 6, 6, strides=1, kernel_size=3, padding=1, conv_only=True)
     block = aekl_module.Upsample(3, mode="nontrainable", in_channels=6, out_channels=6, interp_mode="nearest",
                                  scale_factor=tuple(float(f) for f in factors), post_conv=post, align_corners=None)
-    assert aekl_module._fusable_upsample(block)
+    assert memory_saving._fusable_upsample(block)
     x = torch.randn(shape, requires_grad=True)
     reference = block(x)
-    fused = aekl_module.upsample_conv(x, block, chunk_elements)
+    fused = memory_saving.upsample_conv(x, block, chunk_elements)
     torch.testing.assert_close(fused, reference)
     g = torch.randn_like(reference)
     params = [x, post.conv.weight, post.conv.bias]
@@ -457,3 +463,55 @@ def test_latent_diffusion_inferer_sampling(scheduler_cls):
     image = inferer.sample(input_noise=noise, autoencoder_model=autoencoder, diffusion_model=unet, verbose=False)
     assert image.shape == image_shape
     assert torch.isfinite(image).all()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints of the MONAI Generative era
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _old_layout(state: dict, with_proj_attn: bool = True) -> dict:
+    """``state`` as MONAI Generative's AutoencoderKL named it: attention projections on the block itself
+    (``proj_attn`` for the output projection), the upsampling convolution as ``conv``."""
+    old = {}
+    for key, value in state.items():
+        if ".attn.out_proj." in key:
+            if with_proj_attn:
+                old[key.replace(".attn.out_proj.", ".proj_attn.")] = value
+        elif ".attn." in key:
+            old[key.replace(".attn.", ".")] = value
+        else:
+            old[key.replace("postconv", "conv")] = value
+    return old
+
+
+@pytest.mark.parametrize("factors", [None, [4, [2, 2, 1]]])
+def test_load_old_state_dict_renames_monai_generative_keys(factors):
+    settings = dict(channels=(8, 16, 16), attention_levels=(False, False, True), num_res_blocks=1, norm_num_groups=8,
+                    latent_channels=3, downsample_factors=factors)
+    trained = AutoencoderKL(3, **settings)
+    for parameter in trained.parameters():  # weights no fresh model has by chance
+        torch.nn.init.normal_(parameter)
+    old = _old_layout(trained.state_dict())
+    assert any(".proj_attn." in k for k in old) and any("postconv" in k for k in trained.state_dict())
+    assert not set(old) <= set(trained.state_dict())  # really the old layout: a plain load would fail
+
+    model = AutoencoderKL(3, **settings)
+    kept = dict(old)
+    model.load_old_state_dict(old)
+    assert old == kept  # the caller's dict is left as it was
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+
+def test_load_old_state_dict_without_output_projection_uses_identity():
+    settings = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, norm_num_groups=8)
+    old = _old_layout(AutoencoderKL(3, **settings).state_dict(), with_proj_attn=False)
+    model = AutoencoderKL(3, **settings)
+    model.load_old_state_dict(old)
+    projections = [k for k in model.state_dict() if k.endswith("attn.out_proj.weight")]
+    assert projections
+    for key in projections:
+        weight = model.state_dict()[key]
+        torch.testing.assert_close(weight, torch.eye(weight.shape[0]))
+        torch.testing.assert_close(model.state_dict()[key.replace("weight", "bias")], torch.zeros(weight.shape[0]))

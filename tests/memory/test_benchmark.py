@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from monai_diffusion import benchmark
-from monai_diffusion.benchmark import Case, CpuPeak, markdown_table, suite, write_report
+from monai_diffusion.config import ConfigError
+from monai_diffusion.memory import benchmark, probe
+from monai_diffusion.memory.benchmark import Case, markdown_table, setting, suite, write_report
+from monai_diffusion.memory.probe import CpuPeak, Options
 
 
 def test_tiny_suite_runs_each_case_in_its_own_process_and_writes_the_report(tmp_path):
@@ -26,6 +28,7 @@ def test_tiny_suite_runs_each_case_in_its_own_process_and_writes_the_report(tmp_
         assert "error" not in record, record
         assert record["step_s"] > 0 and record["voxels_per_s"] > 0 and record["params"] > 0
         assert record["peak_total_mb"] >= record["peak_mb"]
+        assert record["state_mb"] > record["gradients_mb"] > 0
         assert record["device"].startswith("CPU")
     assert records["MONAI [2,2]"]["latent_shape"] == [8, 8, 8]
     assert records["ours [4,2] ckpt"]["latent_shape"] == [4, 4, 4]
@@ -39,51 +42,60 @@ def test_tiny_suite_runs_each_case_in_its_own_process_and_writes_the_report(tmp_
     assert "torch " in text and "CPU" in text
 
 
+def _record(label: str, **measured) -> dict:
+    case = Case(label, ["data.voxel_size=[16,16,16]", "autoencoder.training.adv_weight=0"])
+    return {"case": case.to_dict(), "setting": setting(case, "cpu")} | measured
+
+
 def test_report_section_is_replaced_not_duplicated(tmp_path):
     output = tmp_path / "b.md"
-    record = {
-        "case": Case("x", size=(8, 8, 8)).__dict__,
-        "peak_mb": 1.0, "peak_total_mb": 2.0, "step_s": 0.5, "voxels_per_s": 1024.0, "params": 10,
-        "latent_shape": [2, 2, 2], "device": "CPU: test",
-    }
+    record = _record("x", peak_mb=1.0, peak_total_mb=2.0, step_s=0.5, voxels_per_s=1024.0, params=10,
+                     latent_shape=[2, 2, 2], device="CPU: test")
     write_report([record], output, "s", "first", "cmd")
     write_report([record, record], output, "s", "second", "cmd")
     write_report([record], output, "other", "third", "cmd")
     text = output.read_text()
     assert text.count("<!-- benchmark:s:start -->") == 1 and "### second" in text and "### first" not in text
     assert "### third" in text
+    assert "| x | ours | ae | 16x16x16 x1 | [2,2] | none | fp32 |" in text
 
 
 def test_failed_cases_are_reported_not_raised():
-    record = {"case": Case("broken").__dict__, "error": "killed (out of memory?)"}
+    record = _record("broken", error="killed (out of memory?)")
     assert "**failed**" in markdown_table([record])
 
 
 def test_case_validation():
     with pytest.raises(ValueError, match="only downsamples by 2"):
-        Case("x", model="monai", factors=[4, 2])
+        Case("x", ["autoencoder.downsample_factors=[4,2]"], Options(network="monai"))
     with pytest.raises(ValueError):
-        Case("x", step="nope")
-    assert Case.from_json(Case("x", factors=[[4, 4, 2], 2]).to_json()).factors == [[4, 4, 2], 2]
+        Options(stage="nope")
+    with pytest.raises(ConfigError):
+        Case("x", ["data.voxel_size=[30,32,32]", "autoencoder.downsample_factors=[4,2]"])
+    case = Case("x", ["autoencoder.downsample_factors=[[4,4,2],2]"])
+    assert case.config().autoencoder.downsample_factors == [[4, 4, 2], 2]
 
 
 def test_suites_cover_the_issue_settings():
     cpu = suite("cpu")
-    assert all(c.size == (128, 128, 64) and c.channels == (16, 32, 64) and c.batch == 1 for c in cpu)
-    kinds = {(c.model, c.factors_text, c.checkpoint, c.step) for c in cpu}
+    configs = [(c, c.config()) for c in cpu]
+    assert all(cfg.data.voxel_size == [128, 128, 64] and cfg.autoencoder.num_channels == [16, 32, 64]
+               and cfg.autoencoder.training.batch_size == 1 for _, cfg in configs)
+    kinds = {(s["model"], s["factors"], s["checkpoint"], s["step"]) for s in (setting(c, "cpu") for c in cpu)}
     assert ("monai", "[2,2]", "none", "ae") in kinds and ("ours", "[2,2]", "none", "ae") in kinds
     assert ("ours", "[4,2]", "ours", "ae") in kinds and ("ours", "[4,2]", "whole", "ae") in kinds
-    assert {"adv", "ldm_cache", "ldm_fly"} <= {c.step for c in cpu}
+    assert {"adv", "ldm_cache", "ldm_fly"} <= {setting(c, "cpu")["step"] for c in cpu}
     gpu = suite("gpu")
-    assert all(c.size == (256, 256, 64) and c.precision == "fp16" for c in gpu)
-    assert suite("tiny", size=(64, 64, 32))[0].size == (64, 64, 32)
+    assert all(c.config().data.voxel_size == [256, 256, 64] and setting(c, "cuda")["precision"].startswith("fp16")
+               for c in gpu)
+    assert suite("tiny", size=(64, 64, 32))[0].config().data.voxel_size == [64, 64, 32]
 
 
 def test_cpu_peak_sees_a_transient_allocation():
     import torch
 
-    with CpuPeak() as probe:
-        before = benchmark.rss_mb()
+    with CpuPeak() as peak:
+        before = probe.rss_mb()
         block = torch.ones(64, 2**20 // 4 * 4)  # 64 MiB, touched
         del block
-    assert probe.peak_mb - before > 50
+    assert peak.peak_mb - before > 50

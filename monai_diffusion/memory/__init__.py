@@ -1,0 +1,5 @@
+"""Memory: measuring the training steps (``probe``), the ``benchmark`` command and the ``plan`` command.
+
+``probe`` builds a config's step with the recipes' own builders and measures it; both commands drive it and
+import nothing from each other.
+"""

@@ -1,0 +1,282 @@
+"""The training step of each stage, defined once: train-autoencoder and train-ldm run it, benchmark and plan measure it.
+
+A stage's step is built from the config by one function (the networks, the loss with its weights, optimizers,
+scalers, LR schedules, EMA) and run by two: the forward and backward of one micro-batch under the run's precision
+and gradient accumulation, then the optimizer update that ends an optimizer step. A recipe calls them from its
+loop with real data; the memory harness (:mod:`monai_diffusion.memory.probe`) calls them with random data of the
+same shape. What is planned and benchmarked is therefore what trains.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from monai.losses import PatchAdversarialLoss, PerceptualLoss
+from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
+from torch.optim.lr_scheduler import LRScheduler
+from torch.optim.swa_utils import AveragedModel
+
+from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, LDMTrainingConfig
+from monai_diffusion.diffusion import diffusion_loss
+from monai_diffusion.engine.distributed import gradient_sync
+from monai_diffusion.engine.ema import build_ema
+from monai_diffusion.engine.optim import StepResult, build_lr_scheduler, build_optimizer, optimizer_step
+from monai_diffusion.engine.precision import Precision
+from monai_diffusion.losses import StructuralLoss, build_adversarial_loss, build_perceptual_loss, kl_loss
+from monai_diffusion.networks.builders import build_autoencoder, build_discriminator, build_scheduler, build_unet
+
+__all__ = [
+    "AutoencoderTraining",
+    "LDMTraining",
+    "autoencoder_micro_step",
+    "autoencoder_update",
+    "build_autoencoder_training",
+    "build_ldm_training",
+    "frozen",
+    "ldm_latents",
+    "ldm_micro_step",
+    "ldm_update",
+]
+
+
+@contextlib.contextmanager
+def frozen(module: torch.nn.Module):
+    """No gradients into ``module`` (the discriminator while the generator learns to fool it)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+
+
+# ------------------------------------------------------------------------------------------------ autoencoder
+
+
+@dataclass
+class AutoencoderTraining:
+    """What an autoencoder training step works on (:func:`build_autoencoder_training`).
+
+    Attributes:
+        training: the ``autoencoder.training`` section (loss weights, accumulation, gradient clipping).
+        precision: autocast and gradient scalers of the run.
+        autoencoder: the network being trained.
+        discriminator: the PatchDiscriminator, None when ``adv_weight`` is 0.
+        perceptual: the perceptual loss, None unless ``use_perceptual_loss``.
+        structural: the SSIM / MS-SSIM term, None when ``ssim_weight`` is 0.
+        adversarial_loss: the least-squares patch criterion.
+        optimizer_g, scaler_g, lr_scheduler_g: the generator's (autoencoder's) optimizer, scaler and LR schedule.
+        optimizer_d, scaler_d, lr_scheduler_d: the discriminator's, None without one.
+    """
+
+    training: AutoencoderTrainingConfig
+    precision: Precision
+    autoencoder: torch.nn.Module
+    discriminator: PatchDiscriminator | None
+    perceptual: PerceptualLoss | None
+    structural: StructuralLoss | None
+    adversarial_loss: PatchAdversarialLoss
+    optimizer_g: torch.optim.Optimizer
+    scaler_g: torch.amp.GradScaler
+    lr_scheduler_g: LRScheduler
+    optimizer_d: torch.optim.Optimizer | None = None
+    scaler_d: torch.amp.GradScaler | None = None
+    lr_scheduler_d: LRScheduler | None = None
+
+
+def build_autoencoder_training(
+    config: Config, device: torch.device, precision: Precision, max_steps: int | None,
+    autoencoder: torch.nn.Module | None = None,
+) -> AutoencoderTraining:
+    """The autoencoder, discriminator, losses and optimizers of the config's autoencoder stage, on ``device``.
+
+    Built in a fixed order (autoencoder first, then discriminator), so a seed gives the same initial weights.
+
+    Args:
+        config: the whole config (``autoencoder``, ``data.voxel_size``, ``data.intensity``).
+        device: where the networks go.
+        precision: the run's precision (its scalers are made here).
+        max_steps: the run's optimizer steps (where a cosine LR schedule ends).
+        autoencoder: a network to train instead of ``build_autoencoder(config.autoencoder)`` (the benchmark
+            compares MONAI's stock class and other slab sizes on the same step).
+
+    Raises:
+        FileNotFoundError, ImportError: the perceptual network cannot be loaded (see ``build_perceptual_loss``).
+    """
+    t = config.autoencoder.training
+    spatial_dims = len(config.data.voxel_size)
+    autoencoder = (autoencoder if autoencoder is not None else build_autoencoder(config.autoencoder, spatial_dims))
+    autoencoder = autoencoder.to(device)
+    discriminator = build_discriminator(config.autoencoder, spatial_dims).to(device) if t.adv_weight > 0 else None
+    perceptual = build_perceptual_loss(t, spatial_dims).to(device).eval() if t.use_perceptual_loss else None
+    value_range = config.data.intensity.b_max - config.data.intensity.b_min
+    structural = StructuralLoss(t.ssim_type, spatial_dims, value_range) if t.ssim_weight > 0 else None
+    optimizer_g = build_optimizer(autoencoder.parameters(), t.lr, t.weight_decay)
+    parts = AutoencoderTraining(
+        training=t, precision=precision, autoencoder=autoencoder, discriminator=discriminator, perceptual=perceptual,
+        structural=structural, adversarial_loss=build_adversarial_loss(), optimizer_g=optimizer_g,
+        scaler_g=precision.make_scaler(),
+        lr_scheduler_g=build_lr_scheduler(optimizer_g, t.warmup_steps, t.lr_schedule, max_steps),
+    )
+    if discriminator is not None:
+        parts.optimizer_d = build_optimizer(discriminator.parameters(), t.disc_lr, t.weight_decay)
+        parts.lr_scheduler_d = build_lr_scheduler(parts.optimizer_d, t.warmup_steps, t.lr_schedule, max_steps)
+        parts.scaler_d = precision.make_scaler()
+    return parts
+
+
+def autoencoder_micro_step(
+    parts: AutoencoderTraining, images: torch.Tensor, adversarial: bool, sync: bool = True,
+    model: torch.nn.Module | None = None, disc_model: torch.nn.Module | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Forward and backward of one micro-batch.
+
+    The generator's loss is ``L1 + kl_weight KL [+ ssim_weight (1 - SSIM)] [+ perceptual_weight perceptual]
+    [+ adv_weight adversarial]``; with ``adversarial`` the discriminator then learns from the (detached)
+    reconstruction and the images, its loss weighted by ``adv_weight``. Both backward passes are divided by the
+    accumulation count, so k micro-batches of b match one batch of k*b.
+
+    Args:
+        parts: from :func:`build_autoencoder_training`.
+        images: the micro-batch on the training device.
+        adversarial: whether the adversarial terms count (``adversarial_active(step, training)``).
+        sync: whether this micro-batch ends an optimizer step (DDP all-reduces the gradients only then).
+        model, disc_model: the modules the forward runs through when they are DDP-wrapped (None: the networks).
+
+    Returns:
+        The generator's total loss and each term by name (``recon_l1``, ``kl``, ``ssim``/``ms_ssim``,
+        ``perceptual``, ``gen_adv``, ``disc``), all still attached to the graph of this micro-batch.
+    """
+    t, precision = parts.training, parts.precision
+    model = model if model is not None else parts.autoencoder
+    disc_model = disc_model if disc_model is not None else parts.discriminator
+    with gradient_sync(model, sync):
+        with precision.autocast():
+            reconstruction, z_mu, z_sigma = model(images)
+        losses = {
+            "recon_l1": F.l1_loss(reconstruction.float(), images.float()),
+            "kl": kl_loss(z_mu, z_sigma),
+        }
+        loss_g = losses["recon_l1"] + t.kl_weight * losses["kl"]
+        if parts.structural is not None:
+            losses[t.ssim_type] = parts.structural(reconstruction, images)
+            loss_g = loss_g + t.ssim_weight * losses[t.ssim_type]
+        if parts.perceptual is not None:
+            losses["perceptual"] = parts.perceptual(reconstruction.float(), images.float())
+            loss_g = loss_g + t.perceptual_weight * losses["perceptual"]
+        if adversarial:
+            with frozen(parts.discriminator), precision.autocast():
+                logits_fake = parts.discriminator(reconstruction)[-1]
+            losses["gen_adv"] = parts.adversarial_loss(logits_fake.float(), target_is_real=True, for_discriminator=False)
+            loss_g = loss_g + t.adv_weight * losses["gen_adv"]
+        parts.scaler_g.scale(loss_g / t.gradient_accumulation_steps).backward()
+    if adversarial:
+        with gradient_sync(disc_model, sync):
+            with precision.autocast():
+                logits_fake = disc_model(reconstruction.detach())[-1]
+                logits_real = disc_model(images)[-1]
+            loss_d = 0.5 * (
+                parts.adversarial_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
+                + parts.adversarial_loss(logits_real.float(), target_is_real=True, for_discriminator=True)
+            )
+            losses["disc"] = loss_d
+            parts.scaler_d.scale(t.adv_weight * loss_d / t.gradient_accumulation_steps).backward()
+    return loss_g, losses
+
+
+def autoencoder_update(parts: AutoencoderTraining, adversarial: bool) -> StepResult:
+    """The optimizer step after the last micro-batch: the generator's, and the discriminator's when it trained."""
+    t = parts.training
+    result = optimizer_step(parts.optimizer_g, parts.scaler_g, parts.autoencoder.parameters(), t.grad_clip,
+                            parts.lr_scheduler_g)
+    if adversarial:
+        optimizer_step(parts.optimizer_d, parts.scaler_d, parts.discriminator.parameters(), t.grad_clip,
+                       parts.lr_scheduler_d)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------- LDM
+
+
+@dataclass
+class LDMTraining:
+    """What an LDM training step works on (:func:`build_ldm_training`).
+
+    Attributes:
+        training: the ``ldm.training`` section (accumulation, gradient clipping).
+        precision: autocast and gradient scaler of the run.
+        unet: the diffusion UNet being trained.
+        scheduler: the noise scheduler of ``ldm.scheduler``.
+        kind: ``ldm.scheduler.type`` (ddpm, ddim or rflow).
+        optimizer, scaler, lr_scheduler: the UNet's optimizer, gradient scaler and LR schedule.
+        ema: the EMA of the UNet's weights, None when ``ema_decay`` is None.
+    """
+
+    training: LDMTrainingConfig
+    precision: Precision
+    unet: DiffusionModelUNet
+    scheduler: object
+    kind: str
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr_scheduler: LRScheduler
+    ema: AveragedModel | None
+
+
+def build_ldm_training(
+    config: Config, latent_shape: tuple[int, ...], device: torch.device, precision: Precision, max_steps: int | None
+) -> LDMTraining:
+    """The UNet, noise scheduler, optimizer and EMA of the config's LDM stage, for latents of ``latent_shape``
+    (channels, then per axis), on ``device``."""
+    t = config.ldm.training
+    spatial_dims = len(latent_shape) - 1
+    kind = config.ldm.scheduler.type
+    unet = build_unet(config.ldm, latent_shape[0], spatial_dims).to(device)
+    scheduler = build_scheduler(config.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
+    optimizer = build_optimizer(unet.parameters(), t.lr, t.weight_decay)
+    return LDMTraining(
+        training=t, precision=precision, unet=unet, scheduler=scheduler, kind=kind, optimizer=optimizer,
+        scaler=precision.make_scaler(),
+        lr_scheduler=build_lr_scheduler(optimizer, t.warmup_steps, t.lr_schedule, max_steps),
+        ema=build_ema(unet, t.ema_decay) if t.ema_decay is not None else None,
+    )
+
+
+def ldm_latents(batch: dict, autoencoder: torch.nn.Module, scale_factor: float, precision: Precision,
+                device: torch.device) -> torch.Tensor:
+    """A fresh latent ``(mu + sigma * eps) * scale_factor`` per volume of a batch, from the cached posteriors
+    (``batch["mu"]``, ``batch["sigma"]``) or by encoding ``batch["image"]`` with the frozen autoencoder."""
+    if "mu" in batch:
+        mu, sigma = batch["mu"].to(device, non_blocking=True), batch["sigma"].to(device, non_blocking=True)
+    else:
+        with torch.no_grad(), precision.autocast():
+            images = torch.as_tensor(batch["image"]).as_subclass(torch.Tensor)
+            mu, sigma = autoencoder.encode(images.to(device, non_blocking=True))
+        mu, sigma = mu.float(), sigma.float()
+    return (mu + sigma * torch.randn_like(sigma)) * scale_factor
+
+
+def ldm_micro_step(parts: LDMTraining, z: torch.Tensor, sync: bool = True,
+                   model: torch.nn.Module | None = None) -> torch.Tensor:
+    """Forward and backward of one micro-batch of latents: the scheduler's training target
+    (:func:`~monai_diffusion.diffusion.diffusion_loss`) under the run's precision, divided by the accumulation
+    count. ``sync`` and ``model`` as in :func:`autoencoder_micro_step`. Returns the (unscaled) loss."""
+    model = model if model is not None else parts.unet
+    with gradient_sync(model, sync):
+        loss = diffusion_loss(model, parts.scheduler, parts.kind, z, parts.precision)
+        parts.scaler.scale(loss / parts.training.gradient_accumulation_steps).backward()
+    return loss
+
+
+def ldm_update(parts: LDMTraining) -> StepResult:
+    """The optimizer step after the last micro-batch, then the EMA (only when the step was taken)."""
+    result = optimizer_step(parts.optimizer, parts.scaler, parts.unet.parameters(), parts.training.grad_clip,
+                            parts.lr_scheduler)
+    if parts.ema is not None and result.stepped:
+        parts.ema.update_parameters(parts.unet)
+    return result

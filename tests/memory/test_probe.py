@@ -1,0 +1,142 @@
+"""The harness measures the step that trains.
+
+train-autoencoder / train-ldm and the probe behind ``plan`` and ``benchmark`` run the same step functions; here
+both run one optimizer step of the same config and the test compares what reached those functions: the loss
+terms, the adversarial switch, the networks, optimizers, scalers, LR schedules, EMA, scheduler and prediction
+type, the precision and the batch shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import save_autoencoder, tiny_config_dict, write_hub
+
+from monai_diffusion import steps, train_autoencoder, train_ldm
+from monai_diffusion.config import apply_overrides, config_from_dict
+from monai_diffusion.memory import probe
+from monai_diffusion.memory.probe import Options
+
+
+def spy(monkeypatch, name: str, *modules) -> list[tuple[tuple, dict, object]]:
+    """Record every call of ``steps.<name>`` made from ``modules`` (arguments and result)."""
+    calls = []
+    original = getattr(steps, name)
+
+    def recorder(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append((args, kwargs, result))
+        return result
+
+    for module in modules:
+        monkeypatch.setattr(module, name, recorder)
+    return calls
+
+
+def networks(*modules) -> list[tuple[str, int]]:
+    return [(type(m).__name__, sum(p.numel() for p in m.parameters())) if m is not None else None for m in modules]
+
+
+def optimizers(*pairs) -> list:
+    """Each optimizer with its hyperparameters, scaler and LR schedule (its factor at the first steps)."""
+    described = []
+    for optimizer, scaler, schedule in pairs:
+        if optimizer is None:
+            described.append(None)
+            continue
+        factors = [schedule.lr_lambdas[0](s) for s in range(3)]
+        described.append((type(optimizer).__name__, optimizer.defaults, scaler.is_enabled(), factors))
+    return described
+
+
+def describe_autoencoder(parts: steps.AutoencoderTraining) -> dict:
+    return {
+        "training": parts.training.model_dump(),
+        "precision": parts.precision,
+        "networks": networks(parts.autoencoder, parts.discriminator, parts.perceptual),
+        "structural": parts.structural.kind if parts.structural is not None else None,
+        "optimizers": optimizers((parts.optimizer_g, parts.scaler_g, parts.lr_scheduler_g),
+                                 (parts.optimizer_d, parts.scaler_d, parts.lr_scheduler_d)),
+    }
+
+
+def test_autoencoder_step_measured_is_the_step_trained(tmp_path, nifti_folder, monkeypatch):
+    hub = write_hub(tmp_path / "hub")
+    raw = apply_overrides(tiny_config_dict(nifti_folder, tmp_path / "runs"), [
+        "autoencoder.training.max_steps=1", "autoencoder.training.gradient_accumulation_steps=2",
+        "autoencoder.training.kl_weight=0.01", "autoencoder.training.ssim_weight=0.5",
+        "autoencoder.training.adv_weight=0.1", "autoencoder.training.adv_start_step=0",
+        "autoencoder.training.use_perceptual_loss=true", f"autoencoder.training.perceptual_weights={hub}",
+        "autoencoder.training.perceptual_network=medicalnet_resnet10_23datasets",
+        "autoencoder.training.warmup_steps=2", "autoencoder.training.use_gradient_checkpointing=true",
+    ])
+    config = config_from_dict(raw)
+    micro = spy(monkeypatch, "autoencoder_micro_step", train_autoencoder, probe)
+    updates = spy(monkeypatch, "autoencoder_update", train_autoencoder, probe)
+
+    train_autoencoder.train(config)
+    trained_micro, trained_updates = list(micro), list(updates)
+    record = probe.measure(config, Options(stage="autoencoder", device="cpu", steps=1, warmup=0))
+    measured_micro, measured_updates = micro[len(trained_micro):], updates[len(trained_updates):]
+
+    # One optimizer step of two micro-batches each, the adversarial terms on, then one update of both optimizers.
+    assert len(trained_micro) == len(measured_micro) == 2
+    assert [c[0][1] for c in trained_updates] == [c[0][1] for c in measured_updates] == [True]
+    for (trained_args, _, (_, trained_terms)), (measured_args, _, (_, measured_terms)) in zip(trained_micro,
+                                                                                            measured_micro):
+        assert list(trained_terms) == list(measured_terms) == ["recon_l1", "kl", "ssim", "perceptual", "gen_adv",
+                                                                "disc"]
+        assert trained_args[2] is measured_args[2] is True  # adversarial
+        assert trained_args[1].shape == measured_args[1].shape == (1, 1, 16, 16, 16)
+    trained_parts, measured_parts = trained_micro[0][0][0], measured_micro[0][0][0]
+    assert describe_autoencoder(measured_parts) == describe_autoencoder(trained_parts)
+    assert measured_parts.autoencoder.use_checkpoint and measured_parts.perceptual is not None
+    assert record["params"] == sum(p.numel() for m in (trained_parts.autoencoder, trained_parts.discriminator)
+                                   for p in m.parameters())
+
+
+def describe_ldm(parts: steps.LDMTraining) -> dict:
+    scheduler = parts.scheduler
+    return {
+        "training": parts.training.model_dump(),
+        "precision": parts.precision,
+        "kind": parts.kind,
+        "scheduler": (type(scheduler).__name__, scheduler.num_train_timesteps,
+                      getattr(scheduler, "prediction_type", "velocity")),
+        "networks": networks(parts.unet, parts.ema.module if parts.ema is not None else None),
+        "optimizers": optimizers((parts.optimizer, parts.scaler, parts.lr_scheduler)),
+    }
+
+
+@pytest.mark.parametrize("kind, prediction, cache", [("ddpm", "epsilon", True), ("ddpm", "v_prediction", True),
+                                                     ("ddim", "sample", True), ("rflow", "epsilon", True),
+                                                     ("ddpm", "epsilon", False)])
+def test_ldm_step_measured_is_the_step_trained(tmp_path, nifti_folder, monkeypatch, kind, prediction, cache):
+    raw = apply_overrides(tiny_config_dict(nifti_folder, tmp_path / "runs"), [
+        f"ldm.scheduler.type={kind}", f"ldm.scheduler.prediction_type={prediction}",
+        f"ldm.training.cache_latents={str(cache).lower()}", "ldm.training.max_steps=1", "ldm.training.max_epochs=null",
+        "ldm.training.batch_size=1", "ldm.training.gradient_accumulation_steps=2", "ldm.training.ema_decay=0.9",
+        "ldm.training.scale_factor_volumes=2", "ldm.sampling.num_inference_steps=2", "data.val_fraction=0",
+        "data.cache=none",
+    ])
+    config = config_from_dict(raw)
+    save_autoencoder(config, tmp_path / "runs" / "autoencoder-1" / "checkpoints" / "best.pt")
+    latents = spy(monkeypatch, "ldm_latents", train_ldm, probe)
+    micro = spy(monkeypatch, "ldm_micro_step", train_ldm, probe)
+    updates = spy(monkeypatch, "ldm_update", train_ldm, probe)
+
+    train_ldm.train(config)
+    trained = len(latents), len(micro), len(updates)
+    record = probe.measure(config, Options(stage="ldm", device="cpu", steps=1, warmup=0))
+
+    assert trained == (2, 2, 1) and (len(latents), len(micro), len(updates)) == (4, 4, 2)
+    for trained_call, measured_call in zip(latents[:2], latents[2:]):
+        assert set(trained_call[0][0]) == set(measured_call[0][0]) == ({"mu", "sigma"} if cache else {"image"})
+        assert trained_call[2].shape == measured_call[2].shape == (1, 2, 8, 8, 8)  # z: batch, latent channels, 8^3
+    for trained_call, measured_call in zip(micro[:2], micro[2:]):
+        assert trained_call[0][1].shape == measured_call[0][1].shape
+        assert trained_call[2].shape == measured_call[2].shape == torch.Size([])
+    trained_parts, measured_parts = micro[0][0][0], micro[2][0][0]
+    assert describe_ldm(measured_parts) == describe_ldm(trained_parts)
+    assert measured_parts.kind == kind and (kind == "rflow" or measured_parts.scheduler.prediction_type == prediction)
+    assert record["params"] == sum(p.numel() for p in trained_parts.unet.parameters())
