@@ -33,6 +33,7 @@ from monai.inferers import sliding_window_inference
 from tqdm import tqdm
 
 from monai_diffusion.config.schema import Config
+from monai_diffusion.data.transforms import CLASS_KEY
 from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier
 from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS, build_autoencoder
@@ -124,6 +125,11 @@ def load_autoencoder(path: Path, config: Config, device: torch.device) -> tuple[
     return autoencoder, state_dict_hash(state["autoencoder"])
 
 
+def _item_class(item: dict) -> str | None:
+    """An item's class (data.intensity_by_class), part of its cache entry's name; None when it has none."""
+    return str(item[CLASS_KEY]) if CLASS_KEY in item else None
+
+
 # ------------------------------------------------------------------------------------------------ fingerprints
 
 
@@ -161,12 +167,12 @@ def cache_key(autoencoder_hash: str, transform_settings: dict, precision_name: s
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def volume_id(path: str | os.PathLike) -> str:
+def volume_id(path: str | os.PathLike, item_class: str | None = None) -> str:
     """File name of a volume's cache entry: absolute path + size + modification time (an edited file gets a new
-    entry; its stale one is never read)."""
+    entry; its stale one is never read), and the item's class when it has one (data.intensity_by_class)."""
     resolved = os.path.abspath(os.fspath(path))
     stat = os.stat(resolved)
-    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}" + (f"|{item_class}" if item_class is not None else "")
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -254,7 +260,7 @@ def build_latent_cache(
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = [folder / f"{volume_id(item['image'])}.pt" for item in items]
+    files = [folder / f"{volume_id(item['image'], _item_class(item))}.pt" for item in items]
     todo = [(item, path) for item, path in list(zip(items, files))[rank::world_size] if not path.is_file()]
     if todo:
         logger.info("latent cache %s: encoding %d of %d volume(s)%s", folder, len(todo), len(items),

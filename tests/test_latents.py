@@ -265,3 +265,17 @@ def test_load_autoencoder_is_frozen_and_checks_the_config(tmp_path):
     save_checkpoint(tmp_path / "ldm.pt", {"kind": "ldm"})
     with pytest.raises(ValueError, match="not an autoencoder checkpoint"):
         load_autoencoder(tmp_path / "ldm.pt", config, torch.device("cpu"))
+
+
+def test_a_checkpoint_from_before_a_shape_key_existed_reads_it_as_its_default(tmp_path):
+    """Checkpoints written before autoencoder.include_fc existed were built with an output projection: they load
+    where the config keeps the default, and are refused where it does not."""
+    config = tiny_config(tmp_path, with_encoder_nonlocal_attn=True)
+    path = save_autoencoder(config, tmp_path / "ae.pt")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["autoencoder"]["include_fc"], state["config"]["autoencoder"]["use_combined_linear"]
+    save_checkpoint(path, state)
+    load_autoencoder(path, config, torch.device("cpu"))
+    with pytest.raises(ValueError, match="autoencoder.include_fc: checkpoint true, config false"):
+        load_autoencoder(path, tiny_config(tmp_path, with_encoder_nonlocal_attn=True, include_fc=False),
+                         torch.device("cpu"))

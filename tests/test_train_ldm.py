@@ -147,6 +147,15 @@ def test_on_the_fly_encoding_trains_without_a_cache(setup, tmp_path):
     assert state["step"] == 1 and math.isfinite(state["scale_factor"]) and state["affine"].shape == (4, 4)
 
 
+def test_a_schedule_in_epochs_advances_once_per_finished_epoch(setup):
+    """MultiStepLR with milestones in epochs (MONAI's tutorial: [100, 1000]): 2 epochs of 4 steps, milestone 1."""
+    run = recipe.train(setup(max_steps=None, max_epochs=2, lr=0.01, lr_schedule="multistep", lr_milestones=[1],
+                             lr_schedule_interval="epoch"))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 8 and state["lr_scheduler"]["last_epoch"] == 2
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 

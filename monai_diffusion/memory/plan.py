@@ -44,6 +44,7 @@ import torch
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.config.loading import ConfigError, apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import step_config
 from monai_diffusion.engine.precision import precision_name
 from monai_diffusion.factors import per_axis_factors, total_factor
 from monai_diffusion.memory.probe import Options, config_total_factor, run_measurement
@@ -209,6 +210,8 @@ class Planner:
         self._cache: dict[str, Prediction] = {}
 
     def _predict(self, config: Config, stage: str) -> Prediction:
+        # What the stage trains on: its own precision, and the autoencoder's volume or patch size.
+        config = step_config(config, "autoencoder" if stage == "autoencoder" else "ldm")
         convert = self.target == "cuda" and self.device == "cpu"
         # For a GPU estimate the CPU measures float32, which the conversion factors were calibrated against.
         probe_config = at_size(config, config.data.voxel_size, mixed_precision=False) if convert else config
