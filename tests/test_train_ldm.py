@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import save_autoencoder
+from helpers import old_layout, save_autoencoder
 import torch
 
 from monai_diffusion import latents
@@ -21,7 +21,8 @@ from monai_diffusion.diffusion import diffusion_loss
 from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.config import config_from_dict, save_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
-from monai_diffusion.networks.builders import build_scheduler
+from monai_diffusion.generation import sample
+from monai_diffusion.networks.builders import build_autoencoder, build_scheduler
 
 AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -2.0, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
 LDM_KEYS = {
@@ -176,6 +177,23 @@ def test_mismatched_autoencoder_checkpoint_is_a_clear_error(setup, tmp_path, cap
     assert recipe.main(argv) == 1  # no autoencoder anywhere: an error message, exit status 1
     assert "No autoencoder checkpoint" in caplog.text and "autoencoder-*/checkpoints/best.pt" in caplog.text
     assert not list((tmp_path / "empty").glob("ldm-*"))  # a failed start leaves no run folder behind
+
+
+def test_trains_and_samples_from_a_bundle_state_dict(setup, tmp_path):
+    """A bare state dict in MONAI Generative's key layout (as the BraTS bundle releases its autoencoder) is
+    enough to train the LDM on, and the LDM samples with it."""
+    config = setup()
+    torch.manual_seed(5)
+    weights = build_autoencoder(config.autoencoder, 3).state_dict()
+    old = old_layout(weights)
+    assert set(old) != set(weights)  # the upsampling convolutions carry their old names
+    torch.save(old, tmp_path / "model_autoencoder.pt")
+    config.ldm.autoencoder_checkpoint = tmp_path / "model_autoencoder.pt"
+    run = recipe.train(config)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 1 and state["autoencoder_hash"] == latents.state_dict_hash(weights)
+    written = sample(config, num_samples=1, steps=2, checkpoint=run)
+    assert len(written) == 1 and written[0].is_file()
 
 
 def test_resume_refuses_a_changed_autoencoder(setup, tmp_path):
