@@ -129,8 +129,8 @@ class AutoencoderTrainingConfig(Section):
     voxel_size: list[int] | None = Field(
         None,
         description="Volume size of the autoencoder stage (None: data.voxel_size, which the LDM trains and "
-        "generates at). MONAI's 3D LDM tutorial validates its autoencoder on 168x192x120 and trains the LDM on "
-        "144x176x112.",
+        "generates at). MONAI's 3D LDM tutorial, e.g., trains its autoencoder on 112x128x80 crops of whole volumes "
+        "and its LDM on a 144x176x112 centre crop.",
     )
     patch_size: list[int] | None = Field(
         None,
