@@ -21,8 +21,9 @@ __all__ = ["check_sampler", "diffusion_loss", "sample_latents"]
 # ------------------------------------------------------------------------------------------------ training
 
 
-def diffusion_loss(model, scheduler, kind: str, z: torch.Tensor, precision: Precision) -> torch.Tensor:
-    """Noise ``z`` at random timesteps and regress the scheduler's training target (MSE).
+def diffusion_loss(model, scheduler, kind: str, z: torch.Tensor, precision: Precision,
+                   loss: str = "mse") -> torch.Tensor:
+    """Noise ``z`` at random timesteps and regress the scheduler's training target (``loss``: MSE, or L1 as MAISI).
 
     DDPM/DDIM: uniform integer timesteps; target noise (epsilon), ``get_velocity`` (v_prediction) or ``z``
     (sample). Rectified flow (MONAI's RFlowScheduler, MAISI convention): timesteps from
@@ -45,6 +46,8 @@ def diffusion_loss(model, scheduler, kind: str, z: torch.Tensor, precision: Prec
     noisy = scheduler.add_noise(original_samples=z, noise=noise, timesteps=timesteps)
     with precision.autocast():
         prediction = model(noisy, timesteps=timesteps)
+    if loss == "l1":
+        return F.l1_loss(prediction.float(), target.float())
     return F.mse_loss(prediction.float(), target.float())
 
 

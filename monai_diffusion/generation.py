@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from monai_diffusion.config.loading import config_from_dict
 from monai_diffusion.config.schema import Config, SamplingConfig
+from monai_diffusion.config.stages import stage_config
 from monai_diffusion.diffusion import check_sampler, sample_latents
 from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
@@ -135,7 +136,7 @@ def sample(
 def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind, seed, out, checkpoint) -> list[Path]:
     log = get_logger()
     device = dist.device
-    precision = resolve_precision(config.device.mixed_precision, device)
+    precision = resolve_precision(stage_config(config, "ldm").device.mixed_precision, device)  # the LDM's own
     sampling = config.ldm.sampling
     num_samples = num_samples or sampling.num_samples
     steps = steps or sampling.num_inference_steps

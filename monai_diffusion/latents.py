@@ -33,7 +33,8 @@ from monai.inferers import sliding_window_inference
 from tqdm import tqdm
 
 from monai_diffusion.config.schema import Config
-from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint
+from monai_diffusion.data.transforms import CLASS_KEY
+from monai_diffusion.engine.checkpoint import CheckpointError, check_shape_keys, load_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier
 from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS, build_autoencoder
 
@@ -101,16 +102,27 @@ def resolve_autoencoder_checkpoint(config: Config) -> Path:
 def load_autoencoder(path: Path, config: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The trained autoencoder from ``path``, checked against ``config``, frozen and in eval mode on ``device``.
 
+    ``path`` is a train-autoencoder checkpoint, or a plain state dict of MONAI's AutoencoderKL as MONAI's tutorial
+    and bundles save it (e.g. the BraTS bundle's ``model_autoencoder.pt``), in today's key layout or MONAI
+    Generative's older one (read with ``load_old_state_dict``). A plain state dict records no settings: the
+    config's ``autoencoder`` section must describe its network.
+
     Returns:
         (autoencoder, hash of its weights as :func:`state_dict_hash`).
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not an autoencoder checkpoint, or its shape-defining settings differ from the config's
-            (every differing key listed with both values).
+        ValueError: not an autoencoder checkpoint or state dict, its shape-defining settings differ from the
+            config's (every differing key listed with both values), or a state dict does not fit the config.
     """
     path = Path(path)
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError:
+        weights = _plain_state_dict(path)
+        if weights is None:
+            raise
+        return _autoencoder_from_state_dict(weights, path, config, device)
     kind = state.get("kind")
     if kind != "autoencoder" or "autoencoder" not in state:
         raise ValueError(f"{path}: not an autoencoder checkpoint (kind={kind!r}); set ldm.autoencoder_checkpoint")
@@ -122,6 +134,40 @@ def load_autoencoder(path: Path, config: Config, device: torch.device) -> tuple[
     autoencoder.load_state_dict(state["autoencoder"])
     autoencoder.to(device).eval().requires_grad_(False)
     return autoencoder, state_dict_hash(state["autoencoder"])
+
+
+def _plain_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
+    """The file's content when it is a bare state dict (parameter names -> tensors), else None."""
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - not a readable torch file: the caller's error stands
+        return None
+    if isinstance(content, dict) and content and all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in content.items()
+    ):
+        return content
+    return None
+
+
+def _autoencoder_from_state_dict(weights: dict[str, torch.Tensor], path: Path, config: Config,
+                                 device: torch.device) -> tuple[torch.nn.Module, str]:
+    """The config's autoencoder with a plain state dict's weights (either key layout), frozen, and its hash."""
+    autoencoder = build_autoencoder(config.autoencoder, len(config.data.voxel_size), use_checkpoint=False)
+    try:
+        autoencoder.load_old_state_dict(weights)
+    except (KeyError, RuntimeError) as exc:
+        raise ValueError(
+            f"ldm.autoencoder_checkpoint: {path} is a plain state dict that does not fit the config's autoencoder "
+            f"section (set autoencoder.* to the network it was trained as): {type(exc).__name__}: {exc}"
+        ) from None
+    autoencoder.to(device).eval().requires_grad_(False)
+    logger.info("autoencoder weights from the plain state dict %s", path)
+    return autoencoder, state_dict_hash(autoencoder.state_dict())
+
+
+def _item_class(item: dict) -> str | None:
+    """An item's class (data.intensity_by_class), part of its cache entry's name; None when it has none."""
+    return str(item[CLASS_KEY]) if CLASS_KEY in item else None
 
 
 # ------------------------------------------------------------------------------------------------ fingerprints
@@ -161,12 +207,12 @@ def cache_key(autoencoder_hash: str, transform_settings: dict, precision_name: s
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def volume_id(path: str | os.PathLike) -> str:
+def volume_id(path: str | os.PathLike, item_class: str | None = None) -> str:
     """File name of a volume's cache entry: absolute path + size + modification time (an edited file gets a new
-    entry; its stale one is never read)."""
+    entry; its stale one is never read), and the item's class when it has one (data.intensity_by_class)."""
     resolved = os.path.abspath(os.fspath(path))
     stat = os.stat(resolved)
-    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}"
+    key = f"{resolved}|{stat.st_size}|{stat.st_mtime_ns}" + (f"|{item_class}" if item_class is not None else "")
     return hashlib.sha256(key.encode()).hexdigest()[:20]
 
 
@@ -254,7 +300,7 @@ def build_latent_cache(
     rank, world_size = (dist.rank, dist.world_size) if dist is not None else (0, 1)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    files = [folder / f"{volume_id(item['image'])}.pt" for item in items]
+    files = [folder / f"{volume_id(item['image'], _item_class(item))}.pt" for item in items]
     todo = [(item, path) for item, path in list(zip(items, files))[rank::world_size] if not path.is_file()]
     if todo:
         logger.info("latent cache %s: encoding %d of %d volume(s)%s", folder, len(todo), len(items),

@@ -23,12 +23,14 @@ _HUB_ENTRIES = {
     "medicalnet_resnet10_23datasets": "Project-MONAI_perceptual-models_*",
     "medicalnet_resnet50_23datasets": "Project-MONAI_perceptual-models_*",
     "radimagenet_resnet50": "Project-MONAI_perceptual-models_*",
+    "resnet50": "checkpoints/resnet50-*.pth",
     "squeeze": "checkpoints/squeezenet1_1-*.pth",
     "alex": "checkpoints/alexnet-owt-*.pth",
     "vgg": "checkpoints/vgg16-*.pth",
 }
 # The 2D networks also need these packages (not installed by default: lpips pulls in torchvision).
-_EXTRA_PACKAGES = {"squeeze": "lpips torchvision", "alex": "lpips torchvision", "vgg": "lpips torchvision"}
+_EXTRA_PACKAGES = {"squeeze": "lpips torchvision", "alex": "lpips torchvision", "vgg": "lpips torchvision",
+                   "resnet50": "torchvision"}
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -101,6 +103,10 @@ def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int
     - ``perceptual_weights: FOLDER``: an existing torch hub folder (copied from a connected machine) is used
       offline: nothing is downloaded (``HF_HUB_OFFLINE`` is set while loading).
 
+    ``resnet50`` (torchvision's, the BraTS bundle's) reads ``perceptual_pretrained_path`` instead when it is set
+    (MONAI's ``pretrained_path`` / ``pretrained_state_dict_key``). 2D networks see ``perceptual_fake_3d_ratio`` of
+    the slices along each axis.
+
     Args:
         training: ``autoencoder.training``; ``perceptual_network`` and ``perceptual_weights`` are read.
         spatial_dims: 3 uses the 3D MedicalNet networks directly; 2D networks run on slices (fake 3D).
@@ -112,7 +118,15 @@ def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int
     """
     network = training.perceptual_network
     default_hub = torch.hub.get_dir()
+    weights_file = Path(training.perceptual_pretrained_path).expanduser() if training.perceptual_pretrained_path else None
+    if weights_file is not None and not weights_file.is_file():
+        raise FileNotFoundError(
+            f"autoencoder.training.perceptual_pretrained_path: no such file: {weights_file} (expected the weights of "
+            f"the '{network}' perceptual network)"
+        )
     offline_dir = Path(training.perceptual_weights).expanduser() if training.perceptual_weights else None
+    if weights_file is not None:
+        offline_dir = None  # the weights come from the file; nothing is fetched
     if offline_dir is not None and not any(offline_dir.glob(_HUB_ENTRIES[network])):
         raise FileNotFoundError(
             f"autoencoder.training.perceptual_weights: no weights for perceptual network '{network}' in "
@@ -129,7 +143,9 @@ def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int
             spatial_dims=spatial_dims,
             network_type=network,
             is_fake_3d=not medicalnet,
-            fake_3d_ratio=0.25,
+            fake_3d_ratio=training.perceptual_fake_3d_ratio,
+            pretrained_path=str(weights_file) if weights_file is not None else None,
+            pretrained_state_dict_key=training.perceptual_state_dict_key,
             channel_wise=medicalnet,
         )
     except (ImportError, OptionalImportError) as exc:

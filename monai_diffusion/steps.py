@@ -32,11 +32,13 @@ from monai_diffusion.networks.builders import build_autoencoder, build_discrimin
 __all__ = [
     "AutoencoderTraining",
     "LDMTraining",
+    "autoencoder_epoch_end",
     "autoencoder_micro_step",
     "autoencoder_update",
     "build_autoencoder_training",
     "build_ldm_training",
     "frozen",
+    "ldm_epoch_end",
     "ldm_latents",
     "ldm_micro_step",
     "ldm_update",
@@ -53,6 +55,25 @@ def frozen(module: torch.nn.Module):
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
+
+
+def _optimizer_and_schedule(
+    parameters, lr: float, t: AutoencoderTrainingConfig | LDMTrainingConfig, max_steps: int | None,
+    max_epochs: int | None, world_size: int,
+) -> tuple[torch.optim.Optimizer, LRScheduler]:
+    """AdamW at ``lr`` (times the process count with ``scale_lr_by_world_size``) and the section's LR schedule, whose
+    length is the run's optimizer steps, or its epochs for a schedule that advances per epoch."""
+    optimizer = build_optimizer(parameters, lr * (world_size if t.scale_lr_by_world_size else 1), t.weight_decay,
+                                eps=t.adam_eps)
+    length = max_epochs if t.lr_schedule_interval == "epoch" else max_steps
+    schedule = build_lr_scheduler(optimizer, t.warmup_steps, t.lr_schedule, length, milestones=t.lr_milestones,
+                                  gamma=t.lr_gamma, power=t.lr_power)
+    return optimizer, schedule
+
+
+def _per_step(schedule: LRScheduler | None, t: AutoencoderTrainingConfig | LDMTrainingConfig) -> LRScheduler | None:
+    """The schedule an optimizer step advances: None when it advances per epoch (``*_epoch_end`` does it)."""
+    return schedule if t.lr_schedule_interval == "step" else None
 
 
 # ------------------------------------------------------------------------------------------------ autoencoder
@@ -72,6 +93,8 @@ class AutoencoderTraining:
         adversarial_loss: the least-squares patch criterion.
         optimizer_g, scaler_g, lr_scheduler_g: the generator's (autoencoder's) optimizer, scaler and LR schedule.
         optimizer_d, scaler_d, lr_scheduler_d: the discriminator's, None without one.
+        discriminator_batch: (the discriminator module to run, reconstruction, images) of the last micro-batch,
+            kept for the extra discriminator steps of ``disc_steps_per_generator_step`` > 1 until the update.
     """
 
     training: AutoencoderTrainingConfig
@@ -87,11 +110,12 @@ class AutoencoderTraining:
     optimizer_d: torch.optim.Optimizer | None = None
     scaler_d: torch.amp.GradScaler | None = None
     lr_scheduler_d: LRScheduler | None = None
+    discriminator_batch: tuple[torch.nn.Module, torch.Tensor, torch.Tensor] | None = None
 
 
 def build_autoencoder_training(
     config: Config, device: torch.device, precision: Precision, max_steps: int | None,
-    autoencoder: torch.nn.Module | None = None,
+    autoencoder: torch.nn.Module | None = None, max_epochs: int | None = None, world_size: int = 1,
 ) -> AutoencoderTraining:
     """The autoencoder, discriminator, losses and optimizers of the config's autoencoder stage, on ``device``.
 
@@ -101,9 +125,11 @@ def build_autoencoder_training(
         config: the whole config (``autoencoder``, ``data.voxel_size``, ``data.intensity``).
         device: where the networks go.
         precision: the run's precision (its scalers are made here).
-        max_steps: the run's optimizer steps (where a cosine LR schedule ends).
+        max_steps: the run's optimizer steps (where a cosine or polynomial LR schedule ends).
         autoencoder: a network to train instead of ``build_autoencoder(config.autoencoder)`` (the benchmark
             compares MONAI's stock class and other slab sizes on the same step).
+        max_epochs: the run's epochs (where a schedule advancing per epoch ends).
+        world_size: the number of processes (``scale_lr_by_world_size``).
 
     Raises:
         FileNotFoundError, ImportError: the perceptual network cannot be loaded (see ``build_perceptual_loss``).
@@ -116,18 +142,35 @@ def build_autoencoder_training(
     perceptual = build_perceptual_loss(t, spatial_dims).to(device).eval() if t.use_perceptual_loss else None
     value_range = config.data.intensity.b_max - config.data.intensity.b_min
     structural = StructuralLoss(t.ssim_type, spatial_dims, value_range) if t.ssim_weight > 0 else None
-    optimizer_g = build_optimizer(autoencoder.parameters(), t.lr, t.weight_decay)
+    optimizer_g, lr_scheduler_g = _optimizer_and_schedule(autoencoder.parameters(), t.lr, t, max_steps, max_epochs,
+                                                           world_size)
     parts = AutoencoderTraining(
         training=t, precision=precision, autoencoder=autoencoder, discriminator=discriminator, perceptual=perceptual,
         structural=structural, adversarial_loss=build_adversarial_loss(), optimizer_g=optimizer_g,
-        scaler_g=precision.make_scaler(),
-        lr_scheduler_g=build_lr_scheduler(optimizer_g, t.warmup_steps, t.lr_schedule, max_steps),
+        scaler_g=precision.make_scaler(), lr_scheduler_g=lr_scheduler_g,
     )
     if discriminator is not None:
-        parts.optimizer_d = build_optimizer(discriminator.parameters(), t.disc_lr, t.weight_decay)
-        parts.lr_scheduler_d = build_lr_scheduler(parts.optimizer_d, t.warmup_steps, t.lr_schedule, max_steps)
+        parts.optimizer_d, parts.lr_scheduler_d = _optimizer_and_schedule(
+            discriminator.parameters(), t.disc_lr, t, max_steps, max_epochs, world_size)
         parts.scaler_d = precision.make_scaler()
     return parts
+
+
+def _discriminator_backward(parts: AutoencoderTraining, disc_model: torch.nn.Module, fake: torch.Tensor,
+                            real: torch.Tensor) -> torch.Tensor:
+    """The discriminator's least-squares loss on a detached reconstruction and the images, backward weighted by
+    ``disc_loss_weight`` (None: ``adv_weight``) and divided by the accumulation count; returns the unweighted loss."""
+    t = parts.training
+    with parts.precision.autocast():
+        logits_fake = disc_model(fake)[-1]
+        logits_real = disc_model(real)[-1]
+    loss_d = 0.5 * (
+        parts.adversarial_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
+        + parts.adversarial_loss(logits_real.float(), target_is_real=True, for_discriminator=True)
+    )
+    weight = t.adv_weight if t.disc_loss_weight is None else t.disc_loss_weight
+    parts.scaler_d.scale(weight * loss_d / t.gradient_accumulation_steps).backward()
+    return loss_d
 
 
 def autoencoder_micro_step(
@@ -138,8 +181,9 @@ def autoencoder_micro_step(
 
     The generator's loss is ``L1 + kl_weight KL [+ ssim_weight (1 - SSIM)] [+ perceptual_weight perceptual]
     [+ adv_weight adversarial]``; with ``adversarial`` the discriminator then learns from the (detached)
-    reconstruction and the images, its loss weighted by ``adv_weight``. Both backward passes are divided by the
-    accumulation count, so k micro-batches of b match one batch of k*b.
+    reconstruction and the images, its loss weighted by ``disc_loss_weight`` (default ``adv_weight``). Both
+    backward passes are divided by the accumulation count, so k micro-batches of b match one batch of k*b. With
+    ``disc_steps_per_generator_step`` > 1 the reconstruction and images are kept for the update's extra steps.
 
     Args:
         parts: from :func:`build_autoencoder_training`.
@@ -177,27 +221,37 @@ def autoencoder_micro_step(
         parts.scaler_g.scale(loss_g / t.gradient_accumulation_steps).backward()
     if adversarial:
         with gradient_sync(disc_model, sync):
-            with precision.autocast():
-                logits_fake = disc_model(reconstruction.detach())[-1]
-                logits_real = disc_model(images)[-1]
-            loss_d = 0.5 * (
-                parts.adversarial_loss(logits_fake.float(), target_is_real=False, for_discriminator=True)
-                + parts.adversarial_loss(logits_real.float(), target_is_real=True, for_discriminator=True)
-            )
-            losses["disc"] = loss_d
-            parts.scaler_d.scale(t.adv_weight * loss_d / t.gradient_accumulation_steps).backward()
+            losses["disc"] = _discriminator_backward(parts, disc_model, reconstruction.detach(), images)
+        if t.disc_steps_per_generator_step > 1:
+            parts.discriminator_batch = (disc_model, reconstruction.detach(), images)
     return loss_g, losses
 
 
 def autoencoder_update(parts: AutoencoderTraining, adversarial: bool) -> StepResult:
-    """The optimizer step after the last micro-batch: the generator's, and the discriminator's when it trained."""
+    """The optimizer step after the last micro-batch: the generator's, and the discriminator's when it trained, then
+    its ``disc_steps_per_generator_step - 1`` extra steps on the kept batch (each a forward, backward and step; the
+    LR schedule advances once per generator step)."""
     t = parts.training
     result = optimizer_step(parts.optimizer_g, parts.scaler_g, parts.autoencoder.parameters(), t.grad_clip,
-                            parts.lr_scheduler_g)
+                            _per_step(parts.lr_scheduler_g, t))
     if adversarial:
         optimizer_step(parts.optimizer_d, parts.scaler_d, parts.discriminator.parameters(), t.grad_clip,
-                       parts.lr_scheduler_d)
+                       _per_step(parts.lr_scheduler_d, t))
+        if parts.discriminator_batch is not None:
+            disc_model, fake, real = parts.discriminator_batch
+            for _ in range(t.disc_steps_per_generator_step - 1):
+                _discriminator_backward(parts, disc_model, fake, real)
+                optimizer_step(parts.optimizer_d, parts.scaler_d, parts.discriminator.parameters(), t.grad_clip)
+    parts.discriminator_batch = None
     return result
+
+
+def autoencoder_epoch_end(parts: AutoencoderTraining) -> None:
+    """At the end of a whole epoch: advance the LR schedules that count epochs (``lr_schedule_interval: epoch``)."""
+    if parts.training.lr_schedule_interval == "epoch":
+        for schedule in (parts.lr_scheduler_g, parts.lr_scheduler_d):
+            if schedule is not None:
+                schedule.step()
 
 
 # ------------------------------------------------------------------------------------------------------- LDM
@@ -229,20 +283,21 @@ class LDMTraining:
 
 
 def build_ldm_training(
-    config: Config, latent_shape: tuple[int, ...], device: torch.device, precision: Precision, max_steps: int | None
+    config: Config, latent_shape: tuple[int, ...], device: torch.device, precision: Precision, max_steps: int | None,
+    max_epochs: int | None = None, world_size: int = 1,
 ) -> LDMTraining:
     """The UNet, noise scheduler, optimizer and EMA of the config's LDM stage, for latents of ``latent_shape``
-    (channels, then per axis), on ``device``."""
+    (channels, then per axis), on ``device``. ``max_steps``, ``max_epochs`` and ``world_size`` as in
+    :func:`build_autoencoder_training`."""
     t = config.ldm.training
     spatial_dims = len(latent_shape) - 1
     kind = config.ldm.scheduler.type
     unet = build_unet(config.ldm, latent_shape[0], spatial_dims).to(device)
     scheduler = build_scheduler(config.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
-    optimizer = build_optimizer(unet.parameters(), t.lr, t.weight_decay)
+    optimizer, lr_scheduler = _optimizer_and_schedule(unet.parameters(), t.lr, t, max_steps, max_epochs, world_size)
     return LDMTraining(
         training=t, precision=precision, unet=unet, scheduler=scheduler, kind=kind, optimizer=optimizer,
-        scaler=precision.make_scaler(),
-        lr_scheduler=build_lr_scheduler(optimizer, t.warmup_steps, t.lr_schedule, max_steps),
+        scaler=precision.make_scaler(), lr_scheduler=lr_scheduler,
         ema=build_ema(unet, t.ema_decay) if t.ema_decay is not None else None,
     )
 
@@ -264,11 +319,12 @@ def ldm_latents(batch: dict, autoencoder: torch.nn.Module, scale_factor: float, 
 def ldm_micro_step(parts: LDMTraining, z: torch.Tensor, sync: bool = True,
                    model: torch.nn.Module | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch of latents: the scheduler's training target
-    (:func:`~monai_diffusion.diffusion.diffusion_loss`) under the run's precision, divided by the accumulation
-    count. ``sync`` and ``model`` as in :func:`autoencoder_micro_step`. Returns the (unscaled) loss."""
+    (:func:`~monai_diffusion.diffusion.diffusion_loss`, ``ldm.training.loss``) under the run's precision, divided by
+    the accumulation count. ``sync`` and ``model`` as in :func:`autoencoder_micro_step`. Returns the (unscaled)
+    loss."""
     model = model if model is not None else parts.unet
     with gradient_sync(model, sync):
-        loss = diffusion_loss(model, parts.scheduler, parts.kind, z, parts.precision)
+        loss = diffusion_loss(model, parts.scheduler, parts.kind, z, parts.precision, parts.training.loss)
         parts.scaler.scale(loss / parts.training.gradient_accumulation_steps).backward()
     return loss
 
@@ -276,7 +332,13 @@ def ldm_micro_step(parts: LDMTraining, z: torch.Tensor, sync: bool = True,
 def ldm_update(parts: LDMTraining) -> StepResult:
     """The optimizer step after the last micro-batch, then the EMA (only when the step was taken)."""
     result = optimizer_step(parts.optimizer, parts.scaler, parts.unet.parameters(), parts.training.grad_clip,
-                            parts.lr_scheduler)
+                            _per_step(parts.lr_scheduler, parts.training))
     if parts.ema is not None and result.stepped:
         parts.ema.update_parameters(parts.unet)
     return result
+
+
+def ldm_epoch_end(parts: LDMTraining) -> None:
+    """At the end of a whole epoch: advance the LR schedule when it counts epochs (``lr_schedule_interval: epoch``)."""
+    if parts.training.lr_schedule_interval == "epoch":
+        parts.lr_scheduler.step()

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_dataloaders
 from monai_diffusion.engine.checkpoint import (
     capture_rng_state,
@@ -43,11 +44,18 @@ from monai_diffusion.engine.optim import NonFiniteGuard
 from monai_diffusion.losses import adversarial_active
 from monai_diffusion.metrics import SSIM_WINDOW
 from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS
-from monai_diffusion.steps import autoencoder_micro_step, autoencoder_update, build_autoencoder_training
+from monai_diffusion.steps import (
+    autoencoder_epoch_end,
+    autoencoder_micro_step,
+    autoencoder_update,
+    build_autoencoder_training,
+)
 
 
 def train(config: Config, resume: str | None = None) -> Path:
     """Train the autoencoder described by ``config``; returns the run folder."""
+    # The run folder keeps the whole config; the stage works with its own volume size and precision.
+    run_config, config = config, stage_config(config, "autoencoder")
     dist, precision = start_run(config)
     log = get_logger()
     device = dist.device
@@ -58,14 +66,16 @@ def train(config: Config, resume: str | None = None) -> Path:
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
         check_shape_keys(state["config"], config.model_dump(mode="json"), AUTOENCODER_SHAPE_KEYS)
-    run_dir = open_run_dir(config, "autoencoder", dist, resume_path, state)
+    run_dir = open_run_dir(run_config, "autoencoder", dist, resume_path, state)
 
     # ---- data
-    train_loader, val_loader, train_sampler = build_dataloaders(config, dist.rank, dist.world_size)
+    train_loader, val_loader, train_sampler = build_dataloaders(config, dist.rank, dist.world_size,
+                                                                patch_size=t.patch_size)
     budget = step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
     # ---- networks, losses, optimizers: the step benchmark and plan measure
-    parts = build_autoencoder_training(config, device, precision, budget.max_steps)
+    parts = build_autoencoder_training(config, device, precision, budget.max_steps, max_epochs=budget.max_epochs,
+                                       world_size=dist.world_size)
     autoencoder, discriminator = parts.autoencoder, parts.discriminator
 
     step, start_epoch, skip_batches, best_val = 0, 0, 0, float("inf")
@@ -156,6 +166,8 @@ def train(config: Config, resume: str | None = None) -> Path:
                     break
             bar.close()
             skip_batches = 0
+            if done_in_epoch == budget.micro_batches:
+                autoencoder_epoch_end(parts)
 
             if (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == budget.max_epochs or step >= budget.max_steps:
                 metrics = validate(autoencoder, val_loader, precision, config, run_dir, step, writer, dist)

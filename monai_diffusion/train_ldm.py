@@ -24,9 +24,10 @@ from tqdm import tqdm
 
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, screen_volumes
 from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
-from monai_diffusion.data.transforms import deterministic_settings
+from monai_diffusion.data.transforms import deterministic_settings, selected_channels
 from monai_diffusion.generation import generate_volume
 from monai_diffusion.engine.checkpoint import (
     capture_rng_state,
@@ -61,7 +62,7 @@ from monai_diffusion.latents import (
     resolve_autoencoder_checkpoint,
 )
 from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_scheduler
-from monai_diffusion.steps import build_ldm_training, ldm_latents, ldm_micro_step, ldm_update
+from monai_diffusion.steps import build_ldm_training, ldm_epoch_end, ldm_latents, ldm_micro_step, ldm_update
 
 # fast_dev_run samples its validation volume with this many denoising steps.
 FAST_DEV_RUN_INFERENCE_STEPS = 2
@@ -80,6 +81,7 @@ def training_items(config: Config) -> list[dict]:
         spatial_dims=len(data.voxel_size),
         spacing=data.spacing,
         cache_file=None if config.fast_dev_run else cache_root(config) / "screening.json",
+        channels=selected_channels(data),
     )
     if not items:
         raise ValueError(f"No training volume to train on (data.source={data.source!r})")
@@ -88,6 +90,8 @@ def training_items(config: Config) -> list[dict]:
 
 def train(config: Config, resume: str | None = None) -> Path:
     """Train the latent diffusion model described by ``config``; returns the run folder."""
+    # The run folder keeps the whole config; the stage works with its own precision.
+    run_config, config = config, stage_config(config, "ldm")
     dist, precision = start_run(config)
     log = get_logger()
     device = dist.device
@@ -118,7 +122,7 @@ def train(config: Config, resume: str | None = None) -> Path:
     log.info("autoencoder %s (weights %s); latent shape %s", ae_path, ae_hash, list(latent_shape))
 
     # ---- the run folder (only once the autoencoder is known to fit: a failed start leaves no empty run)
-    run_dir = open_run_dir(config, "ldm", dist, resume_path, state)
+    run_dir = open_run_dir(run_config, "ldm", dist, resume_path, state)
 
     # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
     items = training_items(config)
@@ -172,7 +176,8 @@ def train(config: Config, resume: str | None = None) -> Path:
     budget = step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
     # ---- UNet, scheduler, optimizer, EMA: the step benchmark and plan measure
-    parts = build_ldm_training(config, latent_shape, device, precision, budget.max_steps)
+    parts = build_ldm_training(config, latent_shape, device, precision, budget.max_steps,
+                               max_epochs=budget.max_epochs, world_size=dist.world_size)
     unet, ema = parts.unet, parts.ema
 
     step, start_epoch, skip_batches = 0, 0, 0
@@ -258,6 +263,8 @@ def train(config: Config, resume: str | None = None) -> Path:
                     break
             bar.close()
             skip_batches = 0
+            if done_in_epoch == budget.micro_batches:
+                ldm_epoch_end(parts)
             if dist.is_main and count:
                 log.info("epoch %d step %d train loss %.4f", epoch + 1, step, total / count)
 

@@ -14,6 +14,7 @@ import torch
 
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import stage_config
 from monai_diffusion.networks.builders import build_autoencoder, build_discriminator, build_unet
 
 
@@ -32,6 +33,7 @@ def summarise(config: Config) -> str:
     image_elements = ae.in_channels * math.prod(data.voxel_size)
     latent_elements = ae.latent_channels * math.prod(latent)
     t = ae.training
+    ae_stage, ldm_stage = stage_config(config, "autoencoder"), stage_config(config, "ldm")
     levels = " x ".join(str(list(f)) for f in autoencoder.downsample_factors) or "none"
     lines = [
         "config is valid",
@@ -47,6 +49,10 @@ def summarise(config: Config) -> str:
         f"float32 image {image_elements * 4 / 2**20:.2f} MiB, latent {latent_elements * 4 / 2**20:.3f} MiB",
         f"  parameters    autoencoder {count_parameters(autoencoder):,}  discriminator {disc_params:,}  "
         f"diffusion UNet {count_parameters(unet):,}",
+        f"  stages        autoencoder volume {ae_stage.data.voxel_size}"
+        + (f" (trains on {t.patch_size} patches)" if t.patch_size is not None else "")
+        + f" mixed_precision={ae_stage.device.mixed_precision};  LDM volume {data.voxel_size} "
+        f"mixed_precision={ldm_stage.device.mixed_precision}",
         f"  AE training   batch {t.batch_size} x accumulation {t.gradient_accumulation_steps}  lr {t.lr}  "
         f"max_epochs {t.max_epochs}  max_steps {t.max_steps}  checkpointing {t.use_gradient_checkpointing}  "
         f"perceptual {t.use_perceptual_loss}  adversarial weight {t.adv_weight} from step {t.adv_start_step}",

@@ -58,6 +58,22 @@ def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
     return path
 
 
+def old_layout(state: dict, with_proj_attn: bool = True) -> dict:
+    """``state`` as MONAI Generative's AutoencoderKL named it (the BraTS bundle's released weights): attention
+    projections on the block itself (``proj_attn`` for the output projection), the upsampling convolution as
+    ``conv``."""
+    old = {}
+    for key, value in state.items():
+        if ".attn.out_proj." in key:
+            if with_proj_attn:
+                old[key.replace(".attn.out_proj.", ".proj_attn.")] = value
+        elif ".attn." in key:
+            old[key.replace(".attn.", ".")] = value
+        else:
+            old[key.replace("postconv", "conv")] = value
+    return old
+
+
 FAKE_HUBCONF = """
 dependencies = ["torch"]
 import torch

@@ -8,14 +8,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import save_autoencoder
+from helpers import old_layout, save_autoencoder
 import torch
 
 from monai_diffusion import latents
 from monai_diffusion.config import config_from_dict
 from monai_diffusion.data import build_transforms
 from monai_diffusion.data.transforms import deterministic_settings
-from monai_diffusion.engine.checkpoint import save_checkpoint
+from monai_diffusion.engine.checkpoint import CheckpointError, save_checkpoint
 from monai_diffusion.latents import (
     LatentDataset,
     build_latent_cache,
@@ -265,3 +265,53 @@ def test_load_autoencoder_is_frozen_and_checks_the_config(tmp_path):
     save_checkpoint(tmp_path / "ldm.pt", {"kind": "ldm"})
     with pytest.raises(ValueError, match="not an autoencoder checkpoint"):
         load_autoencoder(tmp_path / "ldm.pt", config, torch.device("cpu"))
+
+
+def test_plain_state_dict_in_the_old_key_layout_is_an_autoencoder_checkpoint(tmp_path):
+    """ldm.autoencoder_checkpoint may name a bare state dict as MONAI's bundles ship it (the BraTS bundle's
+    model_autoencoder.pt, MONAI Generative's key layout): the config's autoencoder gets exactly its weights."""
+    config = tiny_config(tmp_path, with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True)
+    trained = build_autoencoder(config.autoencoder, 3)
+    for parameter in trained.parameters():  # weights no fresh model has by chance
+        torch.nn.init.normal_(parameter, std=0.1)
+    old = old_layout(trained.state_dict())
+    assert any(".proj_attn." in key for key in old) and not set(old) <= set(trained.state_dict())
+    path = tmp_path / "model_autoencoder.pt"
+    torch.save(old, path)
+    config.ldm.autoencoder_checkpoint = path
+
+    model, digest = load_autoencoder(resolve_autoencoder_checkpoint(config), config, torch.device("cpu"))
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    for key, value in trained.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    assert digest == state_dict_hash(trained.state_dict())
+    image = torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode(image)[0], trained.eval().encode(image)[0])
+
+    # Today's layout loads the same way, and to the same fingerprint.
+    torch.save(trained.state_dict(), tmp_path / "new_layout.pt")
+    assert load_autoencoder(tmp_path / "new_layout.pt", config, torch.device("cpu"))[1] == digest
+
+    # A state dict of another network is refused, naming the file and the section to fix.
+    other = tiny_config(tmp_path, with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True, latent_channels=3)
+    with pytest.raises(ValueError, match=r"model_autoencoder.pt is a plain state dict that does not fit .* autoencoder"):
+        load_autoencoder(path, other, torch.device("cpu"))
+    # Anything else that is not a checkpoint stays an error about the checkpoint.
+    torch.save({"epoch": 3}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not a monai-diffusion checkpoint"):
+        load_autoencoder(tmp_path / "foreign.pt", config, torch.device("cpu"))
+
+
+def test_a_checkpoint_from_before_a_shape_key_existed_reads_it_as_its_default(tmp_path):
+    """Checkpoints written before autoencoder.include_fc existed were built with an output projection: they load
+    where the config keeps the default, and are refused where it does not."""
+    config = tiny_config(tmp_path, with_encoder_nonlocal_attn=True)
+    path = save_autoencoder(config, tmp_path / "ae.pt")
+    state = torch.load(path, weights_only=True)
+    del state["config"]["autoencoder"]["include_fc"], state["config"]["autoencoder"]["use_combined_linear"]
+    save_checkpoint(path, state)
+    load_autoencoder(path, config, torch.device("cpu"))
+    with pytest.raises(ValueError, match="autoencoder.include_fc: checkpoint true, config false"):
+        load_autoencoder(path, tiny_config(tmp_path, with_encoder_nonlocal_attn=True, include_fc=False),
+                         torch.device("cpu"))

@@ -72,7 +72,7 @@ def test_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
     # SGD makes the weight change proportional to the gradient; Adam's first step is ~lr * sign(grad),
     # which turns rounding noise in near-zero gradients into full-size differences.
     monkeypatch.setattr(steps, "build_optimizer",
-                        lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+                        lambda params, lr, weight_decay, eps: torch.optim.SGD(params, lr=lr))
     common = ["data.val_fraction=0", "autoencoder.training.max_steps=1", "autoencoder.training.grad_clip=null",
               "autoencoder.training.kl_weight=0.01"]
     one_batch = train_autoencoder.train(make_config(data, tmp_path / "a", *common, "output.run_name=a",
@@ -110,6 +110,19 @@ def test_resume_mid_epoch_gives_the_same_weights_as_a_straight_run(tmp_path, nif
     for part in ("autoencoder", "discriminator"):
         for key in a[part]:
             torch.testing.assert_close(a[part][key], b[part][key], rtol=0, atol=1e-6, msg=f"{part}.{key}")
+
+
+def test_a_schedule_in_epochs_advances_once_per_finished_epoch(tmp_path, nifti_folder):
+    """MAISI's per-epoch warm-up as MultiStepLR from lr/100, gamma 10 at epochs [1, 2]: both optimizers follow it."""
+    run = train_autoencoder.train(make_config(
+        nifti_folder, tmp_path, "autoencoder.training.max_epochs=2", "autoencoder.training.lr=1e-6",
+        "autoencoder.training.disc_lr=1e-6", "autoencoder.training.adv_weight=0.1",
+        "autoencoder.training.lr_schedule=multistep", "autoencoder.training.lr_milestones=[1,2]",
+        "autoencoder.training.lr_gamma=10", "autoencoder.training.lr_schedule_interval=epoch"))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 8 and state["lr_scheduler_g"]["last_epoch"] == state["lr_scheduler_d"]["last_epoch"] == 2
+    for optimizer in ("optimizer_g", "optimizer_d"):
+        assert state[optimizer]["param_groups"][0]["lr"] == pytest.approx(1e-4)
 
 
 def test_resume_refuses_a_different_architecture_listing_both_values(tmp_path, nifti_folder):

@@ -12,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import save_autoencoder
+from helpers import old_layout, save_autoencoder
 import torch
 
 from monai_diffusion import latents
@@ -21,7 +21,8 @@ from monai_diffusion.diffusion import diffusion_loss
 from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.config import config_from_dict, save_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
-from monai_diffusion.networks.builders import build_scheduler
+from monai_diffusion.generation import sample
+from monai_diffusion.networks.builders import build_autoencoder, build_scheduler
 
 AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -2.0, 0, 20.0], [0, 0, 2.5, -30.0], [0, 0, 0, 1]])
 LDM_KEYS = {
@@ -147,6 +148,15 @@ def test_on_the_fly_encoding_trains_without_a_cache(setup, tmp_path):
     assert state["step"] == 1 and math.isfinite(state["scale_factor"]) and state["affine"].shape == (4, 4)
 
 
+def test_a_schedule_in_epochs_advances_once_per_finished_epoch(setup):
+    """MultiStepLR with milestones in epochs (MONAI's tutorial: [100, 1000]): 2 epochs of 4 steps, milestone 1."""
+    run = recipe.train(setup(max_steps=None, max_epochs=2, lr=0.01, lr_schedule="multistep", lr_milestones=[1],
+                             lr_schedule_interval="epoch"))
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 8 and state["lr_scheduler"]["last_epoch"] == 2
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.001)
+
+
 # ---------------------------------------------------------------------------------------------------- errors
 
 
@@ -167,6 +177,23 @@ def test_mismatched_autoencoder_checkpoint_is_a_clear_error(setup, tmp_path, cap
     assert recipe.main(argv) == 1  # no autoencoder anywhere: an error message, exit status 1
     assert "No autoencoder checkpoint" in caplog.text and "autoencoder-*/checkpoints/best.pt" in caplog.text
     assert not list((tmp_path / "empty").glob("ldm-*"))  # a failed start leaves no run folder behind
+
+
+def test_trains_and_samples_from_a_bundle_state_dict(setup, tmp_path):
+    """A bare state dict in MONAI Generative's key layout (as the BraTS bundle releases its autoencoder) is
+    enough to train the LDM on, and the LDM samples with it."""
+    config = setup()
+    torch.manual_seed(5)
+    weights = build_autoencoder(config.autoencoder, 3).state_dict()
+    old = old_layout(weights)
+    assert set(old) != set(weights)  # the upsampling convolutions carry their old names
+    torch.save(old, tmp_path / "model_autoencoder.pt")
+    config.ldm.autoencoder_checkpoint = tmp_path / "model_autoencoder.pt"
+    run = recipe.train(config)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["step"] == 1 and state["autoencoder_hash"] == latents.state_dict_hash(weights)
+    written = sample(config, num_samples=1, steps=2, checkpoint=run)
+    assert len(written) == 1 and written[0].is_file()
 
 
 def test_resume_refuses_a_changed_autoencoder(setup, tmp_path):

@@ -7,7 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from monai_diffusion.config import load_config
 from monai_diffusion.networks import AutoencoderKL
+from monai_diffusion.validate import summarise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,6 +29,15 @@ def test_validate_prints_the_summary_of_a_valid_preset():
     assert "latent shape  [4, 32, 32, 8]" in out
     assert "4,194,304 -> 32,768 elements (128.0x)" in out
     assert "float32 image 16.00 MiB" in out
+
+
+def test_validate_summary_shows_each_stages_volume_and_precision():
+    config = load_config(None, ["data.voxel_size=[32,32,32]", "autoencoder.training.voxel_size=[48,48,40]",
+                                "autoencoder.training.patch_size=[16,16,16]", "ldm.training.mixed_precision=fp16"])
+    text = summarise(config)
+    assert ("stages        autoencoder volume [48, 48, 40] (trains on [16, 16, 16] patches) mixed_precision=False;  "
+            "LDM volume [32, 32, 32] mixed_precision=fp16") in text
+    assert "latent shape  [3, 8, 8, 8]" in text  # the LDM's latent, at data.voxel_size
 
 
 def test_validate_exits_2_with_every_problem():

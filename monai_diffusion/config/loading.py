@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
 def _section_model(path: tuple) -> type[BaseModel] | None:
     """The schema class that owns the mapping at ``path`` (for "did you mean" on unknown keys)."""
     model: type[BaseModel] = Config
-    for part in path:
-        field = model.model_fields.get(str(part))
+    parts = list(path)
+    while parts:
+        field = model.model_fields.get(str(parts.pop(0)))
         if field is None:
             return None
         annotation = field.annotation
+        if typing.get_origin(annotation) is dict and parts:
+            # A mapping of sections (data.intensity_by_class.<name>): the next part is a name of the user's.
+            parts.pop(0)
+            annotation = typing.get_args(annotation)[1]
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
         else:
@@ -69,12 +75,19 @@ def _section_model(path: tuple) -> type[BaseModel] | None:
     return model
 
 
-_UNION_TAGS = ("int", "float", "bool", "str", "none", "path", "literal[", "list[", "function-")
+# pydantic's names of union branches in an error location: whole words, or a type with brackets (``list[int]``).
+_UNION_TAGS = {"int", "float", "bool", "str", "none", "path", "constrained-int", "constrained-float"}
+_UNION_TAG_PREFIXES = ("literal[", "list[", "dict[", "function-", "nullable[")
 
 
 def _key_path(loc: tuple) -> tuple:
-    """Drop pydantic's union-branch tags (``int``, ``list[int]``...) from an error location."""
-    return tuple(p for p in loc if isinstance(p, int) or not str(p).lower().startswith(_UNION_TAGS))
+    """Drop pydantic's union-branch tags (``int``, ``list[int]``...) from an error location; config keys stay
+    (``intensity`` is a key, not the tag ``int``)."""
+    def is_tag(part) -> bool:
+        text = str(part).lower()
+        return text in _UNION_TAGS or text.startswith(_UNION_TAG_PREFIXES)
+
+    return tuple(p for p in loc if isinstance(p, int) or not is_tag(p))
 
 
 def _describe(error: dict) -> str:

@@ -5,8 +5,19 @@ Each rule names every key it involves, so a user knows which line of the YAML to
 
 from __future__ import annotations
 
-from monai_diffusion.config.schema import Config
+from collections.abc import Iterable
+
+from pydantic import BaseModel
+
+from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, LDMTrainingConfig
 from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
+
+
+# ldm.scheduler keys only MONAI's RFlowScheduler reads.
+RFLOW_ONLY = (
+    "use_discrete_timesteps", "sample_method", "loc", "scale", "use_timestep_transform", "transform_scale",
+    "base_img_size_numel",
+)
 
 
 def check_rules(config: Config) -> list[str]:
@@ -61,13 +72,24 @@ def check_rules(config: Config) -> list[str]:
         )
     if levels is not None and spatial_dims in (2, 3):
         factor = total_factor(levels, spatial_dims)
-        for axis, (size, f) in enumerate(zip(data.voxel_size, factor)):
-            if size % f:
-                problems.append(
-                    f"data.voxel_size / autoencoder.downsample_factors: axis {axis} size {size} is not divisible "
-                    f"by the total factor {f} on that axis (nearest valid sizes: {size // f * f or f}, "
-                    f"{(size // f + 1) * f})"
-                )
+        # Every size a stage works at: the LDM's (data.voxel_size), the autoencoder's own and its patches.
+        for key, size in _stage_sizes(config):
+            if key != "data.voxel_size" and (len(size) != spatial_dims or any(s < 1 for s in size)):
+                problems.append(f"{key}: expected {spatial_dims} sizes >= 1 like data.voxel_size, got {size}")
+                continue
+            for axis, (s, f) in enumerate(zip(size, factor)):
+                if s % f:
+                    problems.append(
+                        f"{key} / autoencoder.downsample_factors: axis {axis} size {s} is not divisible "
+                        f"by the total factor {f} on that axis (nearest valid sizes: {s // f * f or f}, "
+                        f"{(s // f + 1) * f})"
+                    )
+        patch, volume = ae.training.patch_size, ae.training.voxel_size or data.voxel_size
+        if patch is not None and len(patch) == len(volume) and any(p > v for p, v in zip(patch, volume)):
+            problems.append(
+                f"autoencoder.training.patch_size: {patch} does not fit in the autoencoder's volume {volume} "
+                f"({'autoencoder.training.voxel_size' if ae.training.voxel_size else 'data.voxel_size'})"
+            )
         if not any(p.startswith("data.voxel_size /") for p in problems):
             latent = list(latent_shape(data.voxel_size, factor))
             problems += _check_unet(config, latent)
@@ -76,14 +98,29 @@ def check_rules(config: Config) -> list[str]:
     for name, section in (("autoencoder.training", ae.training), ("ldm.training", ldm.training)):
         if section.max_epochs is None and section.max_steps is None:
             problems.append(f"{name}.max_epochs / {name}.max_steps: set at least one bound")
-        if section.lr_schedule == "cosine" and section.max_steps is None:
-            problems.append(f"{name}.lr_schedule: 'cosine' needs {name}.max_steps to know where it ends")
+        problems += _check_lr_schedule(name, section)
     t = ae.training
     if t.use_perceptual_loss and t.perceptual_weight == 0:
         problems.append("autoencoder.training.perceptual_weight: is 0 while use_perceptual_loss is true")
+    if t.perceptual_network != "resnet50":
+        for key in _changed(t, ["perceptual_pretrained_path", "perceptual_state_dict_key"]):
+            problems.append(
+                f"autoencoder.training.{key}: only read for perceptual_network 'resnet50' (MONAI's pretrained_path), "
+                f"not '{t.perceptual_network}'"
+            )
+    if t.disc_steps_per_generator_step > 1 and t.gradient_accumulation_steps > 1:
+        problems.append(
+            f"autoencoder.training.disc_steps_per_generator_step / gradient_accumulation_steps: "
+            f"{t.disc_steps_per_generator_step} discriminator steps per generator step train on one batch, so "
+            f"they need gradient_accumulation_steps 1, got {t.gradient_accumulation_steps}"
+        )
+    problems += _check_channels(config)
 
     # ---- diffusion
     sched = ldm.scheduler
+    if sched.type != "rflow":
+        for key in _changed(sched, RFLOW_ONLY):
+            problems.append(f"ldm.scheduler.{key}: applies to rectified flow only, ldm.scheduler.type is '{sched.type}'")
     if sched.type != "rflow" and sched.beta_start >= sched.beta_end:
         problems.append(f"ldm.scheduler.beta_start / beta_end: need beta_start < beta_end, got {sched.beta_start}, {sched.beta_end}")
     sampler = ldm.sampling.scheduler or sched.type
@@ -94,6 +131,77 @@ def check_rules(config: Config) -> list[str]:
         )
     if ldm.sampling.tile_size is not None and len(ldm.sampling.tile_size) != spatial_dims:
         problems.append(f"ldm.sampling.tile_size: expected {spatial_dims} sizes, got {ldm.sampling.tile_size}")
+    return problems
+
+
+def _stage_sizes(config: Config) -> list[tuple[str, list[int]]]:
+    """(key, size) of every volume size a stage trains or validates at, named by the key that sets it."""
+    t = config.autoencoder.training
+    sizes = [("data.voxel_size", config.data.voxel_size)]
+    if t.voxel_size is not None:
+        sizes.append(("autoencoder.training.voxel_size", t.voxel_size))
+    if t.patch_size is not None:
+        sizes.append(("autoencoder.training.patch_size", t.patch_size))
+    return sizes
+
+
+def _check_lr_schedule(name: str, t: AutoencoderTrainingConfig | LDMTrainingConfig) -> list[str]:
+    """The LR schedule of a training section: what it needs to know where it ends, and keys it does not read."""
+    problems = []
+    per_epoch = t.lr_schedule_interval == "epoch"
+    if t.lr_schedule == "cosine" and not per_epoch and t.max_steps is None:
+        problems.append(f"{name}.lr_schedule: 'cosine' needs {name}.max_steps to know where it ends")
+    if t.lr_schedule == "cosine" and per_epoch and t.max_epochs is None:
+        problems.append(f"{name}.lr_schedule: 'cosine' per epoch needs {name}.max_epochs to know where it ends")
+    if t.lr_schedule in ("multistep", "polynomial") and t.warmup_steps:
+        problems.append(
+            f"{name}.warmup_steps / {name}.lr_schedule: '{t.lr_schedule}' is PyTorch's "
+            f"{'MultiStepLR' if t.lr_schedule == 'multistep' else 'PolynomialLR'} without warm-up; set warmup_steps "
+            f"to 0 (got {t.warmup_steps}) or use 'constant' / 'cosine'"
+        )
+    if t.lr_schedule == "multistep":
+        milestones = t.lr_milestones
+        if not milestones or milestones[0] < 1 or any(a >= b for a, b in zip(milestones, milestones[1:])):
+            problems.append(f"{name}.lr_milestones: 'multistep' needs increasing milestones >= 1, got {milestones}")
+    for key, schedule in (("lr_milestones", "multistep"), ("lr_gamma", "multistep"), ("lr_power", "polynomial")):
+        if t.lr_schedule != schedule and _changed(t, [key]):
+            problems.append(f"{name}.{key}: only read by lr_schedule '{schedule}', not '{t.lr_schedule}'")
+    return problems
+
+
+def _changed(section: BaseModel, keys: Iterable[str]) -> list[str]:
+    """The ``keys`` of ``section`` whose value differs from the schema's default (sorted).
+
+    Compared with the default, not with what the YAML spelt out: a saved run config lists every key.
+    """
+    fields = type(section).model_fields
+    return sorted(key for key in keys if getattr(section, key) != fields[key].get_default(call_default_factory=True))
+
+
+def _check_channels(config: Config) -> list[str]:
+    """Channel selection against the autoencoder's input, and one output range for every intensity class."""
+    data, problems = config.data, []
+    if data.channel is not None:
+        kept = [data.channel] if isinstance(data.channel, int) else data.channel
+        if not kept or len(set(kept)) != len(kept):
+            problems.append(f"data.channel: expected an index or a list of distinct indices, got {data.channel}")
+        elif len(kept) != config.autoencoder.in_channels:
+            problems.append(
+                f"data.channel / autoencoder.in_channels: data.channel keeps {len(kept)} channel(s) {kept}, but "
+                f"autoencoder.in_channels is {config.autoencoder.in_channels}"
+            )
+    for name, intensity in data.intensity_by_class.items():
+        key = f"data.intensity_by_class.{name}"
+        if (intensity.b_min, intensity.b_max) != (data.intensity.b_min, data.intensity.b_max):
+            problems.append(
+                f"{key}.b_min/b_max: every class keeps data.intensity's output range "
+                f"[{data.intensity.b_min}, {data.intensity.b_max}], got [{intensity.b_min}, {intensity.b_max}]"
+            )
+        if intensity.mode == "percentile" and not 0 <= intensity.lower < intensity.upper <= 100:
+            problems.append(f"{key}.lower/upper: percentiles need 0 <= lower < upper <= 100, got "
+                            f"{intensity.lower} and {intensity.upper}")
+        if intensity.mode == "range" and not intensity.lower < intensity.upper:
+            problems.append(f"{key}.lower/upper: need lower < upper, got {intensity.lower}, {intensity.upper}")
     return problems
 
 

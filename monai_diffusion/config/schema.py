@@ -9,12 +9,17 @@ keys are rejected (``extra="forbid"``); cross-field rules live in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 # A level's factor: one int for every axis, or one int per axis.
 Factor = Union[int, list[int]]
+# A channel of a multi-channel file, 0-based.
+ChannelIndex = Annotated[int, Field(ge=0)]
+# device.mixed_precision's values; a stage's own setting adds None (= the device setting).
+MixedPrecision = Union[bool, Literal["fp16", "bf16", "no"]]
+LRSchedule = Literal["constant", "cosine", "multistep", "polynomial"]
 
 
 class Section(BaseModel):
@@ -67,8 +72,9 @@ class DataConfig(Section):
     glob: str = Field("*.nii*", description="File pattern inside `data_dir`.")
     datalist: Path | None = Field(
         None,
-        description="JSON with 'training'/'validation' lists of {'image': path}, or CSV with columns "
-        "image[,split]; relative paths are taken from the datalist's folder.",
+        description="JSON with 'training'/'validation' lists of {'image': path, ...}, or CSV with columns "
+        "image[,split,...]; relative paths are taken from the datalist's folder. An entry's other text or number "
+        "fields stay with it (e.g. `class` for data.intensity_by_class).",
     )
     val_fraction: float = Field(
         0.1, ge=0, lt=1, description="Validation share when the source gives no split (fixed seed)."
@@ -82,7 +88,20 @@ class DataConfig(Section):
         None, description="Resample to this voxel spacing in mm (None keeps the file's spacing)."
     )
     orientation: str = Field("RAS", description="Orientation code every volume is reoriented to.")
+    channel: ChannelIndex | list[ChannelIndex] | None = Field(
+        None,
+        description="Channels kept from multi-channel files, 0-based, selected right after loading: one index "
+        "(e.g. 0 = FLAIR in MSD BraTS, MONAI's tutorial `channel` and MAISI's `select_channel`) or a list; None "
+        "keeps every channel. The kept count must equal autoencoder.in_channels.",
+    )
     intensity: IntensityConfig = Field(default_factory=IntensityConfig)
+    intensity_by_class: dict[str, IntensityConfig] = Field(
+        default_factory=dict,
+        description="Intensity settings per item class, chosen by a datalist entry's `class` field (MAISI's "
+        "convention, e.g. {ct: a -1000..1000 HU range, mri: percentiles}); an item of another class or none uses "
+        "`intensity`. Every class keeps `intensity`'s b_min and b_max (one output range for padding, metrics and "
+        "generated volumes).",
+    )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     cache: Literal["none", "memory", "disk"] = Field(
         "memory",
@@ -107,13 +126,47 @@ class AutoencoderTrainingConfig(Section):
     )
     max_epochs: int | None = Field(100, ge=1, description="Stop after this many epochs (None: no bound).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: no bound).")
+    voxel_size: list[int] | None = Field(
+        None,
+        description="Volume size of the autoencoder stage (None: data.voxel_size, which the LDM trains and "
+        "generates at). MONAI's 3D LDM tutorial, e.g., trains its autoencoder on 112x128x80 crops of whole volumes "
+        "and its LDM on a 144x176x112 centre crop.",
+    )
+    patch_size: list[int] | None = Field(
+        None,
+        description="Train on random crops of this size (MONAI RandSpatialCropd) of each volume; validation "
+        "reconstructs whole volumes. None: train on whole volumes. Divisible by the total downsampling factor.",
+    )
+    mixed_precision: MixedPrecision | None = Field(
+        None, description="This stage's precision, as device.mixed_precision (None: device.mixed_precision)."
+    )
     lr: float = Field(1e-4, gt=0, description="Generator (autoencoder) learning rate.")
     disc_lr: float = Field(5e-4, gt=0, description="Discriminator learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up, in optimizer steps.")
-    lr_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="LR after warm-up; 'cosine' decays to 0 at max_steps (needs a step bound)."
+    scale_lr_by_world_size: bool = Field(
+        False, description="Multiply lr and disc_lr by the number of processes (GPUs), as MONAI's tutorial does."
     )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW eps (PyTorch's default 1e-8; MAISI uses 1e-6 under fp16).")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear LR warm-up, in optimizer steps (in epochs with lr_schedule_interval: epoch)."
+    )
+    lr_schedule: LRSchedule = Field(
+        "constant",
+        description="LR after warm-up: 'constant'; 'cosine' decays to 0 at the end (needs max_steps, or max_epochs "
+        "with lr_schedule_interval: epoch); 'multistep' is torch MultiStepLR(lr_milestones, lr_gamma); "
+        "'polynomial' is torch PolynomialLR(power=lr_power), 0 at the run's last step (or epoch). "
+        "'multistep' and 'polynomial' take no warm-up.",
+    )
+    lr_schedule_interval: Literal["step", "epoch"] = Field(
+        "step",
+        description="When the LR schedule advances: after every optimizer step, or after every epoch (PyTorch's "
+        "convention for MultiStepLR milestones counted in epochs).",
+    )
+    lr_milestones: list[int] = Field(
+        [], description="lr_schedule 'multistep': where the LR is multiplied by lr_gamma, in schedule steps."
+    )
+    lr_gamma: float = Field(0.1, gt=0, description="lr_schedule 'multistep': the factor at each milestone.")
+    lr_power: float = Field(1.0, gt=0, description="lr_schedule 'polynomial': the decay's power.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: off).")
     kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term.")
     ssim_weight: float = Field(
@@ -128,6 +181,16 @@ class AutoencoderTrainingConfig(Section):
     adv_start_step: int = Field(
         0, ge=0, description="Optimizer step from which the discriminator trains and its loss counts."
     )
+    disc_loss_weight: float | None = Field(
+        None, ge=0,
+        description="Weight of the discriminator's own loss in its backward pass (None: adv_weight, as MONAI's "
+        "tutorial and the BraTS bundle scale it; MAISI leaves it unscaled: 1).",
+    )
+    disc_steps_per_generator_step: int = Field(
+        1, ge=1,
+        description="Discriminator optimizer steps per generator step, each on the same batch and reconstruction "
+        "(the BraTS bundle's d_train_steps: 5). Above 1 needs gradient_accumulation_steps 1.",
+    )
     disc_num_layers: int = Field(3, ge=1, description="PatchDiscriminator layers.")
     disc_channels: int = Field(32, ge=1, description="PatchDiscriminator channels of the first layer.")
     use_perceptual_loss: bool = Field(
@@ -136,12 +199,27 @@ class AutoencoderTrainingConfig(Section):
     )
     perceptual_weight: float = Field(0.001, ge=0, description="Weight of the perceptual term.")
     perceptual_network: Literal[
-        "squeeze", "alex", "vgg", "radimagenet_resnet50", "medicalnet_resnet10_23datasets",
+        "squeeze", "alex", "vgg", "resnet50", "radimagenet_resnet50", "medicalnet_resnet10_23datasets",
         "medicalnet_resnet50_23datasets",
     ] = Field(
         "squeeze",
         description="Network behind the perceptual loss: 2D ImageNet networks on slices (squeeze/alex/vgg, need "
-        "`pip install lpips torchvision`), RadImageNet on slices, or 3D MedicalNet.",
+        "`pip install lpips torchvision`), torchvision's ResNet50 on slices (`resnet50`, the BraTS bundle's; needs "
+        "torchvision; its own weights from perceptual_pretrained_path), RadImageNet on slices, or 3D MedicalNet.",
+    )
+    perceptual_fake_3d_ratio: float = Field(
+        0.25, gt=0, le=1,
+        description="2D networks: share of the slices along each axis the loss is computed on (MONAI's "
+        "fake_3d_ratio; the tutorial, bundle and MAISI use 0.2).",
+    )
+    perceptual_pretrained_path: Path | None = Field(
+        None,
+        description="perceptual_network 'resnet50': a weights file to load instead of torchvision's ImageNet "
+        "weights (MONAI's pretrained_path; the bundle trained with its own RadImageNet-style weights).",
+    )
+    perceptual_state_dict_key: str | None = Field(
+        None, description="perceptual_network 'resnet50': the key of the state dict inside that file (the bundle: "
+        "'state_dict'); None: the file is the state dict."
     )
     perceptual_weights: Path | None = Field(
         None,
@@ -177,6 +255,10 @@ class AutoencoderConfig(Section):
     with_decoder_nonlocal_attn: bool = Field(True, description="Attention block in the decoder's mid-block.")
     use_flash_attention: bool = Field(True, description="Attention through PyTorch SDPA (memory-efficient).")
     use_convtranspose: bool = Field(False, description="Upsample with transposed convs instead of nearest + conv.")
+    include_fc: bool = Field(True, description="Output projection in the attention blocks (MONAI's include_fc).")
+    use_combined_linear: bool = Field(
+        False, description="One linear layer for the attention's q, k and v (MONAI's use_combined_linear)."
+    )
     in_channels: int = Field(1, ge=1, description="Image channels.")
     initial_sigma: float | None = Field(
         None, gt=0, description="Posterior standard deviation the encoder starts with (None: PyTorch's default init, "
@@ -195,6 +277,16 @@ class UNetConfig(Section):
     num_res_blocks: int | list[int] = Field(1, description="Residual blocks per UNet level.")
     num_head_channels: int | list[int] = Field(16, description="Channels per attention head.")
     norm_num_groups: int = Field(16, ge=1, description="GroupNorm groups of the UNet.")
+    include_fc: bool = Field(
+        True, description="Output projection in the attention blocks (MONAI's include_fc; the BraTS bundle: false)."
+    )
+    use_combined_linear: bool = Field(
+        False, description="One linear layer for the attention's q, k and v (MONAI's use_combined_linear)."
+    )
+    resblock_updown: bool = Field(
+        False, description="Down- and upsample with residual blocks instead of convolutions (MONAI's "
+        "resblock_updown; MAISI: true)."
+    )
 
 
 class SchedulerConfig(Section):
@@ -208,6 +300,29 @@ class SchedulerConfig(Section):
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
         "epsilon", description="What the UNet predicts (DDPM/DDIM); rflow always predicts velocity."
     )
+    clip_sample: bool = Field(
+        False, description="DDPM/DDIM: clip each denoised estimate to [-1, 1] while sampling (MONAI's default and the "
+        "tutorial's; off here because scaled latents are not bounded)."
+    )
+    use_discrete_timesteps: bool = Field(
+        True, description="rflow: integer training timesteps (false: continuous, MAISI's)."
+    )
+    sample_method: Literal["logit-normal", "uniform"] = Field(
+        "logit-normal", description="rflow: distribution of the training timesteps (MAISI: uniform)."
+    )
+    loc: float = Field(0.0, description="rflow, sample_method logit-normal: the distribution's location.")
+    scale: float = Field(
+        1.0, gt=0, description="rflow, sample_method logit-normal: the distribution's scale (MONAI reads it only for "
+        "logit-normal; MAISI sets 1.4 beside uniform)."
+    )
+    use_timestep_transform: bool = Field(
+        True, description="rflow: shift timesteps by the latent's size relative to base_img_size_numel."
+    )
+    transform_scale: float = Field(1.0, gt=0, description="rflow: the timestep transform's scale.")
+    base_img_size_numel: int | None = Field(
+        None, ge=1, description="rflow: latent voxels at which the timestep transform is neutral (None: the "
+        "training latent's own, so training is unshifted; MONAI's and MAISI's default: 32768 = 32^3)."
+    )
 
 
 class LDMTrainingConfig(Section):
@@ -215,10 +330,34 @@ class LDMTrainingConfig(Section):
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_epochs: int | None = Field(200, ge=1, description="Stop after this many epochs.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
+    mixed_precision: MixedPrecision | None = Field(
+        None, description="This stage's precision, as device.mixed_precision (None: device.mixed_precision)."
+    )
     lr: float = Field(1e-4, gt=0, description="UNet learning rate.")
+    scale_lr_by_world_size: bool = Field(
+        False, description="Multiply lr by the number of processes (GPUs), as MONAI's tutorial does."
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear LR warm-up in optimizer steps.")
-    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="LR after warm-up.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW eps (PyTorch's default 1e-8).")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear LR warm-up in optimizer steps (in epochs with lr_schedule_interval: epoch)."
+    )
+    lr_schedule: LRSchedule = Field(
+        "constant", description="LR after warm-up, as autoencoder.training.lr_schedule (MONAI's tutorial and the "
+        "BraTS bundle: 'multistep' [100, 1000] per epoch; MAISI: 'polynomial' with power 2)."
+    )
+    lr_schedule_interval: Literal["step", "epoch"] = Field(
+        "step", description="When the LR schedule advances: after every optimizer step, or after every epoch."
+    )
+    lr_milestones: list[int] = Field(
+        [], description="lr_schedule 'multistep': where the LR is multiplied by lr_gamma, in schedule steps."
+    )
+    lr_gamma: float = Field(0.1, gt=0, description="lr_schedule 'multistep': the factor at each milestone.")
+    lr_power: float = Field(1.0, gt=0, description="lr_schedule 'polynomial': the decay's power.")
+    loss: Literal["mse", "l1"] = Field(
+        "mse", description="Regression loss on the scheduler's target: 'mse' (the tutorial's, the bundle's) or 'l1' "
+        "(MAISI's)."
+    )
     grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip (None: off).")
     ema_decay: float | None = Field(
         0.999, ge=0, lt=1, description="EMA of the UNet weights (used for samples and saved); None: off. Averages about 1/(1-decay) steps: keep that well below the run length (0.999 suits 10k+ steps)."

@@ -16,7 +16,7 @@ from torch.utils.data import DistributedSampler
 
 from monai_diffusion.config.schema import Config, DataConfig
 from monai_diffusion.data.sources import list_volumes, screen_volumes
-from monai_diffusion.data.transforms import build_transforms, deterministic_settings
+from monai_diffusion.data.transforms import CLASS_KEY, build_transforms, deterministic_settings, selected_channels
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,8 @@ def file_state_hash(item: dict, settings_key: str) -> bytes:
     """PersistentDataset key of an item: its path, size and mtime plus the preprocessing settings.
 
     MONAI's default key is the item dict alone (the path), so an edited file or a changed
-    voxel_size/spacing/intensity setting would silently reuse a stale cache entry.
+    voxel_size/spacing/intensity setting would silently reuse a stale cache entry. An item's class
+    (data.intensity_by_class) is part of it too.
     """
     path = item["image"]
     try:
@@ -43,7 +44,8 @@ def file_state_hash(item: dict, settings_key: str) -> bytes:
         state = [stat.st_size, stat.st_mtime_ns]
     except OSError:
         state = None  # the load will fail with a clear error; no cache entry matters then
-    digest = hashlib.sha256(json.dumps([os.fspath(path), state, settings_key]).encode())
+    identity = [os.fspath(path), state, settings_key] + ([str(item[CLASS_KEY])] if CLASS_KEY in item else [])
+    digest = hashlib.sha256(json.dumps(identity).encode())
     return digest.hexdigest().encode()
 
 
@@ -80,7 +82,8 @@ def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_
 
 
 def build_dataloaders(
-    config: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None
+    config: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None,
+    patch_size: list[int] | None = None,
 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Train and validation DataLoaders for ``config.data``, screened and cached as configured.
 
@@ -102,6 +105,7 @@ def build_dataloaders(
         rank: this process's rank.
         world_size: number of processes.
         batch_size: volumes per batch (default ``config.autoencoder.training.batch_size``).
+        patch_size: training batches are random crops of this size (validation keeps whole volumes); None: whole.
 
     Returns:
         (train loader, validation loader, train DistributedSampler).
@@ -128,6 +132,7 @@ def build_dataloaders(
         spatial_dims=len(data.voxel_size),
         spacing=data.spacing,
         cache_file=None if config.fast_dev_run else root / "screening.json",
+        channels=selected_channels(data),
     )
     usable_paths = {item["image"] for item in usable}
     train_items = [item for item in train_items if item["image"] in usable_paths]
@@ -145,7 +150,7 @@ def build_dataloaders(
     ).hexdigest()
     show_progress = rank == 0
     train_set = make_dataset(
-        train_items, build_transforms(data, train=True, expected_channels=expected_channels),
+        train_items, build_transforms(data, train=True, expected_channels=expected_channels, patch_size=patch_size),
         data, root, settings_key, show_progress,
     )
     val_set = make_dataset(

@@ -1,7 +1,7 @@
 """Where the volumes come from (folder, datalist, demo), the train/validation split, and screening.
 
-Every item is a dict ``{"image": "/absolute/path.nii.gz"}``, the form MONAI's dict transforms and
-datasets take. Problems are reported before any training starts, naming the folder or file and what
+Every item is a dict ``{"image": "/absolute/path.nii.gz", ...}``, the form MONAI's dict transforms and
+datasets take; a datalist entry's other text and number fields stay with it (e.g. ``class``). Problems are reported before any training starts, naming the folder or file and what
 was expected.
 """
 
@@ -88,8 +88,17 @@ def _image_path(entry: dict, where: str) -> str:
     return os.fspath(image)
 
 
+def _item(entry: dict, image: str) -> dict:
+    """A volume's item: its absolute image path and the entry's other scalar fields (text, numbers, booleans).
+
+    Lists, mappings and nulls are left out: every item must collate into a batch, and nothing downstream reads them.
+    """
+    fields = {key: value for key, value in entry.items() if isinstance(value, (str, int, float, bool)) and key != "image"}
+    return {**fields, "image": _absolute(image)}
+
+
 def read_json_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
-    """Train and validation items from a MONAI decathlon-style JSON datalist.
+    """Train and validation items from a MONAI decathlon-style JSON datalist (an entry's other scalar fields kept).
 
     Returns:
         (train items, validation items or None when the file has no non-empty 'validation' list).
@@ -118,7 +127,7 @@ def read_json_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
             _image_path(entry, where)
         # MONAI's loader resolves relative 'image' paths against the datalist's folder.
         entries = load_decathlon_datalist(path, is_segmentation=False, data_list_key=key)
-        result[key] = [{"image": _absolute(entry["image"])} for entry in entries]
+        result[key] = [_item(entry, entry["image"]) for entry in entries]
     if not result.get("training"):
         raise ValueError(f"data.datalist: the 'training' list in {path} is empty")
     return result["training"], result.get("validation")
@@ -127,7 +136,8 @@ def read_json_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
 def read_csv_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
     """Train and validation items from a CSV with an ``image`` column and an optional ``split`` column.
 
-    ``split`` values: train/training, val/validation (case-insensitive); ``test`` rows are left out.
+    ``split`` values: train/training, val/validation (case-insensitive); ``test`` rows are left out. Other columns
+    stay with each item (e.g. ``class``).
 
     Returns:
         (train items, validation items or None when no row is marked val/validation).
@@ -156,7 +166,8 @@ def read_csv_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
             continue
         target = CSV_SPLITS[split.lower()]
         if target is not None:
-            splits[target].append({"image": _absolute(row["image"], base)})
+            fields = {key: value for key, value in row.items() if key not in ("image", "split")}
+            splits[target].append({**fields, "image": _absolute(row["image"], base)})
     if problems:
         raise ValueError(f"data.datalist: {path} has invalid rows:\n" + "\n".join(f"  - {p}" for p in problems))
     if not splits["train"]:
@@ -247,29 +258,33 @@ def _channel_count(shape: tuple[int, ...], spatial_dims: int) -> int | None:
 
 
 def check_volume(
-    path: str, expected_channels: int = 1, spatial_dims: int = 3, spacing: Sequence[float] | None = None
+    path: str, expected_channels: int = 1, spatial_dims: int = 3, spacing: Sequence[float] | None = None,
+    channels: Sequence[int] | None = None,
 ) -> str | None:
     """Open one NIfTI file fully and say what is wrong with it, or None when it is usable.
 
     Checks: readable (a truncated gzip fails only when the data is read, so the data is read),
-    layout (``spatial_dims`` axes + channels), channel count, non-empty axes, resampling to
-    ``spacing`` feasible, finite and non-constant values.
+    layout (``spatial_dims`` axes + channels), channel count (or, when ``channels`` are selected
+    from the file, that it has them), non-empty axes, resampling to ``spacing`` feasible, finite
+    and non-constant values.
     """
     try:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for foreign/corrupt headers
         return f"cannot be opened as NIfTI ({type(error).__name__}: {error})"
     shape = tuple(int(size) for size in image.shape)
-    channels = _channel_count(shape, spatial_dims)
-    if channels is None:
+    count = _channel_count(shape, spatial_dims)
+    if count is None:
         return (
             f"has shape {shape} ({len(shape)}D); expected a {spatial_dims}D volume, or {spatial_dims}D with "
             f"{expected_channels} channel(s) on the last axis"
         )
-    if channels != expected_channels:
-        layout = "a plain volume" if len(shape) == spatial_dims else f"{len(shape)}D with {channels} frames/channels"
+    layout = "a plain volume" if len(shape) == spatial_dims else f"{len(shape)}D with {count} frames/channels"
+    if channels is not None and count <= max(channels):
+        return f"has shape {shape} ({layout}): {count} channel(s), but data.channel selects {list(channels)}"
+    if channels is None and count != expected_channels:
         return (
-            f"has shape {shape} ({layout}): {channels} channel(s), expected {expected_channels} "
+            f"has shape {shape} ({layout}): {count} channel(s), expected {expected_channels} "
             f"(autoencoder.in_channels)"
         )
     if min(shape[:spatial_dims]) < 1:
@@ -329,6 +344,7 @@ def screen_volumes(
     spatial_dims: int = 3,
     spacing: Sequence[float] | None = None,
     cache_file: Path | None = None,
+    channels: Sequence[int] | None = None,
 ) -> list[dict]:
     """Open every volume once and keep the usable ones, before any dataset is built.
 
@@ -340,6 +356,7 @@ def screen_volumes(
         spacing: ``data.spacing``; volumes whose resampling to it would be absurdly large are bad.
         cache_file: optional JSON where results are kept per path + size + mtime, so files that did not
             change are not read again on the next run.
+        channels: the channels ``data.channel`` selects (then the file needs them, not ``expected_channels``).
 
     Returns:
         The usable items, in input order.
@@ -356,6 +373,8 @@ def screen_volumes(
         "spatial_dims": spatial_dims,
         "spacing": list(spacing) if spacing is not None else None,
     }
+    if channels is not None:  # only when set: screening caches written before it stay valid
+        settings["channels"] = list(channels)
     kept: list[dict] = []
     bad: list[tuple[str, str]] = []
     changed = False
@@ -366,7 +385,8 @@ def screen_volumes(
         if key is not None and cached is not None and cached.get("file") == key and cached.get("settings") == settings:
             reason = cached["reason"]
         else:
-            reason = check_volume(path, expected_channels, spatial_dims, spacing) if key is not None else "does not exist"
+            reason = check_volume(path, expected_channels, spatial_dims, spacing, channels) if key is not None \
+                else "does not exist"
             if key is not None:
                 cache[path] = {"file": key, "settings": settings, "reason": reason}
                 changed = True

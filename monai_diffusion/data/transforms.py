@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -12,20 +13,25 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    Lambdad,
     LoadImaged,
     MapTransform,
     Orientationd,
     RandAffined,
     RandFlipd,
+    RandSpatialCropd,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     ScaleIntensityRangePercentilesd,
     Spacingd,
+    Transform,
 )
 
-from monai_diffusion.config.schema import DataConfig
+from monai_diffusion.config.schema import DataConfig, IntensityConfig
 
 IMAGE_KEY = "image"
+# The datalist field that picks an item's data.intensity_by_class entry (MAISI's name for it).
+CLASS_KEY = "class"
 # Resampling a volume to more voxels than this (after data.spacing) is refused: it would take
 # several GB per volume before the crop, almost always a spacing given in the wrong unit.
 MAX_RESAMPLED_VOXELS = 512**3
@@ -59,8 +65,9 @@ def describe_resampling_problem(
 class ValidateVolumed(MapTransform):
     """Reject a volume the rest of the chain cannot handle, naming its file and the problem.
 
-    Runs right after loading (channel-first): checks the channel count, the number of spatial
-    axes, that values are finite, and that resampling to ``spacing`` stays a sane size.
+    Runs right after loading (channel-first): checks the channel count (or, when ``channels`` are
+    selected next, that the file has them), the number of spatial axes, that values are finite, and
+    that resampling to ``spacing`` stays a sane size.
     Screening (:func:`monai_diffusion.data.sources.screen_volumes`) normally catches these first;
     this keeps the chain safe on its own, e.g. when files change after screening.
     """
@@ -71,12 +78,14 @@ class ValidateVolumed(MapTransform):
         expected_channels: int = 1,
         spatial_dims: int = 3,
         spacing: Sequence[float] | None = None,
+        channels: Sequence[int] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.expected_channels = expected_channels
         self.spatial_dims = spatial_dims
         self.spacing = spacing
+        self.channels = channels
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
         d = dict(data)
@@ -90,7 +99,12 @@ class ValidateVolumed(MapTransform):
                     f"{name}: loaded as shape {shape} (channel first), expected 1 channel axis + "
                     f"{self.spatial_dims} spatial axes to crop/pad to data.voxel_size"
                 )
-            if shape[0] != self.expected_channels:
+            if self.channels is not None and shape[0] <= max(self.channels):
+                raise ValueError(
+                    f"{name}: has {shape[0]} channel(s) (shape {shape}, channel first), but data.channel selects "
+                    f"{list(self.channels)}"
+                )
+            if self.channels is None and shape[0] != self.expected_channels:
                 raise ValueError(
                     f"{name}: has {shape[0]} channel(s) (shape {shape}, channel first), expected "
                     f"{self.expected_channels} (autoencoder.in_channels)"
@@ -107,9 +121,16 @@ class ValidateVolumed(MapTransform):
         return d
 
 
+def selected_channels(data: DataConfig) -> list[int] | None:
+    """The channel indices ``data.channel`` keeps, or None when every channel is kept."""
+    if data.channel is None:
+        return None
+    return [data.channel] if isinstance(data.channel, int) else list(data.channel)
+
+
 def deterministic_settings(data: DataConfig, expected_channels: int = 1) -> dict:
     """The settings that decide the cacheable (non-random) part of the chain, for cache keys."""
-    return {
+    settings = {
         "orientation": data.orientation,
         "spacing": data.spacing,
         "intensity": data.intensity.model_dump(),
@@ -118,74 +139,109 @@ def deterministic_settings(data: DataConfig, expected_channels: int = 1) -> dict
         "reader": "NibabelReader",
         "version": 1,  # bump when the chain below changes
     }
+    # Only when set: caches written before these settings existed stay valid.
+    if data.channel is not None:
+        settings["channel"] = selected_channels(data)
+    if data.intensity_by_class:
+        settings["intensity_by_class"] = {name: i.model_dump() for name, i in sorted(data.intensity_by_class.items())}
+    return settings
 
 
 def background_value(data: DataConfig) -> float:
-    """Intensity of empty space after scaling: pads and rotations fill with it so edges are invisible."""
-    return float(data.intensity.b_min) if data.intensity.mode != "none" else 0.0
+    """Intensity of empty space after scaling: pads and rotations fill with it so edges are invisible (every
+    intensity class shares data.intensity's b_min)."""
+    scaled = data.intensity.mode != "none" or any(i.mode != "none" for i in data.intensity_by_class.values())
+    return float(data.intensity.b_min) if scaled else 0.0
 
 
-def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1) -> Compose:
+def intensity_transform(intensity: IntensityConfig) -> Transform | None:
+    """MONAI's intensity scaling on key ``"image"`` for one intensity setting (None for mode 'none')."""
+    if intensity.mode == "percentile":
+        # channel_wise: each channel (e.g. modality) gets its own percentiles.
+        return ScaleIntensityRangePercentilesd(
+            IMAGE_KEY, lower=intensity.lower, upper=intensity.upper, b_min=intensity.b_min, b_max=intensity.b_max,
+            clip=intensity.clip, channel_wise=True,
+        )
+    if intensity.mode == "range":
+        return ScaleIntensityRanged(
+            IMAGE_KEY, a_min=intensity.lower, a_max=intensity.upper, b_min=intensity.b_min, b_max=intensity.b_max,
+            clip=intensity.clip,
+        )
+    return None
+
+
+class IntensityByClassd(Transform):
+    """Scale each item's intensities with the transform of its class (the item's ``"class"`` field): MAISI scales CT
+    by a fixed HU window and MRI by percentiles in one data set. Items of another class, or none, get ``default``.
+
+    Args:
+        by_class: class name -> MONAI intensity transform (or None: left as loaded).
+        default: the transform for every other item (or None).
+    """
+
+    def __init__(self, by_class: Mapping[str, Transform | None], default: Transform | None) -> None:
+        self.by_class = dict(by_class)
+        self.default = default
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        transform = self.by_class.get(str(data.get(CLASS_KEY)), self.default) if CLASS_KEY in data else self.default
+        return transform(data) if transform is not None else dict(data)
+
+
+def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
+                     patch_size: Sequence[int] | None = None) -> Compose:
     """MONAI dict transforms on key ``"image"``: NIfTI path -> float32 tensor of shape (C, *voxel_size).
 
-    Chain: LoadImaged (nibabel) -> EnsureChannelFirstd -> ValidateVolumed -> Orientationd ->
-    [Spacingd] -> intensity scaling (percentile / range / none) -> ResizeWithPadOrCropd ->
-    [train: RandFlipd per axis, RandAffined] -> EnsureTyped(float32). Everything before the first
-    random transform is deterministic, so CacheDataset/PersistentDataset cache it.
+    Chain: LoadImaged (nibabel) -> EnsureChannelFirstd -> ValidateVolumed -> [Lambdad keeping the
+    ``data.channel`` channels] -> Orientationd -> [Spacingd] -> intensity scaling (percentile / range /
+    none, per item class with ``data.intensity_by_class``) -> ResizeWithPadOrCropd -> [train:
+    RandSpatialCropd to ``patch_size``, RandFlipd per axis, RandAffined] -> EnsureTyped(float32).
+    Everything before the first random transform is deterministic, so CacheDataset/PersistentDataset
+    cache it.
 
     The output is a MetaTensor: ``image.affine`` is the voxel->world (RAS mm) affine after
     reorientation/resampling/cropping (use it to write NIfTI outputs), ``image.pixdim`` the spacing.
 
     Args:
         data: the ``data`` section of the config.
-        train: add the random augmentations of ``data.augment``.
-        expected_channels: channels every volume must have (``autoencoder.in_channels``).
+        train: add the random augmentations of ``data.augment`` (and the patch crop).
+        expected_channels: channels every volume must have (``autoencoder.in_channels``); with
+            ``data.channel`` the channels kept.
+        patch_size: train on random crops of this size (``autoencoder.training.patch_size``); None: whole volumes.
 
     Returns:
         The Compose.
     """
     spatial_dims = len(data.voxel_size)
     background = background_value(data)
+    channels = selected_channels(data)
     transforms: list = [
         # squeeze_non_spatial_dims: NIfTI's vector layout (x, y, z, 1, c) loads as (x, y, z, c).
         LoadImaged(IMAGE_KEY, reader="NibabelReader", image_only=True, squeeze_non_spatial_dims=True),
         # Plain 3D files get a channel axis; 4D (x,y,z,c) files have theirs moved first.
         EnsureChannelFirstd(IMAGE_KEY),
-        ValidateVolumed(IMAGE_KEY, expected_channels=expected_channels, spatial_dims=spatial_dims, spacing=data.spacing),
-        # labels=None: axis letters follow the MetaTensor's space (RAS for nibabel), MONAI's coming default.
-        Orientationd(IMAGE_KEY, axcodes=data.orientation[:spatial_dims], labels=None),
+        ValidateVolumed(IMAGE_KEY, expected_channels=expected_channels, spatial_dims=spatial_dims, spacing=data.spacing,
+                        channels=channels),
     ]
+    if channels is not None:
+        # Indexing with a list keeps the channel axis (and the MetaTensor's affine); itemgetter pickles for workers.
+        transforms.append(Lambdad(IMAGE_KEY, func=operator.itemgetter(channels)))
+    # labels=None: axis letters follow the MetaTensor's space (RAS for nibabel), MONAI's coming default.
+    transforms.append(Orientationd(IMAGE_KEY, axcodes=data.orientation[:spatial_dims], labels=None))
     if data.spacing is not None:
         transforms.append(Spacingd(IMAGE_KEY, pixdim=data.spacing, mode="bilinear", padding_mode="border"))
 
-    intensity = data.intensity
-    if intensity.mode == "percentile":
-        # channel_wise: each channel (e.g. modality) gets its own percentiles.
-        transforms.append(
-            ScaleIntensityRangePercentilesd(
-                IMAGE_KEY,
-                lower=intensity.lower,
-                upper=intensity.upper,
-                b_min=intensity.b_min,
-                b_max=intensity.b_max,
-                clip=intensity.clip,
-                channel_wise=True,
-            )
-        )
-    elif intensity.mode == "range":
-        transforms.append(
-            ScaleIntensityRanged(
-                IMAGE_KEY,
-                a_min=intensity.lower,
-                a_max=intensity.upper,
-                b_min=intensity.b_min,
-                b_max=intensity.b_max,
-                clip=intensity.clip,
-            )
-        )
+    scale = intensity_transform(data.intensity)
+    if data.intensity_by_class:
+        by_class = {name: intensity_transform(setting) for name, setting in data.intensity_by_class.items()}
+        transforms.append(IntensityByClassd(by_class, scale))
+    elif scale is not None:
+        transforms.append(scale)
     # Pad after scaling with the scaled background value (e.g. -1 for [-1, 1] targets, or air for CT).
     transforms.append(ResizeWithPadOrCropd(IMAGE_KEY, spatial_size=data.voxel_size, mode="constant", value=background))
 
+    if train and patch_size is not None:
+        transforms.append(RandSpatialCropd(IMAGE_KEY, roi_size=list(patch_size), random_size=False))
     if train:
         augment = data.augment
         if augment.flip_prob > 0:
@@ -198,7 +254,7 @@ def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1) 
                     prob=augment.affine_prob,
                     rotate_range=(augment.rotate_range,) * rotations,
                     scale_range=(augment.scale_range,) * spatial_dims,
-                    spatial_size=data.voxel_size,
+                    spatial_size=list(patch_size) if patch_size is not None else data.voxel_size,
                     mode="bilinear",
                     # 'zeros' fills exactly the background when it is 0; otherwise repeat the border
                     # (background after padding) rather than inventing a 0 that is not background.

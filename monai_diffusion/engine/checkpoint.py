@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from monai_diffusion.config.schema import Config
+
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
@@ -310,11 +312,12 @@ def resolve_resume(
 _MISSING = object()
 
 
-def _get_dotted(tree: dict, key: str) -> Any:
+def _get_dotted(tree: dict, key: str, fallback: dict | None = None) -> Any:
+    """``tree``'s value at the dotted ``key``; where it has none, ``fallback``'s (or ``_MISSING``)."""
     node: Any = tree
     for part in key.split("."):
         if not isinstance(node, dict) or part not in node:
-            return _MISSING
+            return _MISSING if fallback is None else _get_dotted(fallback, key)
         node = node[part]
     return node
 
@@ -336,10 +339,12 @@ def check_shape_keys(saved: dict, current: dict, keys: Sequence[str]) -> None:
         ValueError: listing every differing key with both values, one per line, e.g.
             ``autoencoder.downsample_factors: checkpoint [4, 2], config [2, 2]``.
     """
+    # A key the checkpoint predates meant then what its default means now (new keys default to the old behaviour).
+    defaults = Config().model_dump(mode="json")
     differences = [
         f"{key}: checkpoint {_show(old)}, config {_show(new)}"
         for key in keys
-        if (old := _get_dotted(saved, key)) != (new := _get_dotted(current, key))
+        if (old := _get_dotted(saved, key, fallback=defaults)) != (new := _get_dotted(current, key))
     ]
     if differences:
         listing = "\n".join(f"  - {d}" for d in differences)

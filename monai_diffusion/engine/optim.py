@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler, MultiStepLR, PolynomialLR
 
 __all__ = ["StepResult", "build_optimizer", "build_lr_scheduler", "optimizer_step", "NonFiniteGuard"]
 
@@ -17,14 +17,16 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
 ) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters.
+    """AdamW over the trainable parameters (with weight_decay 0 it is Adam, which MONAI's recipes use).
 
     Args:
         parameters: ``model.parameters()`` (frozen ones are left out) or a list of param groups.
         lr: learning rate (the peak, reached after warm-up).
         weight_decay: decoupled weight decay (0 turns it off; AdamW's own default is 0.01).
         betas: Adam moment coefficients.
+        eps: added to the denominator (PyTorch's default 1e-8; larger values steady fp16 training).
 
     Returns:
         The optimizer.
@@ -37,13 +39,22 @@ def build_optimizer(
         params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("build_optimizer: no trainable parameters")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, schedule: str, max_steps: int | None
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    schedule: str,
+    max_steps: int | None,
+    milestones: Sequence[int] = (),
+    gamma: float = 0.1,
+    power: float = 1.0,
 ) -> LRScheduler:
-    """Linear warm-up, then a constant or cosine LR; step it once per optimizer step.
+    """Linear warm-up, then a constant or cosine LR; or PyTorch's MultiStepLR / PolynomialLR.
+
+    Steps count calls of ``scheduler.step()``: once per optimizer step, or once per epoch for a schedule in epochs
+    (the caller decides; ``warmup_steps``, ``max_steps`` and ``milestones`` count in the same unit).
 
     The LR of optimizer step ``s`` (0-based, i.e. after ``s`` calls of ``scheduler.step()``) is
     ``lr * (s + 1) / warmup_steps`` while ``s < warmup_steps`` (so the first step is not wasted
@@ -53,22 +64,39 @@ def build_lr_scheduler(
     One ``LambdaLR`` with a piecewise factor rather than ``SequentialLR``: one scheduler, one
     step counter in the checkpoint, and no sub-scheduler touching the LR at construction.
 
+    ``"multistep"`` is ``MultiStepLR(milestones, gamma)`` and ``"polynomial"`` is ``PolynomialLR(total_iters=max_steps,
+    power)`` (0 from ``max_steps`` on), as MONAI's 3D LDM tutorial and MAISI use them: without warm-up.
+
     Args:
         optimizer: the optimizer whose param groups' ``lr`` is the peak LR.
-        warmup_steps: warm-up length in optimizer steps (0: none).
-        schedule: ``"constant"`` or ``"cosine"``.
-        max_steps: total optimizer steps; required for ``"cosine"``.
+        warmup_steps: warm-up length in scheduler steps (0: none).
+        schedule: ``"constant"``, ``"cosine"``, ``"multistep"`` or ``"polynomial"``.
+        max_steps: total scheduler steps; required for ``"cosine"`` and ``"polynomial"``.
+        milestones: ``"multistep"``: the steps at which the LR is multiplied by ``gamma``.
+        gamma: ``"multistep"``: the factor.
+        power: ``"polynomial"``: the decay's power.
 
     Returns:
-        A ``torch.optim.lr_scheduler.LambdaLR`` (its ``state_dict`` restores the step count).
+        A ``LambdaLR``, ``MultiStepLR`` or ``PolynomialLR`` (its ``state_dict`` restores the step count).
 
     Raises:
-        ValueError: unknown schedule, negative warm-up, or cosine without ``max_steps > warmup_steps``.
+        ValueError: unknown schedule, negative warm-up, cosine without ``max_steps > warmup_steps``, warm-up with
+            multistep/polynomial, polynomial without ``max_steps``, multistep without milestones.
     """
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {schedule!r}")
+    if schedule not in ("constant", "cosine", "multistep", "polynomial"):
+        raise ValueError(f"lr_schedule must be 'constant', 'cosine', 'multistep' or 'polynomial', got {schedule!r}")
+    if schedule in ("multistep", "polynomial"):
+        if warmup_steps:
+            raise ValueError(f"lr_schedule {schedule!r} takes no warm-up, got warmup_steps={warmup_steps}")
+        if schedule == "multistep":
+            if not milestones:
+                raise ValueError("lr_schedule 'multistep' needs milestones")
+            return MultiStepLR(optimizer, milestones=list(milestones), gamma=gamma)
+        if max_steps is None or max_steps < 1:
+            raise ValueError(f"lr_schedule 'polynomial' needs max_steps >= 1, got {max_steps}")
+        return PolynomialLR(optimizer, total_iters=max_steps, power=power)
     if schedule == "cosine" and (max_steps is None or max_steps <= warmup_steps):
         raise ValueError(
             f"lr_schedule 'cosine' needs max_steps > warmup_steps, got max_steps={max_steps}, "

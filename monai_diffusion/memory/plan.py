@@ -44,6 +44,7 @@ import torch
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.config.loading import ConfigError, apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import stage_config, step_config
 from monai_diffusion.engine.precision import precision_name
 from monai_diffusion.factors import per_axis_factors, total_factor
 from monai_diffusion.memory.probe import Options, config_total_factor, run_measurement
@@ -209,6 +210,8 @@ class Planner:
         self._cache: dict[str, Prediction] = {}
 
     def _predict(self, config: Config, stage: str) -> Prediction:
+        # What the stage trains on: its own precision, and the autoencoder's volume or patch size.
+        config = step_config(config, "autoencoder" if stage == "autoencoder" else "ldm")
         convert = self.target == "cuda" and self.device == "cpu"
         # For a GPU estimate the CPU measures float32, which the conversion factors were calibrated against.
         probe_config = at_size(config, config.data.voxel_size, mixed_precision=False) if convert else config
@@ -249,9 +252,10 @@ def _candidates(config: Config, target: str) -> list[tuple[list[str], str]]:
     t = config.autoencoder.training
     out: list[tuple[list[str], str]] = []
     ckpt = [] if t.use_gradient_checkpointing else ["autoencoder.training.use_gradient_checkpointing=true"]
-    amp = [] if precision_name(config.device.mixed_precision, target) != "fp32" or target != "cuda" else [
-        "device.mixed_precision=true"
-    ]
+    # The autoencoder's own precision, where it has one, is the key that changes it.
+    amp_key = "autoencoder.training.mixed_precision" if t.mixed_precision is not None else "device.mixed_precision"
+    amp_now = stage_config(config, "autoencoder").device.mixed_precision
+    amp = [] if precision_name(amp_now, target) != "fp32" or target != "cuda" else [f"{amp_key}=true"]
     if ckpt:
         out.append((ckpt, "recomputes norms/activations and some blocks in backward: ~1.1-1.4x step time, same results"))
     if amp:

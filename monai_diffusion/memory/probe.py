@@ -49,6 +49,7 @@ from typing import Any
 import torch
 
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import step_config
 from monai_diffusion.engine.precision import Precision, resolve_precision
 from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
 from monai_diffusion.networks.builders import build_autoencoder
@@ -288,7 +289,8 @@ def build_step(config: Config, options: Options, device: torch.device, precision
 
     if options.stage == "autoencoder":
         t = config.autoencoder.training
-        parts = build_autoencoder_training(config, device, precision, t.max_steps, _autoencoder_network(config, options))
+        parts = build_autoencoder_training(config, device, precision, _schedule_steps(t),
+                                           _autoencoder_network(config, options), max_epochs=t.max_epochs)
         if options.channels_last:
             parts.autoencoder.to(memory_format=memory_format)
         model = torch.compile(parts.autoencoder) if options.compile else None
@@ -319,7 +321,7 @@ def build_step(config: Config, options: Options, device: torch.device, precision
 
         return Step(run, [autoencoder], [], 0)
 
-    parts = build_ldm_training(config, latent, device, precision, t.max_steps)
+    parts = build_ldm_training(config, latent, device, precision, _schedule_steps(t), max_epochs=t.max_epochs)
 
     def run() -> None:
         for index in range(t.gradient_accumulation_steps):
@@ -328,6 +330,12 @@ def build_step(config: Config, options: Options, device: torch.device, precision
 
     modules = [m for m in (parts.unet, parts.ema, autoencoder) if m is not None]
     return Step(run, modules, [parts.optimizer], _trained_params([parts.optimizer]))
+
+
+def _schedule_steps(t) -> int | None:
+    """Where the LR schedule ends: the section's max_steps; without one (a run derives it from the data, which the
+    probe has not got) max_epochs stands in: a schedule's length changes no step's memory."""
+    return t.max_steps if t.max_steps is not None else t.max_epochs
 
 
 def _trained_params(optimizers: list[torch.optim.Optimizer]) -> int:
@@ -361,9 +369,13 @@ def _device(options: Options) -> torch.device:
 def measure(config: Config, options: Options) -> dict[str, Any]:
     """Measure the step in this process and return its record (see the module docstring).
 
+    The stage's own settings apply (:func:`~monai_diffusion.config.stages.step_config`): its precision, and for the
+    autoencoder its volume size or the patches it trains on.
+
     Raises:
         Whatever building or running the step raises (out of memory, missing perceptual weights...).
     """
+    config = step_config(config, "autoencoder" if options.stage == "autoencoder" else "ldm")
     if options.threads:
         torch.set_num_threads(options.threads)
     device = _device(options)

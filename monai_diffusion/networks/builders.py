@@ -23,6 +23,8 @@ AUTOENCODER_SHAPE_KEYS = [
     "autoencoder.with_encoder_nonlocal_attn",
     "autoencoder.with_decoder_nonlocal_attn",
     "autoencoder.use_convtranspose",
+    "autoencoder.include_fc",
+    "autoencoder.use_combined_linear",
     "autoencoder.in_channels",
 ]
 # Keys a resumed LDM run must share with its checkpoint: the autoencoder and latent shape, the UNet, and the
@@ -34,6 +36,9 @@ LDM_SHAPE_KEYS = AUTOENCODER_SHAPE_KEYS + [
     "ldm.unet.num_res_blocks",
     "ldm.unet.num_head_channels",
     "ldm.unet.norm_num_groups",
+    "ldm.unet.include_fc",
+    "ldm.unet.use_combined_linear",
+    "ldm.unet.resblock_updown",
     "ldm.scheduler.type",
     "ldm.scheduler.num_train_timesteps",
     "ldm.scheduler.schedule",
@@ -69,6 +74,8 @@ def build_autoencoder(
         with_decoder_nonlocal_attn=ae.with_decoder_nonlocal_attn,
         use_checkpoint=ae.training.use_gradient_checkpointing if use_checkpoint is None else use_checkpoint,
         use_convtranspose=ae.use_convtranspose,
+        include_fc=ae.include_fc,
+        use_combined_linear=ae.use_combined_linear,
         use_flash_attention=ae.use_flash_attention,
         downsample_factors=ae.downsample_factors,
         chunk_elements=chunk_elements,
@@ -104,6 +111,9 @@ def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3) -> D
         if isinstance(unet.num_head_channels, int)
         else tuple(unet.num_head_channels),
         norm_num_groups=unet.norm_num_groups,
+        resblock_updown=unet.resblock_updown,
+        include_fc=unet.include_fc,
+        use_combined_linear=unet.use_combined_linear,
         use_flash_attention=True,
     )
 
@@ -117,16 +127,20 @@ def build_scheduler(
         sched: the ``ldm.scheduler`` section (timesteps, beta schedule, prediction type).
         kind: override of ``sched.type`` (sampling with DDIM from a DDPM-trained model).
         spatial_dims: latent dimensionality (rectified flow's timestep transform needs it).
-        latent_numel: voxels of one latent (rectified flow's resolution-aware timestep shift).
+        latent_numel: voxels of one latent: where rectified flow's resolution-aware timestep shift is neutral unless
+            ``sched.base_img_size_numel`` says otherwise.
     """
     kind = kind or sched.type
     if kind == "rflow":
         return RFlowScheduler(
             num_train_timesteps=sched.num_train_timesteps,
-            use_discrete_timesteps=True,
-            sample_method="logit-normal",
-            use_timestep_transform=True,
-            base_img_size_numel=latent_numel or 32768,
+            use_discrete_timesteps=sched.use_discrete_timesteps,
+            sample_method=sched.sample_method,
+            loc=sched.loc,
+            scale=sched.scale,
+            use_timestep_transform=sched.use_timestep_transform,
+            transform_scale=sched.transform_scale,
+            base_img_size_numel=sched.base_img_size_numel or latent_numel or 32768,
             spatial_dim=spatial_dims,
         )
     beta = {"beta_start": sched.beta_start, "beta_end": sched.beta_end} if sched.schedule != "cosine" else {}
@@ -134,7 +148,7 @@ def build_scheduler(
         num_train_timesteps=sched.num_train_timesteps,
         schedule=sched.schedule,
         prediction_type=sched.prediction_type,
-        clip_sample=False,  # latents are not bounded to [-1, 1]
+        clip_sample=sched.clip_sample,
         **beta,
     )
     if kind == "ddim":

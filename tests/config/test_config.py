@@ -8,6 +8,7 @@ import yaml
 from monai_diffusion.config import Config, ConfigError, config_from_dict, load_config
 from monai_diffusion.config.loading import parse_override
 from monai_diffusion.config.render import render_default_config
+from monai_diffusion.config.stages import stage_config, step_config
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESETS = sorted((ROOT / "config").rglob("*.yaml"))
@@ -67,6 +68,14 @@ def test_unknown_keys_get_a_suggestion_and_all_errors_come_together():
     assert len(problems) == 5
 
 
+def test_keys_inside_intensity_sections_keep_their_full_path():
+    """'intensity' begins like pydantic's union tag 'int'; it must stay in the reported path."""
+    (problem,) = problems_of({"data": {"intensity": {"lowr": 1}}})
+    assert problem == "data.intensity.lowr: unknown key (did you mean 'data.intensity.lower'?)"
+    (problem,) = problems_of({"data": {"intensity_by_class": {"mri": {"uper": 99}}}})
+    assert problem == "data.intensity_by_class.mri.uper: unknown key (did you mean 'data.intensity_by_class.mri.upper'?)"
+
+
 def test_unknown_key_without_a_close_match_lists_the_known_keys():
     (problem,) = problems_of({"device": {"gpu": 1}})
     assert problem.startswith("device.gpu: unknown key (known keys here: device, mixed_precision")
@@ -92,10 +101,80 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys():
         ({"ldm": {"training": {"lr_schedule": "cosine"}}}, "'cosine' needs ldm.training.max_steps"),
         ({"ldm": {"scheduler": {"type": "rflow"}, "sampling": {"scheduler": "ddim"}}}, "cannot sample with 'ddim'"),
         ({"ldm": {"unet": {"num_head_channels": 7}}}, "not divisible by 7 head channels"),
+        # stage sizes: the autoencoder's volume and patches
+        ({"autoencoder": {"training": {"voxel_size": [64, 64, 62]}}},
+         "autoencoder.training.voxel_size / autoencoder.downsample_factors: axis 2 size 62 is not divisible by the "
+         "total factor 4"),
+        ({"autoencoder": {"training": {"patch_size": [32, 32, 30]}}},
+         "autoencoder.training.patch_size / autoencoder.downsample_factors: axis 2 size 30"),
+        ({"autoencoder": {"training": {"patch_size": [32, 32]}}},
+         "autoencoder.training.patch_size: expected 3 sizes >= 1 like data.voxel_size, got [32, 32]"),
+        ({"autoencoder": {"training": {"voxel_size": [48, 48, 48], "patch_size": [64, 32, 32]}}},
+         "autoencoder.training.patch_size: [64, 32, 32] does not fit in the autoencoder's volume [48, 48, 48] "
+         "(autoencoder.training.voxel_size)"),
+        # learning-rate schedules
+        ({"ldm": {"training": {"lr_schedule": "multistep"}}},
+         "ldm.training.lr_milestones: 'multistep' needs increasing milestones >= 1, got []"),
+        ({"ldm": {"training": {"lr_schedule": "multistep", "lr_milestones": [1000, 100]}}},
+         "increasing milestones >= 1, got [1000, 100]"),
+        ({"autoencoder": {"training": {"lr_schedule": "polynomial", "warmup_steps": 10}}},
+         "autoencoder.training.warmup_steps / autoencoder.training.lr_schedule: 'polynomial' is PyTorch's "
+         "PolynomialLR without warm-up"),
+        ({"ldm": {"training": {"lr_gamma": 0.5}}}, "ldm.training.lr_gamma: only read by lr_schedule 'multistep', not "
+                                                   "'constant'"),
+        ({"ldm": {"training": {"lr_schedule": "cosine", "lr_schedule_interval": "epoch", "max_epochs": None,
+                               "max_steps": 10}}},
+         "ldm.training.lr_schedule: 'cosine' per epoch needs ldm.training.max_epochs"),
+        # losses
+        ({"autoencoder": {"training": {"disc_steps_per_generator_step": 5, "gradient_accumulation_steps": 2}}},
+         "autoencoder.training.disc_steps_per_generator_step / gradient_accumulation_steps: 5 discriminator steps"),
+        ({"autoencoder": {"training": {"perceptual_pretrained_path": "w.pth"}}},
+         "autoencoder.training.perceptual_pretrained_path: only read for perceptual_network 'resnet50'"),
+        # data: channels and intensity classes
+        ({"data": {"channel": [0, 1]}},
+         "data.channel / autoencoder.in_channels: data.channel keeps 2 channel(s) [0, 1], but autoencoder.in_channels "
+         "is 1"),
+        ({"data": {"channel": [2, 2]}, "autoencoder": {"in_channels": 2}}, "data.channel: expected an index or a list "
+                                                                         "of distinct indices, got [2, 2]"),
+        ({"data": {"intensity_by_class": {"ct": {"mode": "range", "lower": -1000, "upper": 1000, "b_min": -1}}}},
+         "data.intensity_by_class.ct.b_min/b_max: every class keeps data.intensity's output range [0.0, 1.0], got "
+         "[-1.0, 1.0]"),
+        ({"data": {"intensity_by_class": {"mri": {"lower": 50, "upper": 10}}}},
+         "data.intensity_by_class.mri.lower/upper: percentiles need 0 <= lower < upper <= 100"),
+        # rectified-flow settings on another scheduler
+        ({"ldm": {"scheduler": {"sample_method": "uniform", "base_img_size_numel": 4096}}},
+         "ldm.scheduler.base_img_size_numel: applies to rectified flow only, ldm.scheduler.type is 'ddpm'"),
     ],
 )
 def test_each_cross_field_rule(raw, expected):
     assert any(expected in p for p in problems_of(raw)), problems_of(raw)
+
+
+def test_a_saved_config_lists_every_key_and_still_validates():
+    """Rules on keys a setting does not read compare with the defaults, not with what the YAML spelt out: a run's
+    saved config.yaml (every key written) validates again."""
+    rflow = config_from_dict({"ldm": {"scheduler": {"type": "rflow", "sample_method": "uniform"},
+                                      "training": {"lr_schedule": "multistep", "lr_milestones": [10]}}})
+    assert config_from_dict(rflow.model_dump(mode="json")) == rflow
+    assert config_from_dict(Config().model_dump(mode="json")) == Config()
+
+
+def test_stage_config_gives_each_stage_its_own_size_and_precision():
+    config = config_from_dict({
+        "data": {"voxel_size": [32, 32, 32]}, "device": {"mixed_precision": "bf16"},
+        "autoencoder": {"training": {"voxel_size": [48, 48, 40], "patch_size": [16, 16, 16], "mixed_precision": False}},
+        "ldm": {"training": {"mixed_precision": "fp16"}},
+    })
+    autoencoder, ldm = stage_config(config, "autoencoder"), stage_config(config, "ldm")
+    assert (autoencoder.data.voxel_size, autoencoder.device.mixed_precision) == ([48, 48, 40], False)
+    assert autoencoder.autoencoder.training.patch_size == [16, 16, 16]  # validation still reconstructs whole volumes
+    assert (ldm.data.voxel_size, ldm.device.mixed_precision) == ([32, 32, 32], "fp16")
+    assert stage_config(autoencoder, "autoencoder") == autoencoder  # says it through the shared keys only
+    assert (step_config(config, "autoencoder").data.voxel_size, step_config(config, "ldm").data.voxel_size) == (
+        [16, 16, 16], [32, 32, 32])
+    assert config.data.voxel_size == [32, 32, 32] and config.device.mixed_precision == "bf16"  # left as it was
+    # Without stage settings every stage is the config itself.
+    assert stage_config(Config(), "autoencoder") == stage_config(Config(), "ldm") == Config()
 
 
 def test_per_axis_factors_for_anisotropic_volumes():

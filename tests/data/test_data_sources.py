@@ -68,12 +68,17 @@ def test_json_datalist_with_validation_split_and_relative_paths(tmp_path):
     datalist = tmp_path / "datalist.json"
     datalist.write_text(json.dumps({
         "name": "tiny",
-        "training": [{"image": "images/t1.nii.gz"}, {"image": str(images / "t2.nii.gz"), "label": "ignored"}],
-        "validation": [{"image": "images/v1.nii.gz"}],
+        "training": [{"image": "images/t1.nii.gz"},
+                     {"image": str(images / "t2.nii.gz"), "label": "labels/t2.nii.gz", "class": "mri", "site": 3,
+                      "regions": [1, 2], "note": None}],
+        "validation": [{"image": "images/v1.nii.gz", "class": "ct"}],
     }))
     train, val = list_volumes(data_config(source="datalist", datalist=str(datalist)), seed=0)
-    assert train == [{"image": str(images / "t1.nii.gz")}, {"image": str(images / "t2.nii.gz")}]
-    assert val == [{"image": str(images / "v1.nii.gz")}]
+    # An entry's other text and number fields stay with it (data.intensity_by_class reads `class`); lists and
+    # nulls, which would not collate into a batch, are left out.
+    assert train == [{"image": str(images / "t1.nii.gz")},
+                     {"image": str(images / "t2.nii.gz"), "label": "labels/t2.nii.gz", "class": "mri", "site": 3}]
+    assert val == [{"image": str(images / "v1.nii.gz"), "class": "ct"}]
 
 
 def test_json_datalist_without_validation_uses_val_fraction(tmp_path):
@@ -92,10 +97,11 @@ def test_csv_datalist_with_split_column(tmp_path):
     for name in ["a", "b", "c", "d"]:
         write_volume(sub / f"{name}.nii.gz")
     datalist = tmp_path / "list.csv"
-    datalist.write_text("image,split\nsub/a.nii.gz,train\nsub/b.nii.gz,TRAINING\nsub/c.nii.gz,validation\nsub/d.nii.gz,test\n")
+    datalist.write_text("image,split,class\nsub/a.nii.gz,train,ct\nsub/b.nii.gz,TRAINING,mri\n"
+                        "sub/c.nii.gz,validation,ct\nsub/d.nii.gz,test,ct\n")
     train, val = list_volumes(data_config(source="datalist", datalist=str(datalist)), seed=0)
-    assert [Path(i["image"]).name for i in train] == ["a.nii.gz", "b.nii.gz"]
-    assert val == [{"image": str(sub / "c.nii.gz")}]
+    assert [(Path(i["image"]).name, i["class"]) for i in train] == [("a.nii.gz", "ct"), ("b.nii.gz", "mri")]
+    assert val == [{"image": str(sub / "c.nii.gz"), "class": "ct"}]
 
 
 def test_csv_datalist_without_split_column_is_split_by_fraction(tmp_path):
@@ -197,6 +203,19 @@ def test_screening_channel_count_follows_expected_channels(mixed_files):
     assert screen_volumes(four_d, expected_channels=3, on_bad_file="error") == four_d
     with pytest.raises(ValueError, match="plain volume.*expected 2"):
         screen_volumes(items[:1], expected_channels=2, on_bad_file="error")
+
+
+def test_screening_with_a_channel_selection_needs_that_channel_not_a_channel_count(mixed_files):
+    """data.channel: 0 takes one channel from each file: a 3-channel and a plain volume both have it, a plain volume
+    has no channel 2."""
+    items, good, bad = mixed_files
+    mixed = [{"image": str(bad["four_d"])}, {"image": good[0]}]
+    assert screen_volumes(mixed, expected_channels=1, on_bad_file="error", channels=[0]) == mixed
+    with pytest.raises(ValueError) as raised:
+        screen_volumes(mixed, expected_channels=1, on_bad_file="error", channels=[2])
+    message = str(raised.value)
+    assert "1 of 2 volume(s) are unusable" in message
+    assert f"{good[0]}: has shape (20, 18, 16) (a plain volume): 1 channel(s), but data.channel selects [2]" in message
 
 
 def test_screening_rejects_constant_and_oversized_resampling(tmp_path):

@@ -106,6 +106,58 @@ def test_multichannel_4d_volume(tmp_path):
     assert "two.nii.gz: has 2 channel(s)" in _chain(raised.value)
 
 
+def test_channel_selection_keeps_the_chosen_channel_of_a_4d_file(tmp_path):
+    """data.channel: 0 keeps FLAIR of a BraTS-like (x, y, z, 4) file; a list keeps several, in its order."""
+    rng = np.random.default_rng(2)
+    values = np.stack([rng.random(SHAPE) * 100 * (c + 1) for c in range(4)], axis=-1).astype(np.float32)
+    path = write_volume(tmp_path / "brats.nii.gz", values)
+    full = build_transforms(data_config(voxel_size=[16, 16, 16]), train=False, expected_channels=4)({"image": path})
+    flair = build_transforms(data_config(voxel_size=[16, 16, 16], channel=0), train=False)({"image": path})
+    assert flair["image"].shape == (1, 16, 16, 16)
+    torch.testing.assert_close(flair["image"].as_tensor(), full["image"][:1].as_tensor())
+    torch.testing.assert_close(flair["image"].affine, full["image"].affine)
+    pair = build_transforms(data_config(voxel_size=[16, 16, 16], channel=[3, 1]), train=False, expected_channels=2)
+    torch.testing.assert_close(pair({"image": path})["image"].as_tensor(), full["image"][[3, 1]].as_tensor())
+    with pytest.raises(RuntimeError) as raised:
+        build_transforms(data_config(voxel_size=[16, 16, 16], channel=4), train=False)({"image": path})
+    assert "brats.nii.gz: has 4 channel(s) (shape (4, 20, 18, 16), channel first), but data.channel selects [4]" in \
+        _chain(raised.value)
+
+
+def test_intensity_follows_each_items_class(tmp_path):
+    """MAISI's data: CT in Hounsfield units through a fixed window, MRI by percentiles, picked by the item's class;
+    items of no listed class get data.intensity."""
+    ct_values = np.full(SHAPE, -1000.0, np.float32)
+    ct_values[5:15, 5:13, 4:12] = 500.0
+    ct = write_volume(tmp_path / "ct.nii.gz", ct_values)
+    mri = write_volume(tmp_path / "mri.nii.gz", (np.random.default_rng(3).random(SHAPE) * 700).astype(np.float32))
+    data = data_config(
+        voxel_size=[16, 16, 16], intensity={"mode": "range", "lower": -1000, "upper": 1000},
+        intensity_by_class={"mri": {"mode": "percentile", "lower": 0, "upper": 50, "clip": False}},
+    )
+    chain = build_transforms(data, train=False)
+    scaled_ct = chain({"image": ct, "class": "ct"})["image"]
+    assert sorted(torch.unique(scaled_ct).tolist()) == pytest.approx([0.0, 0.75])  # (500 + 1000) / 2000
+    scaled_mri = chain({"image": mri, "class": "mri"})["image"]
+    assert float(scaled_mri.max()) > 1.5  # the median maps to 1, unclipped: percentiles, not the CT window
+    torch.testing.assert_close(chain({"image": ct})["image"], scaled_ct)  # no class: data.intensity
+
+
+def test_patches_are_random_crops_for_training_only(volume):
+    data = data_config(voxel_size=[16, 16, 16])
+    train = build_transforms(data, train=True, patch_size=[8, 8, 4])
+    whole = build_transforms(data, train=False, patch_size=[8, 8, 4])({"image": volume})["image"]
+    assert whole.shape == (1, 16, 16, 16)
+    train.set_random_state(seed=0)
+    crops = [train({"image": volume})["image"] for _ in range(4)]
+    assert all(crop.shape == (1, 8, 8, 4) for crop in crops)
+    assert len({tuple(crop.affine[:3, 3].tolist()) for crop in crops}) > 1  # different places in the volume
+    for crop in crops:  # each is a piece of the whole volume
+        start = torch.linalg.solve(whole.affine, crop.affine)[:3, 3].round().int().tolist()
+        window = whole[(slice(None), *(slice(s, s + n) for s, n in zip(start, (8, 8, 4))))]
+        torch.testing.assert_close(crop.as_tensor(), window.as_tensor())
+
+
 def test_the_chain_rejects_non_finite_volumes_naming_the_file(tmp_path):
     values = np.ones(SHAPE, np.float32)
     values[1, 2, 3] = np.nan

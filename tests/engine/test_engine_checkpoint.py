@@ -167,10 +167,15 @@ def test_check_shape_keys_lists_every_difference():
     assert "autoencoder.downsample_factors: checkpoint [4, 2], config [2, 2]" in message
     assert "autoencoder.latent_channels: checkpoint 3, config 8" in message
     assert "num_channels" not in message
-    # keys missing on both sides are equal; missing on one side is a difference
-    with pytest.raises(ValueError, match=r"autoencoder.attention_levels: checkpoint \(missing\), config null"):
-        check_shape_keys(saved, {"autoencoder": {**saved["autoencoder"], "attention_levels": None}},
+    # keys missing on both sides are equal; a key the checkpoint predates reads as its schema default (new keys
+    # default to the behaviour before them), a key missing from the run's config is a difference
+    check_shape_keys(saved, {"autoencoder": {**saved["autoencoder"], "attention_levels": None}},
+                     ["autoencoder.attention_levels"])
+    with pytest.raises(ValueError, match=r"autoencoder.attention_levels: checkpoint null, config \[true, true\]"):
+        check_shape_keys(saved, {"autoencoder": {**saved["autoencoder"], "attention_levels": [True, True]}},
                          ["autoencoder.attention_levels"])
+    with pytest.raises(ValueError, match=r"autoencoder.latent_channels: checkpoint 3, config \(missing\)"):
+        check_shape_keys(saved, {"autoencoder": {}}, ["autoencoder.latent_channels"])
 
 
 def test_rng_round_trip_through_a_checkpoint(tmp_path):

@@ -167,3 +167,41 @@ def test_non_finite_guard_accepts_tensors():
     assert guard.check(torch.tensor(2.0), step=0)
     with pytest.raises(RuntimeError, match="step 9"):
         guard.check(torch.tensor(float("nan")), step=9)
+
+
+def test_multistep_and_polynomial_are_pytorchs_own():
+    """'multistep' and 'polynomial' give the LRs of torch's MultiStepLR and PolynomialLR, step for step."""
+    for schedule, reference, kwargs in (
+        ("multistep", lambda o: torch.optim.lr_scheduler.MultiStepLR(o, milestones=[2, 5], gamma=0.1),
+         {"milestones": [2, 5], "gamma": 0.1}),
+        ("polynomial", lambda o: torch.optim.lr_scheduler.PolynomialLR(o, total_iters=6, power=2.0), {"power": 2.0}),
+    ):
+        ours_opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=1e-4, weight_decay=0.0)
+        ours = build_lr_scheduler(ours_opt, 0, schedule, 6, **kwargs)
+        torch_opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+        theirs = reference(torch_opt)
+        assert type(ours) is type(theirs)
+        seen = []
+        for _ in range(8):
+            assert ours_opt.param_groups[0]["lr"] == pytest.approx(torch_opt.param_groups[0]["lr"])
+            seen.append(ours_opt.param_groups[0]["lr"])
+            ours_opt.step(), torch_opt.step(), ours.step(), theirs.step()
+        expected = {"multistep": [1e-4, 1e-4, 1e-5, 1e-5, 1e-5, 1e-6, 1e-6, 1e-6],
+                    "polynomial": [1e-4 * (1 - s / 6) ** 2 for s in range(6)] + [0.0, 0.0]}[schedule]
+        assert seen == pytest.approx(expected)
+
+
+def test_multistep_and_polynomial_refuse_what_they_cannot_do():
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=1.0, weight_decay=0.0)
+    with pytest.raises(ValueError, match="takes no warm-up"):
+        build_lr_scheduler(opt, 3, "multistep", None, milestones=[10])
+    with pytest.raises(ValueError, match="needs milestones"):
+        build_lr_scheduler(opt, 0, "multistep", None)
+    with pytest.raises(ValueError, match="'polynomial' needs max_steps"):
+        build_lr_scheduler(opt, 0, "polynomial", None)
+
+
+def test_adam_eps_reaches_the_optimizer():
+    assert build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=1.0, weight_decay=0.0).defaults["eps"] == 1e-8
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(1))], lr=1.0, weight_decay=0.0, eps=1e-6)
+    assert opt.defaults["eps"] == 1e-6

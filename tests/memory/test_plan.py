@@ -95,6 +95,27 @@ def test_plan_falls_back_to_batch_then_factors():
     assert not any("[16,2]" in " ".join(o) for o in proposals)
 
 
+def test_each_stage_is_planned_at_what_it_trains_on(monkeypatch):
+    """The autoencoder's patches, volume and precision of its own; the LDM's precision of its own; and the amp
+    proposal names the key that decides the autoencoder's precision."""
+    measured = []
+
+    def fake_predict(config, stage, *args, **kwargs):
+        measured.append((stage, config.data.voxel_size, config.device.mixed_precision))
+        return Prediction(1.0, 0.0, 1.0, 1.0, measured_on="fake")
+
+    monkeypatch.setattr(plan, "predict", fake_predict)
+    config = _config("autoencoder.training.voxel_size=[128,128,64]", "autoencoder.training.patch_size=[64,64,32]",
+                     "autoencoder.training.mixed_precision=false", "ldm.training.mixed_precision=fp16",
+                     "device.mixed_precision=bf16")
+    planner = Planner("cpu", "cpu")
+    planner.autoencoder(config), planner.ldm(config)
+    assert measured == [("autoencoder", [64, 64, 32], False), ("ldm", [256, 256, 64], "fp16")]
+    proposals = [o for o, _ in plan.candidates(config, "cuda")]
+    assert ["autoencoder.training.mixed_precision=true"] in proposals
+    assert not any("device.mixed_precision=true" in o for o in proposals)
+
+
 def test_a_step_that_cannot_be_measured_gives_no_verdict():
     class Failing(FakePlanner):
         def _predict(self, config, stage):

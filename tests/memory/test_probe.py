@@ -38,20 +38,25 @@ def networks(*modules) -> list[tuple[str, int]]:
 
 
 def optimizers(*pairs) -> list:
-    """Each optimizer with its hyperparameters, scaler and LR schedule (its factor at the first steps)."""
+    """Each optimizer with its hyperparameters, scaler and LR schedule (its kind, state and, for a LambdaLR, its
+    factor at the first steps)."""
     described = []
     for optimizer, scaler, schedule in pairs:
         if optimizer is None:
             described.append(None)
             continue
-        factors = [schedule.lr_lambdas[0](s) for s in range(3)]
-        described.append((type(optimizer).__name__, optimizer.defaults, scaler.is_enabled(), factors))
+        state = {key: value for key, value in schedule.state_dict().items() if key not in ("lr_lambdas", "_last_lr")}
+        factors = [schedule.lr_lambdas[0](s) for s in range(3)] if hasattr(schedule, "lr_lambdas") else None
+        described.append((type(optimizer).__name__, optimizer.defaults, scaler.is_enabled(), type(schedule).__name__,
+                          state, factors))
     return described
 
 
 def describe_autoencoder(parts: steps.AutoencoderTraining) -> dict:
     return {
-        "training": parts.training.model_dump(),
+        # The probe measures at the patch size directly (its config says so through data.voxel_size); the batch
+        # shapes are compared on their own.
+        "training": parts.training.model_dump(exclude={"patch_size"}),
         "precision": parts.precision,
         "networks": networks(parts.autoencoder, parts.discriminator, parts.perceptual),
         "structural": parts.structural.kind if parts.structural is not None else None,
@@ -95,6 +100,37 @@ def test_autoencoder_step_measured_is_the_step_trained(tmp_path, nifti_folder, m
                                    for p in m.parameters())
 
 
+def test_autoencoder_recipe_options_measured_are_trained(tmp_path, nifti_folder, monkeypatch):
+    """Patches, the stage's own volume and precision, several discriminator steps with an unscaled loss and a schedule
+    in epochs: the probe builds and runs the step training runs."""
+    raw = apply_overrides(tiny_config_dict(nifti_folder, tmp_path / "runs"), [
+        "autoencoder.training.max_steps=1", "autoencoder.training.adv_weight=0.1",
+        "autoencoder.training.disc_steps_per_generator_step=3", "autoencoder.training.disc_loss_weight=1.0",
+        "autoencoder.training.voxel_size=[20,20,20]", "autoencoder.training.patch_size=[12,12,12]",
+        "autoencoder.training.mixed_precision=bf16", "autoencoder.training.lr_schedule=multistep",
+        "autoencoder.training.lr_milestones=[1]", "autoencoder.training.lr_schedule_interval=epoch",
+        "autoencoder.training.adam_eps=1e-6", "autoencoder.training.disc_num_layers=1",
+    ])
+    config = config_from_dict(raw)
+    micro = spy(monkeypatch, "autoencoder_micro_step", train_autoencoder, probe)
+    updates = spy(monkeypatch, "autoencoder_update", train_autoencoder, probe)
+
+    train_autoencoder.train(config)
+    record = probe.measure(config, Options(stage="autoencoder", device="cpu", steps=1, warmup=0))
+    (trained_micro, measured_micro), (trained_update, measured_update) = micro, updates
+    assert trained_update[0][1] is measured_update[0][1] is True  # adversarial from the first step
+
+    assert trained_micro[0][1].shape == measured_micro[0][1].shape == (1, 1, 12, 12, 12)  # the patches
+    assert list(trained_micro[2][1]) == list(measured_micro[2][1]) == ["recon_l1", "kl", "gen_adv", "disc"]
+    trained_parts, measured_parts = trained_micro[0][0], measured_micro[0][0]
+    assert describe_autoencoder(measured_parts) == describe_autoencoder(trained_parts)
+    assert measured_parts.precision.name == "bf16" and measured_parts.optimizer_d.defaults["eps"] == 1e-6
+    for parts in (trained_parts, measured_parts):  # three discriminator steps per generator step in both
+        assert [int(next(iter(o.state.values()))["step"]) for o in (parts.optimizer_g, parts.optimizer_d)] == [1, 3]
+    assert record["params"] == sum(p.numel() for m in (trained_parts.autoencoder, trained_parts.discriminator)
+                                   for p in m.parameters())
+
+
 def describe_ldm(parts: steps.LDMTraining) -> dict:
     scheduler = parts.scheduler
     return {
@@ -102,22 +138,32 @@ def describe_ldm(parts: steps.LDMTraining) -> dict:
         "precision": parts.precision,
         "kind": parts.kind,
         "scheduler": (type(scheduler).__name__, scheduler.num_train_timesteps,
-                      getattr(scheduler, "prediction_type", "velocity")),
+                      getattr(scheduler, "prediction_type", "velocity"),
+                      {key: getattr(scheduler, key, None) for key in ("use_discrete_timesteps", "sample_method",
+                                                                       "base_img_size_numel", "transform_scale",
+                                                                       "clip_sample")}),
         "networks": networks(parts.unet, parts.ema.module if parts.ema is not None else None),
         "optimizers": optimizers((parts.optimizer, parts.scaler, parts.lr_scheduler)),
     }
 
 
-@pytest.mark.parametrize("kind, prediction, cache", [("ddpm", "epsilon", True), ("ddpm", "v_prediction", True),
-                                                     ("ddim", "sample", True), ("rflow", "epsilon", True),
-                                                     ("ddpm", "epsilon", False)])
-def test_ldm_step_measured_is_the_step_trained(tmp_path, nifti_folder, monkeypatch, kind, prediction, cache):
+# MAISI's rectified-flow settings: continuous uniform timesteps, L1 loss, a polynomial LR, the stage's own precision.
+MAISI_LDM = ["ldm.scheduler.use_discrete_timesteps=false", "ldm.scheduler.sample_method=uniform",
+             "ldm.scheduler.base_img_size_numel=4096", "ldm.training.loss=l1", "ldm.training.lr_schedule=polynomial",
+             "ldm.training.lr_power=2.0", "ldm.training.mixed_precision=bf16"]
+
+
+@pytest.mark.parametrize("kind, prediction, cache, options", [
+    ("ddpm", "epsilon", True, []), ("ddpm", "v_prediction", True, []), ("ddim", "sample", True, []),
+    ("rflow", "epsilon", True, []), ("ddpm", "epsilon", False, []), ("rflow", "epsilon", True, MAISI_LDM),
+])
+def test_ldm_step_measured_is_the_step_trained(tmp_path, nifti_folder, monkeypatch, kind, prediction, cache, options):
     raw = apply_overrides(tiny_config_dict(nifti_folder, tmp_path / "runs"), [
         f"ldm.scheduler.type={kind}", f"ldm.scheduler.prediction_type={prediction}",
         f"ldm.training.cache_latents={str(cache).lower()}", "ldm.training.max_steps=1", "ldm.training.max_epochs=null",
         "ldm.training.batch_size=1", "ldm.training.gradient_accumulation_steps=2", "ldm.training.ema_decay=0.9",
         "ldm.training.scale_factor_volumes=2", "ldm.sampling.num_inference_steps=2", "data.val_fraction=0",
-        "data.cache=none",
+        "data.cache=none", *options,
     ])
     config = config_from_dict(raw)
     save_autoencoder(config, tmp_path / "runs" / "autoencoder-1" / "checkpoints" / "best.pt")
@@ -140,3 +186,6 @@ def test_ldm_step_measured_is_the_step_trained(tmp_path, nifti_folder, monkeypat
     assert describe_ldm(measured_parts) == describe_ldm(trained_parts)
     assert measured_parts.kind == kind and (kind == "rflow" or measured_parts.scheduler.prediction_type == prediction)
     assert record["params"] == sum(p.numel() for p in trained_parts.unet.parameters())
+    if options:
+        assert measured_parts.precision.name == "bf16" and measured_parts.training.loss == "l1"
+        assert measured_parts.scheduler.sample_method == "uniform"

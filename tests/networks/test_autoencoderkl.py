@@ -8,6 +8,8 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.autoencoderkl import AEKLDownsample
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from helpers import old_layout
+
 import monai_diffusion.networks.autoencoderkl as aekl_module
 import monai_diffusion.networks.memory_saving as memory_saving
 from monai_diffusion.networks import AutoencoderKL, FactorDownsample
@@ -470,21 +472,6 @@ def test_latent_diffusion_inferer_sampling(scheduler_cls):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _old_layout(state: dict, with_proj_attn: bool = True) -> dict:
-    """``state`` as MONAI Generative's AutoencoderKL named it: attention projections on the block itself
-    (``proj_attn`` for the output projection), the upsampling convolution as ``conv``."""
-    old = {}
-    for key, value in state.items():
-        if ".attn.out_proj." in key:
-            if with_proj_attn:
-                old[key.replace(".attn.out_proj.", ".proj_attn.")] = value
-        elif ".attn." in key:
-            old[key.replace(".attn.", ".")] = value
-        else:
-            old[key.replace("postconv", "conv")] = value
-    return old
-
-
 @pytest.mark.parametrize("factors", [None, [4, [2, 2, 1]]])
 def test_load_old_state_dict_renames_monai_generative_keys(factors):
     settings = dict(channels=(8, 16, 16), attention_levels=(False, False, True), num_res_blocks=1, norm_num_groups=8,
@@ -492,7 +479,7 @@ def test_load_old_state_dict_renames_monai_generative_keys(factors):
     trained = AutoencoderKL(3, **settings)
     for parameter in trained.parameters():  # weights no fresh model has by chance
         torch.nn.init.normal_(parameter)
-    old = _old_layout(trained.state_dict())
+    old = old_layout(trained.state_dict())
     assert any(".proj_attn." in k for k in old) and any("postconv" in k for k in trained.state_dict())
     assert not set(old) <= set(trained.state_dict())  # really the old layout: a plain load would fail
 
@@ -506,7 +493,7 @@ def test_load_old_state_dict_renames_monai_generative_keys(factors):
 
 def test_load_old_state_dict_without_output_projection_uses_identity():
     settings = dict(channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, norm_num_groups=8)
-    old = _old_layout(AutoencoderKL(3, **settings).state_dict(), with_proj_attn=False)
+    old = old_layout(AutoencoderKL(3, **settings).state_dict(), with_proj_attn=False)
     model = AutoencoderKL(3, **settings)
     model.load_old_state_dict(old)
     projections = [k for k in model.state_dict() if k.endswith("attn.out_proj.weight")]

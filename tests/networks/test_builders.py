@@ -1,0 +1,78 @@
+"""Config -> MONAI's constructors: the attention and UNet options and the scheduler settings reach MONAI's classes,
+and the defaults build what they built before these settings existed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
+
+from monai_diffusion.config import config_from_dict
+from monai_diffusion.networks.builders import build_autoencoder, build_scheduler, build_unet
+
+
+def parameters(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {name: tuple(p.shape) for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("include_fc, combined", [(True, False), (False, False), (True, True)])
+def test_attention_options_build_monais_networks(include_fc, combined):
+    config = config_from_dict({
+        "data": {"voxel_size": [16, 16, 16]},
+        "autoencoder": {"num_channels": [8, 16], "norm_num_groups": 8, "attention_levels": [False, True],
+                        "include_fc": include_fc, "use_combined_linear": combined},
+        "ldm": {"unet": {"num_channels": [16, 32], "attention_levels": [False, True], "num_head_channels": [0, 8],
+                         "norm_num_groups": 8, "include_fc": include_fc, "use_combined_linear": combined,
+                         "resblock_updown": not include_fc}},
+    })
+    ours = build_autoencoder(config.autoencoder)
+    monai = MonaiAutoencoderKL(3, channels=(8, 16), attention_levels=(False, True), num_res_blocks=1, norm_num_groups=8,
+                               latent_channels=3, include_fc=include_fc, use_combined_linear=combined)
+    assert parameters(ours) == parameters(monai)
+    unet = build_unet(config.ldm, 3)
+    reference = DiffusionModelUNet(3, 3, 3, channels=(16, 32), attention_levels=(False, True),
+                                   num_head_channels=(0, 8), num_res_blocks=1, norm_num_groups=8,
+                                   include_fc=include_fc, use_combined_linear=combined, resblock_updown=not include_fc)
+    assert parameters(unet) == parameters(reference)
+
+
+def test_scheduler_defaults_are_what_they_were():
+    """Before these settings: rectified flow with discrete logit-normal timesteps shifted relative to the training
+    latent, DDPM/DDIM without clipping."""
+    config = config_from_dict({"ldm": {"scheduler": {"type": "rflow"}}})
+    rflow = build_scheduler(config.ldm.scheduler, spatial_dims=3, latent_numel=16**3)
+    assert isinstance(rflow, RFlowScheduler)
+    assert (rflow.use_discrete_timesteps, rflow.sample_method, rflow.use_timestep_transform) == (True, "logit-normal",
+                                                                                                  True)
+    assert (rflow.base_img_size_numel, rflow.transform_scale, rflow.spatial_dim) == (16**3, 1.0, 3)
+    ddpm = build_scheduler(config_from_dict({}).ldm.scheduler)
+    assert isinstance(ddpm, DDPMScheduler) and ddpm.clip_sample is False
+
+
+def test_maisis_rectified_flow_settings_reach_monais_scheduler():
+    config = config_from_dict({"ldm": {"scheduler": {
+        "type": "rflow", "use_discrete_timesteps": False, "sample_method": "uniform", "scale": 1.4,
+        "base_img_size_numel": 32768, "transform_scale": 2.0}}})
+    rflow = build_scheduler(config.ldm.scheduler, spatial_dims=3, latent_numel=64**3)
+    assert (rflow.use_discrete_timesteps, rflow.sample_method) == (False, "uniform")
+    assert (rflow.base_img_size_numel, rflow.transform_scale) == (32768, 2.0)
+    torch.manual_seed(0)
+    timesteps = rflow.sample_timesteps(torch.zeros(64, 4, 8, 8, 8))
+    assert timesteps.dtype.is_floating_point and not torch.equal(timesteps, timesteps.round())  # continuous
+    # logit-normal's location and scale are MONAI's LogisticNormal parameters.
+    skewed = config_from_dict({"ldm": {"scheduler": {"type": "rflow", "loc": 2.0, "scale": 0.5,
+                                                     "use_timestep_transform": False}}})
+    scheduler = build_scheduler(skewed.ldm.scheduler, spatial_dims=3, latent_numel=8**3)
+    torch.manual_seed(0)
+    late = scheduler.sample_timesteps(torch.zeros(2000, 1, 2, 2, 2)).float().mean()
+    assert late > 0.8 * scheduler.num_train_timesteps  # sigmoid(N(2, 0.5)) is mostly near 1
+
+
+def test_ddpm_clip_sample_reaches_monais_scheduler():
+    config = config_from_dict({"ldm": {"scheduler": {"clip_sample": True}}})
+    assert build_scheduler(config.ldm.scheduler, "ddim").clip_sample is True
+    assert math.isclose(build_scheduler(config.ldm.scheduler).betas[0].item(), 0.0015, rel_tol=1e-4)
