@@ -27,7 +27,7 @@ AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -2.0, 0, 20.0], [0, 0, 2.5, -30.0], [
 LDM_KEYS = {
     "kind", "unet", "ema", "optimizer", "scaler", "lr_scheduler", "step", "epoch", "batches_in_epoch", "rng",
     "config", "scale_factor", "autoencoder_checkpoint", "autoencoder_hash", "latent_shape", "affine",
-    "format_version",
+    "weights_sha256", "format_version",
 }
 
 
