@@ -341,6 +341,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum = 0
         self._previous: dict[int, Any] = {}
+        self._pid = os.getpid()
 
     def install(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -354,6 +355,8 @@ class StopSignals:
         self._previous.clear()
 
     def _note(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker forked with this handler: the signal is not its to act on
+            return
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if not self.signum:
