@@ -318,8 +318,8 @@ def test_a_second_ctrl_c_stops_at_once_and_a_failed_start_leaves_nothing(tmp_pat
 def test_ctrl_c_on_the_command_line_then_resume_auto_matches_a_straight_run(tmp_path, nifti_folder):
     """Ctrl-C in a terminal: SIGINT to the whole process group (the persistent DataLoader worker too) at an
     arbitrary moment of training. The command ends with 130 and one line; --resume auto finishes bit-identically."""
-    settings = [*STOP_SETTINGS, "autoencoder.training.max_steps=16", "autoencoder.training.max_epochs=8",
-                "data.num_workers=1"]
+    settings = [*STOP_SETTINGS, "autoencoder.training.max_steps=12", "autoencoder.training.max_epochs=6",
+                "autoencoder.training.val_every_n_epochs=6", "data.num_workers=1"]
     config_file = tmp_path / "stop.yaml"
     config_file.write_text(yaml.safe_dump(apply_overrides(tiny_config_dict(nifti_folder, tmp_path / "runs"), settings)))
     command = [sys.executable, "-m", "monai_diffusion.cli", "train-autoencoder", "--config", str(config_file)]
@@ -346,7 +346,7 @@ def test_ctrl_c_on_the_command_line_then_resume_auto_matches_a_straight_run(tmp_
     assert re.search(rf"W stopped by SIGINT after optimizer step (\d+): {run}/checkpoints/last.pt holds that step; "
                      rf"continue with --resume auto \(or --resume {run}\)$", last_line), last_line
     stopped_at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
-    assert 2 <= stopped_at < 16
+    assert 2 <= stopped_at < 12
 
     resumed = run_cli(*command[1:], "--set", "output.run_name=r", "--resume", "auto")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
