@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from monai_diffusion.config.loading import apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_transforms, list_volumes
 from monai_diffusion.data.sources import list_folder, read_csv_datalist, read_json_datalist
 from monai_diffusion.engine.checkpoint import load_checkpoint
@@ -395,6 +396,8 @@ def evaluate(run: Path, data: Path | None = None, overrides: list[str] | None = 
     kind = state.get("kind")
     if kind == "autoencoder":
         device = init_distributed(config.device.device).device
+        # The autoencoder stage's own volume size and precision (they may differ from the LDM stage's).
+        config = stage_config(config, "autoencoder")
         return evaluate_autoencoder(state, config, run_dir, held_out_items(config, data), out, device, tile_size)
     if kind == "ldm":
         return evaluate_ldm(state, checkpoint, config, run_dir, training_items(config, data), out, num_samples,

@@ -10,6 +10,7 @@ such volume; :func:`load_ldm_checkpoint`, :func:`newest_ldm_checkpoint` and :fun
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -19,12 +20,12 @@ from monai_diffusion.config.loading import config_from_dict
 from monai_diffusion.config.schema import Config, SamplingConfig
 from monai_diffusion.config.stages import stage_config
 from monai_diffusion.diffusion import check_sampler, sample_latents
-from monai_diffusion.engine.checkpoint import load_checkpoint
+from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from monai_diffusion.engine.logging import get_logger, save_sample
 from monai_diffusion.engine.precision import Precision, resolve_precision
 from monai_diffusion.latents import decode_latents, load_autoencoder, resolve_autoencoder_checkpoint
-from monai_diffusion.networks.builders import build_scheduler, build_unet
+from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_scheduler, build_unet
 
 __all__ = [
     "SEED_STRIDE",
@@ -118,6 +119,7 @@ def sample(
     seed: int | None = None,
     out: Path | None = None,
     checkpoint: Path | None = None,
+    shape_keys: Sequence[str] = LDM_SHAPE_KEYS,
 ) -> list[Path]:
     """Generate ``num_samples`` volumes; returns the NIfTI paths this process wrote.
 
@@ -125,15 +127,23 @@ def sample(
     was trained with); ``config`` supplies the sampling options (``ldm.sampling``), device, precision and where
     to look for checkpoints. Arguments left None take their ``ldm.sampling`` / ``seed`` defaults. Under
     ``torchrun`` each process generates every ``world_size``-th sample (sample i is the same either way).
+
+    Args:
+        shape_keys: network-shaping keys on which ``config`` must agree with the checkpoint's config (the sample
+            command passes all of them when a config file is given, only those ``--set`` names otherwise).
+
+    Raises:
+        ValueError: ``config`` and the checkpoint differ on one of ``shape_keys`` (both values listed).
     """
     dist = init_distributed(config.device.device)
     try:
-        return _generate(config, dist, num_samples, steps, scheduler_kind, seed, out, checkpoint)
+        return _generate(config, dist, num_samples, steps, scheduler_kind, seed, out, checkpoint, shape_keys)
     finally:
         cleanup_distributed()
 
 
-def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind, seed, out, checkpoint) -> list[Path]:
+def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind, seed, out, checkpoint,
+              shape_keys) -> list[Path]:
     log = get_logger()
     device = dist.device
     precision = resolve_precision(stage_config(config, "ldm").device.mixed_precision, device)  # the LDM's own
@@ -145,6 +155,12 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind
     path = Path(checkpoint) if checkpoint is not None else newest_ldm_checkpoint(Path(config.output.output_dir))
     state = load_ldm_checkpoint(path)
     path = Path(state["path"])
+    trained_config_file = path.parent.parent / "config.yaml"
+    check_shape_keys(state["config"], config.model_dump(mode="json"), shape_keys, path, remedy=(
+        f"To sample with the checkpoint's own settings, pass --checkpoint {path} without --config (and without "
+        "--set for these keys)"
+        + (f", or --config {trained_config_file} (the run's own config)." if trained_config_file.is_file() else ".")
+    ))
     trained = config_from_dict(state["config"], source=f"{path} (stored config)")
     kind = scheduler_kind or sampling.scheduler or trained.ldm.scheduler.type
     check_sampler(kind, trained.ldm.scheduler.type)

@@ -3,7 +3,8 @@
 The options name the checkpoint, the number of samples, steps, sampler, seed and output folder;
 :func:`monai_diffusion.generation.sample` does the rest: load the LDM and the autoencoder it was trained on, then for
 each sample denoise seeded noise with DDPM / DDIM / rectified flow, decode, clip to the training intensity range and
-write ``sample-NNN.nii.gz`` and ``sample-NNN.png``.
+write ``sample-NNN.nii.gz`` and ``sample-NNN.png``. The networks are built from the checkpoint's own config; a
+``--config`` (or a ``--set``) whose network-shaping keys differ from it is refused, listing both values.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.engine.logging import get_logger
 from monai_diffusion.generation import sample
+from monai_diffusion.networks.builders import LDM_SHAPE_KEYS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LDM checkpoint or run folder (default: newest <output_dir>/ldm-*/checkpoints/last.pt)")
 
 
+def keys_to_match(config_file: str | None, overrides: list[str]) -> list[str]:
+    """The network-shaping keys the command line states, which must then be the checkpoint's: all of them when a
+    config file is given, else those a ``--set`` names (itself or a section above it). Without either, the
+    checkpoint's own settings are used and nothing is compared."""
+    if config_file is not None:
+        return list(LDM_SHAPE_KEYS)
+    named = [override.split("=", 1)[0].strip() for override in overrides]
+    return [key for key in LDM_SHAPE_KEYS if any(key == name or key.startswith(f"{name}.") for name in named)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="monai-diffusion sample", description=__doc__.splitlines()[0])
     add_arguments(parser)
@@ -38,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     config = config_from_args(args)
     try:
-        sample(config, args.num_samples, args.steps, args.scheduler, args.seed, args.out, args.checkpoint)
+        sample(config, args.num_samples, args.steps, args.scheduler, args.seed, args.out, args.checkpoint,
+               keys_to_match(args.config, args.overrides))
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         get_logger().error("%s", exc)
         return 1

@@ -1,8 +1,9 @@
 """``monai-diffusion train-autoencoder``: train the 3D AutoencoderKL (L1 + KL [+ adversarial] [+ perceptual]).
 
-Read top to bottom: setup (config, devices, run folder, data, networks, optimizers, resume), then the
+Read top to bottom: setup (config, devices, data, networks, optimizers, resume, run folder), then the
 training loop (one optimizer step = ``gradient_accumulation_steps`` micro-batches), validation and
-checkpoints at each epoch's end. Works unchanged under ``torchrun --nproc_per_node=N``.
+checkpoints at each epoch's end. SIGINT / SIGTERM stop it after the current optimizer step with ``last.pt``
+saved. Works unchanged under ``torchrun --nproc_per_node=N``.
 """
 
 from __future__ import annotations
@@ -21,21 +22,21 @@ from monai_diffusion.config.arguments import add_config_arguments, add_resume_ar
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_dataloaders
-from monai_diffusion.engine.checkpoint import (
-    capture_rng_state,
-    check_shape_keys,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint, save_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, wrap_ddp
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_png, volume_panel
 from monai_diffusion.engine.loop import (
+    StopSignals,
+    TrainingStopped,
+    discard_failed_start,
     epoch_batches,
     find_resume,
     open_run_dir,
+    rank_states,
+    restore_rank_rng,
+    run_training,
     save_epoch_end,
-    save_interrupted,
+    save_stopped,
     start_run,
     step_budget,
     step_scalars,
@@ -53,7 +54,11 @@ from monai_diffusion.steps import (
 
 
 def train(config: Config, resume: str | None = None) -> Path:
-    """Train the autoencoder described by ``config``; returns the run folder."""
+    """Train the autoencoder described by ``config``; returns the run folder.
+
+    Raises:
+        TrainingStopped: SIGINT / SIGTERM stopped the run at a step boundary (``last.pt`` saved).
+    """
     # The run folder keeps the whole config; the stage works with its own volume size and precision.
     run_config, config = config, stage_config(config, "autoencoder")
     dist, precision = start_run(config)
@@ -61,12 +66,11 @@ def train(config: Config, resume: str | None = None) -> Path:
     device = dist.device
     t = config.autoencoder.training
 
-    # ---- resume or start a run folder
+    # ---- resume
     resume_path = find_resume(config, "autoencoder", resume)
     state = load_checkpoint(resume_path) if resume_path else None
     if state is not None:
-        check_shape_keys(state["config"], config.model_dump(mode="json"), AUTOENCODER_SHAPE_KEYS)
-    run_dir = open_run_dir(run_config, "autoencoder", dist, resume_path, state)
+        check_shape_keys(state["config"], config.model_dump(mode="json"), AUTOENCODER_SHAPE_KEYS, resume_path)
 
     # ---- data
     train_loader, val_loader, train_sampler = build_dataloaders(config, dist.rank, dist.world_size,
@@ -91,14 +95,17 @@ def train(config: Config, resume: str | None = None) -> Path:
             parts.scaler_d.load_state_dict(state["scaler_d"])
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
         best_val = state.get("best_val_l1", best_val)
-        restore_rng_state(state["rng"])
+        restore_rank_rng(state["rng"], dist)
 
     model = wrap_ddp(autoencoder, dist)
     disc_model = wrap_ddp(discriminator, dist) if discriminator is not None else None
+    # ---- the run folder, once setup has succeeded: a failed start leaves nothing behind
+    run_dir = open_run_dir(run_config, "autoencoder", dist, resume_path, state)
     writer = RunLogger(run_dir / "tensorboard", enabled=dist.is_main)
     guard = NonFiniteGuard(t.max_nonfinite_steps)
 
-    def save(name: str, epoch: int, batches_in_epoch: int) -> None:
+    def save(name: str, epoch: int, batches_in_epoch: int) -> None:  # every rank calls it
+        ranks = rank_states(autoencoder, discriminator)
         if not dist.is_main:
             return
         save_checkpoint(
@@ -117,13 +124,14 @@ def train(config: Config, resume: str | None = None) -> Path:
                 "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch,
                 "best_val_l1": best_val,
-                "rng": capture_rng_state(),
+                **ranks,
                 "config": config.model_dump(mode="json"),
             },
         )
 
     # ---- training loop
     epoch, done_in_epoch = start_epoch, skip_batches
+    stop = StopSignals().install()  # from here on SIGINT / SIGTERM stop at the next step boundary
     try:
         for epoch in range(start_epoch, budget.max_epochs):
             if step >= budget.max_steps:
@@ -136,7 +144,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                        disable=not dist.is_main, initial=skip_batches, dynamic_ncols=True)
             step_start = time.perf_counter()
             done_in_epoch = skip_batches
-            for index, batch in epoch_batches(train_loader, budget, skip_batches):
+            for index, batch in epoch_batches(train_loader, budget, skip_batches, epoch):
                 images = batch["image"].to(device, non_blocking=True)
                 last_micro = budget.ends_step(index)
                 adversarial = discriminator is not None and adversarial_active(step, t)
@@ -159,11 +167,15 @@ def train(config: Config, resume: str | None = None) -> Path:
                 bar.set_postfix({k: f"{v / count:.4f}" for k, v in totals.items()} | {"step": step})
                 if step % config.output.log_every_n_steps == 0 or step == budget.max_steps:
                     scalars = {f"train/{k}": v for k, v in values.items()}
-                    writer.scalars(scalars | step_scalars(result, parts.lr_scheduler_g, parts.scaler_g, step_start,
-                                                          device), step)
+                    writer.scalars(scalars | step_scalars(result, parts.lr_scheduler_g, parts.scaler_g,
+                                                          step_start, device), step)
                 step_start = time.perf_counter()
                 if step >= budget.max_steps:
                     break
+                # A stop signal: save this step's state and end (the epoch's last step stops after the epoch).
+                if done_in_epoch < budget.micro_batches and (signum := stop.agreed()):
+                    bar.close()
+                    raise save_stopped(save, run_dir, budget, step, epoch, done_in_epoch, signum)
             bar.close()
             skip_batches = 0
             if done_in_epoch == budget.micro_batches:
@@ -171,17 +183,23 @@ def train(config: Config, resume: str | None = None) -> Path:
 
             if (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == budget.max_epochs or step >= budget.max_steps:
                 metrics = validate(autoencoder, val_loader, precision, config, run_dir, step, writer, dist)
-                if dist.is_main and metrics:
-                    log.info("epoch %d step %d validation %s", epoch + 1,
-                             step, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                if metrics:  # the same on every rank (reduced), so every rank saves best.pt together
+                    if dist.is_main:
+                        log.info("epoch %d step %d validation %s", epoch + 1,
+                                 step, "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                     if metrics["val/l1"] < best_val:
                         best_val = metrics["val/l1"]
                         save("best.pt", epoch + 1, 0)
             save_epoch_end(save, run_dir, budget, step, epoch, done_in_epoch, t.keep_last_checkpoints, dist)
-    except KeyboardInterrupt:
-        save_interrupted(save, run_dir, epoch, done_in_epoch)
+            if step < budget.max_steps and epoch + 1 < budget.max_epochs and (signum := stop.agreed()):
+                raise TrainingStopped(signum, step, run_dir / "checkpoints" / "last.pt")
+    except BaseException:
+        writer.close()
+        if state is None and step == 0:
+            discard_failed_start(run_dir, dist)
         raise
     finally:
+        stop.release()
         writer.close()
         cleanup_distributed()
     if dist.is_main:
@@ -237,12 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    try:
-        train(config, resume=args.resume)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        get_logger().error("%s", exc)
-        return 1
-    return 0
+    return run_training(train, config, args.resume)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """``monai-diffusion train-ldm``: train the latent diffusion UNet on the latents of a trained autoencoder.
 
 Read top to bottom: setup (config, devices, resume, the frozen autoencoder, the latent cache, the latent scale
-factor, the UNet, scheduler, optimizer and EMA), then the training loop (one optimizer step =
-``gradient_accumulation_steps`` micro-batches), validation samples and checkpoints at each epoch's end. Works
-unchanged under ``torchrun --nproc_per_node=N``.
+factor, the UNet, scheduler, optimizer and EMA, the run folder), then the training loop (one optimizer step =
+``gradient_accumulation_steps`` micro-batches), validation samples and checkpoints at each epoch's end. SIGINT /
+SIGTERM stop it after the current optimizer step with ``last.pt`` saved. Works unchanged under
+``torchrun --nproc_per_node=N``.
 
 Each training volume is encoded once into the latent cache (posterior mean and sigma); every use draws a fresh
 latent ``mu + sigma * eps``, multiplies it by the scale factor (1 / std of the latents, computed once and kept
@@ -25,25 +26,25 @@ from tqdm import tqdm
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
-from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, screen_volumes
+from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, loader_worker_init, screen_volumes
 from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
 from monai_diffusion.data.transforms import deterministic_settings, selected_channels
 from monai_diffusion.generation import generate_volume
-from monai_diffusion.engine.checkpoint import (
-    capture_rng_state,
-    check_shape_keys,
-    load_checkpoint,
-    restore_rng_state,
-    save_checkpoint,
-)
+from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint, save_checkpoint
 from monai_diffusion.engine.distributed import all_reduce_mean, barrier, broadcast_object, cleanup_distributed, wrap_ddp
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_sample
 from monai_diffusion.engine.loop import (
+    StopSignals,
+    TrainingStopped,
+    discard_failed_start,
     epoch_batches,
     find_resume,
     open_run_dir,
+    rank_states,
+    restore_rank_rng,
+    run_training,
     save_epoch_end,
-    save_interrupted,
+    save_stopped,
     start_run,
     step_budget,
     step_scalars,
@@ -89,7 +90,11 @@ def training_items(config: Config) -> list[dict]:
 
 
 def train(config: Config, resume: str | None = None) -> Path:
-    """Train the latent diffusion model described by ``config``; returns the run folder."""
+    """Train the latent diffusion model described by ``config``; returns the run folder.
+
+    Raises:
+        TrainingStopped: SIGINT / SIGTERM stopped the run at a step boundary (``last.pt`` saved).
+    """
     # The run folder keeps the whole config; the stage works with its own precision.
     run_config, config = config, stage_config(config, "ldm")
     dist, precision = start_run(config)
@@ -103,7 +108,7 @@ def train(config: Config, resume: str | None = None) -> Path:
     if state is not None:
         if state.get("kind") != "ldm":
             raise ValueError(f"{resume_path}: not an LDM checkpoint (kind={state.get('kind')!r})")
-        check_shape_keys(state["config"], config.model_dump(mode="json"), LDM_SHAPE_KEYS)
+        check_shape_keys(state["config"], config.model_dump(mode="json"), LDM_SHAPE_KEYS, resume_path)
 
     # ---- the frozen autoencoder (a resumed run keeps the one it started with, and checks it is unchanged)
     if state is not None and config.ldm.autoencoder_checkpoint is None:
@@ -120,9 +125,6 @@ def train(config: Config, resume: str | None = None) -> Path:
     # The config rules have checked that this latent fits the UNet's levels.
     latent_shape = (config.autoencoder.latent_channels, *autoencoder.latent_shape(config.data.voxel_size))
     log.info("autoencoder %s (weights %s); latent shape %s", ae_path, ae_hash, list(latent_shape))
-
-    # ---- the run folder (only once the autoencoder is known to fit: a failed start leaves no empty run)
-    run_dir = open_run_dir(run_config, "ldm", dist, resume_path, state)
 
     # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
     items = training_items(config)
@@ -145,6 +147,7 @@ def train(config: Config, resume: str | None = None) -> Path:
         train_loader = DataLoader(
             dataset, batch_size=t.batch_size, sampler=train_sampler, num_workers=config.data.num_workers,
             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
+            worker_init_fn=loader_worker_init,
         )
     else:
         cache = None
@@ -191,15 +194,18 @@ def train(config: Config, resume: str | None = None) -> Path:
         elif ema is not None:
             log.warning("the checkpoint has no EMA weights: the EMA starts from the current weights")
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
-        restore_rng_state(state["rng"])
+        restore_rank_rng(state["rng"], dist)
 
     model = wrap_ddp(unet, dist)
+    # ---- the run folder, once setup has succeeded: a failed start leaves nothing behind
+    run_dir = open_run_dir(run_config, "ldm", dist, resume_path, state)
     writer = RunLogger(run_dir / "tensorboard", enabled=dist.is_main)
     guard = NonFiniteGuard(t.max_nonfinite_steps)
     if state is None:
         writer.scalars({"latent/scale_factor": scale_factor}, 0)
 
-    def save(name: str, epoch: int, batches_in_epoch: int) -> None:
+    def save(name: str, epoch: int, batches_in_epoch: int) -> None:  # every rank calls it
+        ranks = rank_states(unet)
         if not dist.is_main:
             return
         save_checkpoint(
@@ -214,7 +220,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                 "step": step,
                 "epoch": epoch,
                 "batches_in_epoch": batches_in_epoch,
-                "rng": capture_rng_state(),
+                **ranks,
                 "config": config.model_dump(mode="json"),
                 "scale_factor": scale_factor,
                 "autoencoder_checkpoint": str(ae_path),
@@ -226,6 +232,7 @@ def train(config: Config, resume: str | None = None) -> Path:
 
     # ---- training loop
     epoch, done_in_epoch = start_epoch, skip_batches
+    stop = StopSignals().install()  # from here on SIGINT / SIGTERM stop at the next step boundary
     try:
         for epoch in range(start_epoch, budget.max_epochs):
             if step >= budget.max_steps:
@@ -238,7 +245,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                        disable=not dist.is_main, initial=skip_batches, dynamic_ncols=True)
             step_start = time.perf_counter()
             done_in_epoch = skip_batches
-            for index, batch in epoch_batches(train_loader, budget, skip_batches):
+            for index, batch in epoch_batches(train_loader, budget, skip_batches, epoch):
                 z = ldm_latents(batch, autoencoder, scale_factor, precision, device)
                 last_micro = budget.ends_step(index)
                 loss = ldm_micro_step(parts, z, last_micro, model)
@@ -261,6 +268,10 @@ def train(config: Config, resume: str | None = None) -> Path:
                 step_start = time.perf_counter()
                 if step >= budget.max_steps:
                     break
+                # A stop signal: save this step's state and end (the epoch's last step stops after the epoch).
+                if done_in_epoch < budget.micro_batches and (signum := stop.agreed()):
+                    bar.close()
+                    raise save_stopped(save, run_dir, budget, step, epoch, done_in_epoch, signum)
             bar.close()
             skip_batches = 0
             if done_in_epoch == budget.micro_batches:
@@ -274,10 +285,15 @@ def train(config: Config, resume: str | None = None) -> Path:
                              latent_shape, affine, precision, run_dir, step, writer, device)
                 barrier()  # the other ranks wait here while rank 0 samples
             save_epoch_end(save, run_dir, budget, step, epoch, done_in_epoch, t.keep_last_checkpoints, dist)
-    except KeyboardInterrupt:
-        save_interrupted(save, run_dir, epoch, done_in_epoch)
+            if step < budget.max_steps and epoch + 1 < budget.max_epochs and (signum := stop.agreed()):
+                raise TrainingStopped(signum, step, run_dir / "checkpoints" / "last.pt")
+    except BaseException:
+        writer.close()
+        if state is None and step == 0:
+            discard_failed_start(run_dir, dist)
         raise
     finally:
+        stop.release()
         writer.close()
         cleanup_distributed()
     if dist.is_main:
@@ -323,12 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)
-    try:
-        train(config, resume=args.resume)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        get_logger().error("%s", exc)
-        return 1
-    return 0
+    return run_training(train, config, args.resume)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,8 @@
 # autoencoder against trilinear resampling, sample two volumes. CPU: under 10 minutes on 2 cores (plus the install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -d .venv ]; then
-  python3 -m venv .venv
-fi
+bash scripts/setup_venv.sh  # .venv with PyTorch (CPU unless one is installed) and the project; tests reuse it
 . .venv/bin/activate
-python -m pip install --quiet --upgrade pip
-# A CPU build of PyTorch unless one is installed already (install your CUDA build first on a GPU machine).
-python -c "import torch" 2>/dev/null || python -m pip install --quiet torch==2.13.0 \
-  || python -m pip install --quiet torch --index-url https://download.pytorch.org/whl/cpu
-python -m pip install --quiet -e .
-
 config=config/examples/quickstart.yaml
 output=$(python - "$config" "$@" <<'PY'
 import sys

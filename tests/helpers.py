@@ -44,6 +44,23 @@ def tiny_config_dict(data_dir: Path, output_dir: Path) -> dict:
     }
 
 
+def differences(a, b, where: str = "") -> list[str]:
+    """Where two checkpoint values differ, bit for bit (tensors with torch.equal, the rest with ==)."""
+    import torch
+
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(map(str, a.keys() ^ b.keys()))}"]
+        return [d for key in a for d in differences(a[key], b[key], f"{where}.{key}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} vs {len(b)}"]
+        return [d for index, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{index}]")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return [] if a.dtype == b.dtype and torch.equal(a, b) else [where]
+    return [] if a == b else [f"{where}: {a!r} vs {b!r}"]
+
+
 def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
     """An autoencoder checkpoint in train_autoencoder's format (untrained weights: enough for the LDM plumbing)."""
     import torch

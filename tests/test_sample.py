@@ -171,3 +171,40 @@ def test_command_line_in_a_subprocess(trained, tmp_path):
     for index in range(2):
         assert (out / f"sample-{index:03d}.nii.gz").is_file() and (out / f"sample-{index:03d}.png").is_file()
     assert read(out / "sample-000.nii.gz").shape == (16, 16, 16)
+
+
+def test_a_config_with_other_network_shapes_is_refused_listing_both_values(trained, tmp_path, caplog):
+    config, checkpoint = trained["ddpm"]
+    raw = config.model_dump(mode="json")
+    raw["autoencoder"]["latent_channels"] = 3
+    raw["ldm"]["unet"]["num_channels"] = [16, 32]
+    config_file = tmp_path / "other.yaml"
+    save_config(config_from_dict(raw), config_file)
+    common = ["--checkpoint", str(checkpoint), "--num-samples", "1", "--steps", "2", "--out", str(tmp_path / "out")]
+
+    assert sampler.main(["--config", str(config_file), *common]) == 1
+    assert f"The checkpoint {checkpoint} was trained with a different model shape (2 key(s))" in caplog.text
+    assert "autoencoder.latent_channels: checkpoint 2, config 3" in caplog.text
+    assert "ldm.unet.num_channels: checkpoint [8, 16], config [16, 32]" in caplog.text
+    assert f"pass --checkpoint {checkpoint} without --config" in caplog.text
+    caplog.clear()
+    # A --set is compared on the shape keys it names; other --set keys (the device) are fine.
+    assert sampler.main(["--set", "autoencoder.latent_channels=3", "--set", "device.device=cpu", *common]) == 1
+    assert "autoencoder.latent_channels: checkpoint 2, config 3" in caplog.text
+    assert not (tmp_path / "out").exists()
+
+    # The checkpoint's own settings: --checkpoint without --config samples, its own config file too.
+    assert sampler.main(["--set", "device.device=cpu", *common]) == 0
+    assert sampler.main(["--config", str(checkpoint.parent.parent / "config.yaml"), *common]) == 0
+    assert (tmp_path / "out" / "sample-000.nii.gz").is_file()
+
+
+def test_keys_to_match_follow_the_command_line():
+    from monai_diffusion.networks.builders import LDM_SHAPE_KEYS
+
+    assert sampler.keys_to_match("my.yaml", []) == LDM_SHAPE_KEYS
+    assert sampler.keys_to_match(None, ["device.device=cpu", "ldm.sampling.num_inference_steps=5"]) == []
+    named = sampler.keys_to_match(None, ["ldm.unet={num_channels: [8, 16]}", "data.voxel_size=[8,8,8]"])
+    assert named[:6] == ["data.voxel_size", "ldm.unet.num_channels", "ldm.unet.attention_levels",
+                         "ldm.unet.num_res_blocks", "ldm.unet.num_head_channels", "ldm.unet.norm_num_groups"]
+    assert named == [key for key in LDM_SHAPE_KEYS if key == "data.voxel_size" or key.startswith("ldm.unet.")]

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import yaml
 
 from monai_diffusion import steps, train_autoencoder
 from monai_diffusion.config import apply_overrides, config_from_dict
-from monai_diffusion.engine.checkpoint import load_checkpoint
+from monai_diffusion.engine.checkpoint import load_checkpoint, weights_digest
+from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 from monai_diffusion.networks.builders import build_autoencoder
 
-from helpers import tiny_config_dict, write_hub, write_volumes
+from helpers import differences, tiny_config_dict, write_hub, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,3 +254,246 @@ def test_structural_loss_term_is_trained_and_logged(tmp_path, kind):
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     assert f"train/{kind}" in events.Tags()["scalars"]
+
+
+# ------------------------------------------------------------------ SIGINT / SIGTERM: stop at a step boundary, resume
+
+# 4 training volumes, batch 1, accumulation 2: 4 micro-batches and 2 optimizer steps per epoch; 5 steps over 3
+# epochs, the discriminator from step 1, a warm-up: every piece of state a resume must restore moves.
+STOP_SETTINGS = ["autoencoder.training.adv_weight=0.1", "autoencoder.training.adv_start_step=1",
+                 "autoencoder.training.gradient_accumulation_steps=2", "autoencoder.training.warmup_steps=3",
+                 "autoencoder.training.max_epochs=3", "autoencoder.training.max_steps=5"]
+
+
+def checkpoints(run: Path) -> dict[str, dict]:
+    """Every checkpoint of a run by name, without the config (it names the run's own folders)."""
+    return {path.name: {k: v for k, v in load_checkpoint(path).items() if k != "config"}
+            for path in sorted((run / "checkpoints").glob("*.pt"))}
+
+
+@pytest.fixture
+def python_and_numpy_in_the_loss(monkeypatch):
+    """The KL term scaled by draws from Python's and NumPy's global generators: the weights then depend on both
+    streams, which a resume must seed and restore like torch's."""
+    original = steps.kl_loss
+    monkeypatch.setattr(steps, "kl_loss", lambda mu, sigma: original(mu, sigma) * (
+        1 + 0.1 * np.random.rand() + 0.1 * random.random()))
+
+
+@pytest.fixture
+def straight_run(tmp_path, nifti_folder, python_and_numpy_in_the_loss):
+    return checkpoints(train_autoencoder.train(make_config(nifti_folder, tmp_path / "straight", *STOP_SETTINGS)))
+
+
+@pytest.mark.parametrize("signal_name, micro_batch, step, position", [
+    ("SIGINT", 0, 1, (0, 2)),   # before step 1's first micro-batch: step 1 still completes
+    ("SIGTERM", 3, 2, (1, 0)),  # during the step that ends epoch 1: it validates and saves, then stops
+    ("SIGINT", 5, 3, (1, 2)),   # between the two micro-batches of step 3
+])
+def test_a_stop_signal_saves_the_last_step_and_resume_is_bit_exact(tmp_path, nifti_folder, straight_run, monkeypatch,
+                                                                   signal_name, micro_batch, step, position):
+    config = make_config(nifti_folder, tmp_path / "stopped", *STOP_SETTINGS)
+    monkeypatch.setenv(TEST_SIGNAL_ENV, f"{signal_name}:{micro_batch}")
+    with pytest.raises(TrainingStopped) as stopped:
+        train_autoencoder.train(config)
+    assert stopped.value.step == step and stopped.value.exit_code == 128 + signal.Signals[signal_name]
+    (run,) = (tmp_path / "stopped").glob("autoencoder-*")
+    assert stopped.value.checkpoint == run / "checkpoints" / "last.pt"
+    partial = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert (partial["step"], partial["epoch"], partial["batches_in_epoch"]) == (step, *position)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+    monkeypatch.delenv(TEST_SIGNAL_ENV)
+    assert train_autoencoder.train(config, resume="auto") == run
+    resumed = checkpoints(run)
+    assert resumed.keys() == straight_run.keys()  # last, best and the kept step checkpoints
+    assert differences(straight_run, resumed) == []  # weights, optimizers, scalers, LR schedules, RNG, position
+
+
+def test_a_second_ctrl_c_stops_at_once_and_a_failed_start_leaves_nothing(tmp_path, tiny_config_file, monkeypatch,
+                                                                         caplog):
+    """Ctrl-C twice during the first step: no checkpoint can hold a half step, so nothing is saved, the new run's
+    folder is removed, and the command ends with one line and 130."""
+    original = steps.autoencoder_update
+
+    def update_interrupted_again(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_autoencoder, "autoencoder_update", update_interrupted_again)
+    monkeypatch.setenv(TEST_SIGNAL_ENV, "SIGINT:0")
+    assert train_autoencoder.main(["--config", str(tiny_config_file)]) == 130
+    assert "interrupted: stopped at once; nothing saved since the last checkpoint" in caplog.text
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["cache"]  # the screening cache, no run folder
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_on_the_command_line_then_resume_auto_matches_a_straight_run(tmp_path, nifti_folder):
+    """Ctrl-C in a terminal: SIGINT to the whole process group (the persistent DataLoader worker too) at an
+    arbitrary moment of training. The command ends with 130 and one line; --resume auto finishes bit-identically."""
+    settings = [*STOP_SETTINGS, "autoencoder.training.max_steps=12", "autoencoder.training.max_epochs=6",
+                "autoencoder.training.val_every_n_epochs=6", "data.num_workers=1"]
+    config_file = tmp_path / "stop.yaml"
+    config_file.write_text(yaml.safe_dump(apply_overrides(tiny_config_dict(nifti_folder, tmp_path / "runs"), settings)))
+    command = [sys.executable, "-m", "monai_diffusion.cli", "train-autoencoder", "--config", str(config_file)]
+    log = tmp_path / "stopped.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([*command, "--set", "output.run_name=r"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=stderr, start_new_session=True,
+                                   env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while max(map(int, re.findall(r"step=(\d+)", log.read_text())), default=0) < 2:  # the progress bar
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.02)
+        os.killpg(process.pid, signal.SIGINT)
+        assert process.wait(timeout=120) == 130, log.read_text()[-3000:]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    output = log.read_text()
+    run = tmp_path / "runs" / "r"
+    assert "Traceback" not in output
+    assert output.count("SIGINT: stopping after the current optimizer step") == 1  # the workers stay quiet
+    last_line = output.strip().splitlines()[-1]
+    assert re.search(rf"W stopped by SIGINT after optimizer step (\d+): {run}/checkpoints/last.pt holds that step; "
+                     rf"continue with --resume auto \(or --resume {run}\)$", last_line), last_line
+    stopped_at = load_checkpoint(run / "checkpoints" / "last.pt")["step"]
+    assert 2 <= stopped_at < 12
+
+    resumed = run_cli(*command[1:], "--set", "output.run_name=r", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {run}/checkpoints/last.pt (step {stopped_at}," in resumed.stderr
+    straight = run_cli(*command[1:], "--set", "output.run_name=s")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert differences(checkpoints(tmp_path / "runs" / "s"), checkpoints(run)) == []
+
+
+def test_torchrun_ranks_stop_at_the_same_step(tiny_config_file, tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks stop after the same step, and last.pt keeps each rank's RNG."""
+    result = run_cli(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        "-m", "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
+        *(f"--set={setting}" for setting in STOP_SETTINGS), "--set", "output.run_name=ddp",
+        env_extra={"OMP_NUM_THREADS": "1", TEST_SIGNAL_ENV: "SIGTERM:0:1"},
+    )
+    # 4 training volumes on 2 ranks: 2 micro-batches per rank and epoch, one optimizer step.
+    assert result.returncode != 0
+    for rank in (0, 1):
+        assert f"[rank {rank}] stopped by SIGTERM after optimizer step 1:" in result.stderr, result.stderr[-3000:]
+    assert f'File "{ROOT / "monai_diffusion"}' not in result.stderr  # no traceback from our code (torchrun has its own)
+    checkpoint = load_checkpoint(tmp_path / "runs" / "ddp" / "checkpoints" / "last.pt")
+    assert (checkpoint["step"], checkpoint["epoch"], checkpoint["batches_in_epoch"]) == (1, 1, 0)
+    assert len(checkpoint["rng"]) == 2 and not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])
+    assert checkpoint["weights_sha256"][0] == checkpoint["weights_sha256"][1]
+
+
+@pytest.mark.slow
+def test_torchrun_resume_after_a_stop_is_bit_exact(tiny_config_file, tmp_path):
+    """Two ranks: stopped mid-epoch on SIGTERM, resumed, equal to a straight run (each rank its own RNG state)."""
+    settings = [f"--set={s}" for s in STOP_SETTINGS] + ["--set=autoencoder.training.gradient_accumulation_steps=1"]
+
+    def torchrun(run_name: str, *extra: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
+        return run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                       "-m", "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file), *settings,
+                       f"--set=output.run_name={run_name}", *extra,
+                       env_extra={"OMP_NUM_THREADS": "1"} | ({TEST_SIGNAL_ENV: signal_at} if signal_at else {}))
+
+    stopped = torchrun("r", signal_at="SIGTERM:2:0")  # rank 0, before epoch 2's first micro-batch
+    assert "[rank 1] stopped by SIGTERM after optimizer step 3:" in stopped.stderr, stopped.stderr[-3000:]
+    partial = load_checkpoint(tmp_path / "runs" / "r" / "checkpoints" / "last.pt")
+    assert (partial["step"], partial["epoch"], partial["batches_in_epoch"]) == (3, 1, 1)
+    for run_name, extra in (("r", ["--resume=auto"]), ("s", [])):
+        finished = torchrun(run_name, *extra)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    assert differences(checkpoints(tmp_path / "runs" / "s"), checkpoints(tmp_path / "runs" / "r")) == []
+
+
+def test_two_nodes_of_one_process_each_finish_with_identical_weights(tiny_config_file, tmp_path):
+    """The README's two-node launch, both "nodes" on this machine: torchrun --nnodes=2 --node_rank=0|1 meeting at
+    node 0's address and port, one process each, gloo."""
+    port = free_port()
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    nodes = []
+    for node_rank in (0, 1):
+        log = open(tmp_path / f"node{node_rank}.log", "w")
+        nodes.append((log, subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node_rank}",
+             "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+             "-m", "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
+             "--set", "autoencoder.training.max_steps=3", "--set", "autoencoder.training.max_epochs=2",
+             "--set", "output.run_name=nodes"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    try:
+        codes = [process.wait(timeout=300) for _, process in nodes]
+    finally:
+        for log, process in nodes:
+            log.close()
+            if process.poll() is None:
+                process.kill()
+    outputs = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+    assert codes == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "effective batch size 2 (batch 1 x accumulation 1 x 2 process(es))" in outputs[0]
+    checkpoint = load_checkpoint(tmp_path / "runs" / "nodes" / "checkpoints" / "last.pt")
+    assert checkpoint["step"] == 3
+    # Each rank hashed its own weights when the checkpoint was written: rank 0's are the saved ones, rank 1's equal.
+    saved = weights_digest(checkpoint["autoencoder"], checkpoint["discriminator"])
+    assert checkpoint["weights_sha256"] == [saved, saved]
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])  # seeded per rank
+
+
+# ------------------------------------------------------------------ no litter: failed starts, killed saves
+
+
+def bad_data(tmp_path: Path, nifti_folder: Path, kind: str) -> list[str]:
+    if kind == "empty folder":
+        (tmp_path / "empty").mkdir()
+        return [f"data.data_dir={tmp_path / 'empty'}"]
+    if kind == "missing datalist entry":
+        datalist = tmp_path / "list.json"
+        datalist.write_text(json.dumps({"training": [{"image": str(nifti_folder / "vol_00.nii.gz")},
+                                                     {"image": str(tmp_path / "gone.nii.gz")}]}))
+        return ["data.source=datalist", f"data.datalist={datalist}"]
+    (nifti_folder / "vol_99.nii.gz").write_bytes(b"not a NIfTI file")
+    return []
+
+
+@pytest.mark.parametrize("kind", ["empty folder", "missing datalist entry", "bad file"])
+def test_a_failed_start_leaves_no_run_folder(tmp_path, nifti_folder, kind):
+    config = make_config(nifti_folder, tmp_path / "runs", *bad_data(tmp_path, nifti_folder, kind))
+    with pytest.raises((ValueError, FileNotFoundError)):
+        train_autoencoder.train(config)
+    assert not list((tmp_path / "runs").glob("autoencoder-*"))
+
+
+def test_a_run_failing_in_its_first_step_leaves_no_run_folder(tmp_path, nifti_folder, monkeypatch):
+    monkeypatch.setattr(steps, "kl_loss", lambda mu, sigma: torch.tensor(float("nan")))
+    with pytest.raises(RuntimeError, match="1 consecutive non-finite losses"):
+        train_autoencoder.train(make_config(nifti_folder, tmp_path, "autoencoder.training.max_nonfinite_steps=1"))
+    assert not list((tmp_path / "runs").glob("autoencoder-*"))
+
+
+def test_temp_files_of_killed_saves_are_removed_when_the_next_run_or_resume_starts(tmp_path, nifti_folder):
+    host = socket.gethostname()
+    old = train_autoencoder.train(make_config(nifti_folder, tmp_path, "autoencoder.training.max_steps=1"))
+    dead_writer = old / "checkpoints" / f".last.pt.{2**22 + 1}@{host}.{'a' * 32}.tmp"  # beyond any pid: gone
+    live_writer = old / "checkpoints" / f".last.pt.{os.getpid()}@{host}.{'b' * 32}.tmp"
+    dead_writer.write_bytes(b"partial")
+    live_writer.write_bytes(b"being written")
+
+    new = train_autoencoder.train(make_config(nifti_folder, tmp_path, "autoencoder.training.max_steps=1"))
+    assert new != old and not dead_writer.exists() and live_writer.exists()
+    train_autoencoder.train(make_config(nifti_folder, tmp_path, "autoencoder.training.max_steps=2"),
+                            resume=str(old))
+    assert not list((old / "checkpoints").glob(".*.tmp"))  # the resumed run owns its folder
+    assert load_checkpoint(old / "checkpoints" / "last.pt")["step"] == 2
+
+
+def test_a_taken_run_name_gets_a_suffix_and_resume_continues_the_newest(tmp_path, nifti_folder):
+    settings = ["output.run_name=exp", "autoencoder.training.max_epochs=2"]
+    first = train_autoencoder.train(make_config(nifti_folder, tmp_path, *settings, "autoencoder.training.max_steps=1"))
+    second = train_autoencoder.train(make_config(nifti_folder, tmp_path, *settings, "autoencoder.training.max_steps=1"))
+    assert (first.name, second.name) == ("exp", "exp-2")
+    assert train_autoencoder.train(make_config(nifti_folder, tmp_path, *settings, "autoencoder.training.max_steps=2"),
+                                   resume="auto") == second
+    assert load_checkpoint(first / "checkpoints" / "last.pt")["step"] == 1  # untouched

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import old_layout, save_autoencoder
+from helpers import differences, old_layout, save_autoencoder
 import torch
 
 from monai_diffusion import latents
@@ -21,6 +22,7 @@ from monai_diffusion.diffusion import diffusion_loss
 from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.config import config_from_dict, save_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
+from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
 from monai_diffusion.generation import sample
 from monai_diffusion.networks.builders import build_autoencoder, build_scheduler
 
@@ -28,7 +30,7 @@ AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, -2.0, 0, 20.0], [0, 0, 2.5, -30.0], [
 LDM_KEYS = {
     "kind", "unet", "ema", "optimizer", "scaler", "lr_scheduler", "step", "epoch", "batches_in_epoch", "rng",
     "config", "scale_factor", "autoencoder_checkpoint", "autoencoder_hash", "latent_shape", "affine",
-    "format_version",
+    "weights_sha256", "format_version",
 }
 
 
@@ -160,6 +162,13 @@ def test_a_schedule_in_epochs_advances_once_per_finished_epoch(setup):
 # ---------------------------------------------------------------------------------------------------- errors
 
 
+def test_a_screening_failure_leaves_no_run_folder(setup, tmp_path):
+    (tmp_path / "data" / "vol9.nii.gz").write_bytes(b"not a NIfTI file")
+    with pytest.raises(ValueError, match="vol9.nii.gz"):
+        recipe.train(setup())
+    assert not list((tmp_path / "out").glob("ldm-*"))
+
+
 def test_mismatched_autoencoder_checkpoint_is_a_clear_error(setup, tmp_path, caplog):
     other = config_from_dict({**tiny_raw(tmp_path), "autoencoder": {**tiny_raw(tmp_path)["autoencoder"], "latent_channels": 3}})
     path = save_autoencoder(other, tmp_path / "ae3.pt")
@@ -284,3 +293,67 @@ def test_torchrun_two_cpu_processes_share_the_encoding(setup, tmp_path):
     state = load_checkpoint(tmp_path / "out" / "ddp" / "checkpoints" / "last.pt")
     assert state["step"] == 2 and state["ema"] is not None
     assert (tmp_path / "out" / "ddp" / "samples" / "sample-step00000002.nii.gz").is_file()
+
+
+# ------------------------------------------------------------------ SIGINT / SIGTERM: stop at a step boundary, resume
+
+ROOT = Path(__file__).resolve().parents[1]
+# 4 volumes, batch 1, accumulation 2: 2 optimizer steps per epoch; 5 steps over 3 epochs with warm-up and EMA.
+STOP_TRAINING = dict(gradient_accumulation_steps=2, warmup_steps=3, ema_decay=0.5, max_steps=5)
+
+
+def checkpoints(run: Path) -> dict[str, dict]:
+    """Every checkpoint of a run by name, without the config (it names the run's own folders)."""
+    return {path.name: {k: v for k, v in load_checkpoint(path).items() if k != "config"}
+            for path in sorted((run / "checkpoints").glob("*.pt"))}
+
+
+@pytest.mark.parametrize("signal_name, micro_batch, step, position", [
+    ("SIGTERM", 1, 1, (0, 2)),  # during step 1's second micro-batch
+    ("SIGINT", 3, 2, (1, 0)),   # during the step that ends epoch 1: it saves the epoch's checkpoints, then stops
+    ("SIGTERM", 4, 3, (1, 2)),  # before step 3's first micro-batch: step 3 still completes
+])
+def test_a_stop_signal_saves_the_last_step_and_resume_is_bit_exact(setup, tmp_path, monkeypatch, signal_name,
+                                                                   micro_batch, step, position):
+    straight = checkpoints(recipe.train(setup(**STOP_TRAINING)))
+    for run in (tmp_path / "out").glob("ldm-*"):  # keep the straight run out of --resume auto's reach
+        run.rename(tmp_path / f"straight-{run.name}")
+
+    monkeypatch.setenv(TEST_SIGNAL_ENV, f"{signal_name}:{micro_batch}")
+    with pytest.raises(TrainingStopped) as stopped:
+        recipe.train(setup(**STOP_TRAINING))
+    assert stopped.value.step == step and stopped.value.exit_code == 128 + signal.Signals[signal_name]
+    partial = load_checkpoint(stopped.value.checkpoint)
+    assert (partial["step"], partial["epoch"], partial["batches_in_epoch"]) == (step, *position)
+
+    monkeypatch.delenv(TEST_SIGNAL_ENV)
+    run = recipe.train(setup(**STOP_TRAINING), resume="auto")
+    assert run == stopped.value.checkpoint.parent.parent
+    resumed = checkpoints(run)
+    assert resumed.keys() == straight.keys()
+    assert differences(straight, resumed) == []  # UNet, EMA, optimizer, scaler, LR schedule, RNG, scale factor
+
+
+def test_sigterm_on_the_command_line_then_resume_auto_matches_a_straight_run(setup, tmp_path):
+    """A scheduler's SIGTERM during the step that crosses into epoch 2 (the test hook): the command ends with 143
+    and one line, and --resume auto finishes it bit-identically to a straight run."""
+    config_file = tmp_path / "ldm.yaml"
+    save_config(setup(**STOP_TRAINING), config_file)
+    command = [sys.executable, "-m", "monai_diffusion.cli", "train-ldm", "--config", str(config_file)]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def run(name: str, *extra: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, "--set", f"output.run_name={name}", *extra], cwd=ROOT, capture_output=True,
+                              text=True, timeout=300, env=env | ({TEST_SIGNAL_ENV: signal_at} if signal_at else {}))
+
+    stopped = run("r", signal_at="SIGTERM:3")
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    checkpoint = tmp_path / "out" / "r" / "checkpoints" / "last.pt"
+    assert stopped.stderr.strip().splitlines()[-1].endswith(
+        f"W stopped by SIGTERM after optimizer step 2: {checkpoint} holds that step; continue with --resume auto "
+        f"(or --resume {checkpoint.parent.parent})")
+    for name, extra in (("r", ["--resume", "auto"]), ("s", [])):
+        finished = run(name, *extra)
+        assert finished.returncode == 0, finished.stderr[-3000:]
+    assert differences(checkpoints(tmp_path / "out" / "s"), checkpoints(checkpoint.parent.parent)) == []

@@ -7,10 +7,12 @@ import hashlib
 import json
 import logging
 import os
+import signal
 from pathlib import Path
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
+from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from monai.transforms import Compose
 from torch.utils.data import DistributedSampler
 
@@ -47,6 +49,15 @@ def file_state_hash(item: dict, settings_key: str) -> bytes:
     identity = [os.fspath(path), state, settings_key] + ([str(item[CLASS_KEY])] if CLASS_KEY in item else [])
     digest = hashlib.sha256(json.dumps(identity).encode())
     return digest.hexdigest().encode()
+
+
+def loader_worker_init(worker_id: int) -> None:
+    """Start a DataLoader worker: it ignores SIGINT and SIGTERM, which reach the whole process group (Ctrl-C,
+    torchrun's agent, a scheduler) but are the training process's to act on (it stops at a step boundary and then
+    ends its workers); then it seeds MONAI's random transforms per worker, as ``monai.data.DataLoader`` does."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    monai_worker_init_fn(worker_id)
 
 
 def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_dir: Path, settings_key: str,
@@ -166,6 +177,7 @@ def build_dataloaders(
         "num_workers": data.num_workers,
         "pin_memory": torch.cuda.is_available(),
         "persistent_workers": data.num_workers > 0,
+        "worker_init_fn": loader_worker_init,
     }
     # A DistributedSampler even for one process: its order depends only on (seed, epoch), so a run
     # resumed mid-epoch replays exactly the batches it would have seen.

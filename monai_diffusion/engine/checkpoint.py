@@ -8,14 +8,16 @@ loads with ``weights_only=True``, which refuses arbitrary pickled objects.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import re
+import socket
 import uuid
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +34,10 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "prune_checkpoints",
+    "remove_temp_files",
     "resolve_resume",
     "check_shape_keys",
+    "weights_digest",
 ]
 
 FORMAT_VERSION = 1
@@ -66,8 +70,9 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
     The state goes to a hidden temp file in the same folder (same file system, so the rename is
     atomic), is flushed and fsynced, replaces ``path`` with ``os.replace``, and the folder is
-    fsynced. On an error the temp file is removed; after a hard kill a ``.<name>.*.tmp`` file may
-    remain, which no pattern like ``step-*.pt`` matches. Call on rank 0 only.
+    fsynced. On an error the temp file is removed; after a hard kill a ``.<name>.<pid>@<host>.*.tmp``
+    file may remain, which no pattern like ``step-*.pt`` matches and :func:`remove_temp_files`
+    removes when the next run starts. Call on rank 0 only.
 
     Args:
         path: destination, e.g. ``<run>/checkpoints/last.pt``; parent folders are created.
@@ -76,7 +81,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {**state, "format_version": FORMAT_VERSION}
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    # The writer's pid and host in the name: a later run can tell a dead writer's leftover from a live write.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}@{socket.gethostname()}.{uuid.uuid4().hex}.tmp")
     try:
         with open(tmp, "xb") as f:
             torch.save(payload, f)
@@ -249,6 +255,44 @@ def prune_checkpoints(folder: Path, pattern: str, keep: int) -> None:
         logger.debug("Removed old checkpoint %s", p)
 
 
+_TEMP_NAME = re.compile(r"\.(?P<pid>\d+)@(?P<host>.+)\.[0-9a-f]{32}\.tmp")
+
+
+def _writer_gone(path: Path) -> bool:
+    """Whether the process that wrote temp file ``path`` has ended: it ran on this host and its pid is free.
+    A file from another host (or of an older naming) cannot be judged and counts as live."""
+    match = _TEMP_NAME.search(path.name)
+    if match is None or match["host"] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)  # signal 0: only asks whether the process exists
+    except (ProcessLookupError, OverflowError):
+        return True
+    except PermissionError:  # a live process of another user
+        return False
+    return False
+
+
+def remove_temp_files(folder: Path, only_gone_writers: bool) -> list[Path]:
+    """Remove the hidden ``.*.tmp`` files a killed :func:`save_checkpoint` left in a checkpoint folder.
+
+    Args:
+        folder: a run's ``checkpoints`` folder (missing: nothing to do).
+        only_gone_writers: remove only files whose writer ran on this host and has ended (safe next to a live
+            run); False removes every temp file (the run is being resumed: no one else writes there).
+
+    Returns:
+        The removed files.
+    """
+    removed = []
+    for path in sorted(Path(folder).glob(".*.tmp")):
+        if path.is_file() and (not only_gone_writers or _writer_gone(path)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+            logger.info("removed %s, left by a run that was killed while saving", path)
+    return removed
+
+
 def resolve_resume(
     resume: str | bool | None, candidates: Sequence[Path], where: str | None = None
 ) -> Path | None:
@@ -327,13 +371,19 @@ def _show(value: Any) -> str:
     return "(missing)" if value is _MISSING else json.dumps(value, default=str)
 
 
-def check_shape_keys(saved: dict, current: dict, keys: Sequence[str]) -> None:
+RESUME_REMEDY = "Set these back in the config (or --set) to match the checkpoint, or start fresh."
+
+
+def check_shape_keys(saved: dict, current: dict, keys: Sequence[str], checkpoint: Path | None = None,
+                     remedy: str = RESUME_REMEDY) -> None:
     """Refuse to load weights into a model built from a config whose shapes differ.
 
     Args:
         saved: the config stored in the checkpoint (``model_dump(mode="json")``).
         current: the config of this run, same form.
         keys: dotted keys that determine tensor shapes, e.g. ``"autoencoder.num_channels"``.
+        checkpoint: the checkpoint file, named in the message.
+        remedy: the message's last line: what to do about it.
 
     Raises:
         ValueError: listing every differing key with both values, one per line, e.g.
@@ -348,7 +398,23 @@ def check_shape_keys(saved: dict, current: dict, keys: Sequence[str]) -> None:
     ]
     if differences:
         listing = "\n".join(f"  - {d}" for d in differences)
+        which = f"The checkpoint {checkpoint}" if checkpoint is not None else "The checkpoint"
         raise ValueError(
-            f"The checkpoint was trained with a different model shape ({len(differences)} key(s)):\n"
-            f"{listing}\nSet these back in the config (or --set) to match the checkpoint, or start fresh."
+            f"{which} was trained with a different model shape ({len(differences)} key(s)):\n"
+            f"{listing}\n{remedy}"
         )
+
+
+# ------------------------------------------------------------------ replicas
+
+
+def weights_digest(*state_dicts: Mapping[str, torch.Tensor] | None) -> str:
+    """SHA-256 of the names and exact bytes of the tensors in ``state_dicts`` (None entries are skipped): equal
+    digests mean bit-identical weights, e.g. on every rank of a DDP run."""
+    digest = hashlib.sha256()
+    for state_dict in state_dicts:
+        for name, tensor in (state_dict or {}).items():
+            data = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}:{data.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -27,6 +27,8 @@ __all__ = [
     "is_distributed",
     "barrier",
     "all_reduce_mean",
+    "all_reduce_max",
+    "all_gather_object",
     "broadcast_object",
     "wrap_ddp",
     "gradient_sync",
@@ -162,6 +164,38 @@ def all_reduce_mean(value: torch.Tensor | float) -> float:
     tensor = tensor.to(_collective_device()).clone()
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return float(tensor) / dist.get_world_size()
+
+
+def all_reduce_max(value: int) -> int:
+    """The largest of an integer over all ranks (e.g. whether any rank received a stop signal).
+
+    Args:
+        value: this rank's integer.
+
+    Returns:
+        The maximum over ranks (``value`` itself without a process group).
+    """
+    if not is_distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return int(tensor.item())
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's picklable object, in rank order, on every rank (e.g. each rank's RNG state for a checkpoint).
+
+    Args:
+        obj: this rank's object.
+
+    Returns:
+        ``[object of rank 0, object of rank 1, ...]`` (``[obj]`` without a process group).
+    """
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

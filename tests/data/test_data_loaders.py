@@ -128,3 +128,21 @@ def test_global_random_state_is_left_alone(tmp_path):
     torch.manual_seed(123)
     build_dataloaders(make_config(tmp_path, cache="none"))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_loader_workers_leave_sigint_and_sigterm_to_the_training_process(tmp_path):
+    """Ctrl-C, torchrun's agent and schedulers signal the whole process group: a worker that died of it would
+    break the step the training process is finishing before it stops."""
+    import os
+    import signal
+
+    write_volumes(tmp_path / "images", 4)
+    train_loader, _, _ = build_dataloaders(make_config(tmp_path, num_workers=1, val_fraction=0.25), batch_size=1)
+    batches = iter(train_loader)
+    next(batches)
+    (worker,) = batches._workers
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        os.kill(worker.pid, signum)
+    worker.join(timeout=2)  # a worker killed by the signal would be gone by now
+    assert worker.is_alive()
+    assert len([next(batches) for _ in range(2)]) == 2

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,9 +21,11 @@ from monai_diffusion.engine.checkpoint import (
     check_shape_keys,
     load_checkpoint,
     prune_checkpoints,
+    remove_temp_files,
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
+    weights_digest,
 )
 
 
@@ -196,3 +201,51 @@ def test_rng_round_trip_through_a_checkpoint(tmp_path):
     np.testing.assert_array_equal(got[1], expected[1])
     np.testing.assert_array_equal(got[2], expected[2])
     assert torch.equal(got[3], expected[3])
+
+
+KILLED_WRITER = """
+import os, sys, torch
+from monai_diffusion.engine.checkpoint import save_checkpoint
+
+def killed(obj, f, *args, **kwargs):
+    f.write(b"PK partial bytes")
+    f.flush()
+    os._exit(9)  # like SIGKILL: no exception handler, no cleanup
+
+torch.save = killed
+save_checkpoint(sys.argv[1], {"step": 1})
+"""
+
+
+def test_temp_file_of_a_killed_writer_is_removed_and_a_live_ones_kept(tmp_path):
+    """A save killed mid-write leaves a temp file naming its (now gone) writer; one of a live writer stays."""
+    folder = tmp_path / "checkpoints"
+    result = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(folder / "last.pt")], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 9, result.stderr[-2000:]
+    (left,) = folder.glob(".*.tmp")
+    assert left.name.startswith(".last.pt.") and f"@{socket.gethostname()}." in left.name
+    live = folder / f".step-00000002.pt.{os.getpid()}@{socket.gethostname()}.{'0' * 32}.tmp"
+    other_host = folder / f".last.pt.1@elsewhere.{'1' * 32}.tmp"
+    live.write_bytes(b"being written")
+    other_host.write_bytes(b"cannot tell")
+
+    assert remove_temp_files(folder, only_gone_writers=True) == [left]
+    assert sorted(p.name for p in folder.iterdir()) == sorted([live.name, other_host.name])
+    # A resumed run owns its folder: every temp file there is a leftover.
+    assert sorted(remove_temp_files(folder, only_gone_writers=False)) == sorted([live, other_host])
+    assert remove_temp_files(tmp_path / "missing", only_gone_writers=True) == []
+
+
+def test_check_shape_keys_names_the_checkpoint_and_the_remedy():
+    with pytest.raises(ValueError, match=r"(?s)The checkpoint /x/last.pt was trained.*a: checkpoint 1, config 2\nDo this"):
+        check_shape_keys({"a": 1}, {"a": 2}, ["a"], Path("/x/last.pt"), remedy="Do this")
+
+
+def test_weights_digest_is_bit_exact():
+    model = torch.nn.Linear(3, 2)
+    same = weights_digest(model.state_dict(), None)
+    assert same == weights_digest({k: v.clone() for k, v in model.state_dict().items()})
+    with torch.no_grad():
+        model.weight[0, 0] = torch.nextafter(model.weight[0, 0], torch.tensor(10.0))  # one ulp
+    assert weights_digest(model.state_dict()) != same

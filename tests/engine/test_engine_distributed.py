@@ -16,6 +16,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from monai_diffusion.engine.distributed import (
     DistInfo,
+    all_gather_object,
+    all_reduce_max,
     all_reduce_mean,
     barrier,
     broadcast_object,
@@ -44,6 +46,7 @@ def test_single_process_is_plain(single_process):
     assert all_reduce_mean(torch.tensor(2.5)) == 2.5 and all_reduce_mean(3) == 3.0
     obj = {"a": 1}
     assert broadcast_object(obj) is obj
+    assert all_reduce_max(15) == 15 and all_gather_object(obj) == [obj]
     barrier()
     cleanup_distributed()
 
@@ -86,6 +89,8 @@ def _worker(rank: int, world_size: int, port: int) -> None:
         assert all_reduce_mean(float(rank)) == pytest.approx(0.5)
         assert all_reduce_mean(torch.tensor(2.0 * rank)) == pytest.approx(1.0)
         assert broadcast_object({"run": "autoencoder-1"} if rank == 0 else None) == {"run": "autoencoder-1"}
+        assert all_reduce_max(15 if rank == 1 else 0) == 15  # a stop signal on one rank reaches all
+        assert all_gather_object({"rank": rank}) == [{"rank": 0}, {"rank": 1}]
 
         torch.manual_seed(0)  # same initial weights on both ranks
         model = torch.nn.Linear(3, 1)
