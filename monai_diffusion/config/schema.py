@@ -260,6 +260,11 @@ class AutoencoderConfig(Section):
         False, description="One linear layer for the attention's q, k and v (MONAI's use_combined_linear)."
     )
     in_channels: int = Field(1, ge=1, description="Image channels.")
+    residual_resampling: bool = Field(
+        False, description="Add a parameter-free path through each resampling layer (block average down, nearest "
+        "enlargement up; DC-AE's residual autoencoding): no new weights, faster early training at large factors. "
+        "Changes what the weights compute, so it is part of the network's shape."
+    )
     initial_sigma: float | None = Field(
         None, gt=0, description="Posterior standard deviation the encoder starts with (None: PyTorch's default init, "
         "about 1). Near 1 the decoder first sees mostly sampling noise, and Adam moves the log-variance only about "

@@ -14,14 +14,15 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.blocks import Convolution, SpatialAttentionBlock, Upsample
 from monai.networks.nets.autoencoderkl import AEKLResBlock, AsymmetricPad
 from monai.utils import ensure_tuple_rep
 
 from monai_diffusion import factors as factor_math
-from monai_diffusion.networks.memory_saving import run_blocks
+from monai_diffusion.networks.memory_saving import nearest_enlargement, run_blocks
 
-__all__ = ["AutoencoderKL", "FactorDownsample", "Encoder", "Decoder"]
+__all__ = ["AutoencoderKL", "FactorDownsample", "FactorUpsample", "Encoder", "Decoder"]
 
 logger = logging.getLogger("monai_diffusion")
 
@@ -36,15 +37,25 @@ class FactorDownsample(nn.Module):
     size ``n`` divisible by ``s`` the output size is ``n / s``. ``s = 2`` gives exactly MONAI's layer
     (kernel 3, stride 2); ``s = 1`` gives kernel 2, stride 1, leaving the size unchanged.
 
+    With ``residual`` the average of each ``s``-block of the input is added to the convolution's output: a
+    parameter-free path through the resampling (as in DC-AE's residual autoencoding, Chen et al. 2024,
+    https://arxiv.org/abs/2410.10733), so a large factor starts from a faithful coarse copy instead of having to
+    learn one.
+
     Args:
         spatial_dims: number of spatial dimensions (1D, 2D, 3D).
         in_channels: number of input (and output) channels.
         factors: downsampling factor, an int for all axes or one int per axis. Defaults to 2.
+        residual: add the block average of the input (no parameters). Defaults to False (MONAI's layer).
     """
 
-    def __init__(self, spatial_dims: int, in_channels: int, factors: Sequence[int] | int = 2) -> None:
+    def __init__(
+        self, spatial_dims: int, in_channels: int, factors: Sequence[int] | int = 2, residual: bool = False
+    ) -> None:
         super().__init__()
         self.factors: tuple[int, ...] = tuple(int(f) for f in ensure_tuple_rep(factors, spatial_dims))
+        self.spatial_dims = spatial_dims
+        self.residual = residual
         # Same attribute names as AEKLDownsample, so state dict keys stay "<block>.conv.conv.weight".
         self.pad = AsymmetricPad(spatial_dims=spatial_dims)
         self.conv = Convolution(
@@ -58,7 +69,30 @@ class FactorDownsample(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.pad(x))
+        out = self.conv(self.pad(x))
+        if self.residual:
+            out = out + getattr(F, f"avg_pool{self.spatial_dims}d")(x, kernel_size=self.factors)
+        return out
+
+
+class FactorUpsample(Upsample):
+    """
+    MONAI's ``Upsample`` (same children, so the same state dict keys), optionally with a parameter-free residual:
+    the nearest-neighbour enlargement of the input is added to the block's output, mirroring
+    :class:`FactorDownsample`'s ``residual``.
+
+    Args:
+        residual: add the nearest-neighbour enlargement of the input. Defaults to False (MONAI's block).
+        kwargs: passed to :class:`monai.networks.blocks.Upsample`.
+    """
+
+    def __init__(self, *, residual: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.residual = residual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out + nearest_enlargement(x, out.shape[2:]) if self.residual else out
 
 
 class Encoder(nn.Module):
@@ -84,6 +118,7 @@ class Encoder(nn.Module):
         use_flash_attention: if True, compute attention with PyTorch's scaled_dot_product_attention.
         use_checkpoint: if True, train through the memory-saving path (see ``AutoencoderKL``).
         chunk_elements: elements of one slab of the memory-saving path's fused units (None: a default per device).
+        residual_resampling: add a parameter-free block average to each downsampling (see ``FactorDownsample``).
     """
 
     def __init__(
@@ -103,6 +138,7 @@ class Encoder(nn.Module):
         use_flash_attention: bool = True,
         use_checkpoint: bool = False,
         chunk_elements: int | None = None,
+        residual_resampling: bool = False,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -137,7 +173,7 @@ class Encoder(nn.Module):
                 if attention_levels[i]:
                     blocks.append(attn_block(input_channel))
             if i < len(channels) - 1:
-                blocks.append(FactorDownsample(spatial_dims, input_channel, downsample_factors[i]))
+                blocks.append(FactorDownsample(spatial_dims, input_channel, downsample_factors[i], residual_resampling))
 
         if with_nonlocal_attn:
             blocks += [res_block(channels[-1], channels[-1]), attn_block(channels[-1])]
@@ -185,6 +221,7 @@ class Decoder(nn.Module):
         use_flash_attention: if True, compute attention with PyTorch's scaled_dot_product_attention.
         use_checkpoint: if True, train through the memory-saving path (see ``AutoencoderKL``).
         chunk_elements: elements of one slab of the memory-saving path's fused units (None: a default per device).
+        residual_resampling: add a parameter-free nearest enlargement to each upsampling (see ``FactorUpsample``).
     """
 
     def __init__(
@@ -205,6 +242,7 @@ class Decoder(nn.Module):
         use_flash_attention: bool = True,
         use_checkpoint: bool = False,
         chunk_elements: int | None = None,
+        residual_resampling: bool = False,
     ) -> None:
         super().__init__()
         self.spatial_dims = spatial_dims
@@ -228,9 +266,11 @@ class Decoder(nn.Module):
         def upsample_block(ch: int, factors: Sequence[int]) -> nn.Module:
             if use_convtranspose:
                 # Upsample's deconv defaults kernel_size to scale_factor: kernel = stride, no overlap, no gap.
-                return Upsample(spatial_dims, in_channels=ch, out_channels=ch, scale_factor=factors, mode="deconv")
+                return FactorUpsample(spatial_dims=spatial_dims, in_channels=ch, out_channels=ch, scale_factor=factors,
+                                      mode="deconv", residual=residual_resampling)
             post_conv = Convolution(spatial_dims, ch, ch, strides=1, kernel_size=3, padding=1, conv_only=True)
-            return Upsample(
+            return FactorUpsample(
+                residual=residual_resampling,
                 spatial_dims=spatial_dims,
                 mode="nontrainable",
                 in_channels=ch,
@@ -323,6 +363,10 @@ class AutoencoderKL(nn.Module):
             same factors in reverse order.
         chunk_elements: elements of one slab of the memory-saving path's fused units (``use_checkpoint``); a
             smaller slab lowers the peak and costs time. None: 2**21 on CPU, 2**24 on CUDA.
+        residual_resampling: add a parameter-free path through every resampling layer: each downsampling adds
+            the block average of its input, each upsampling the nearest-neighbour enlargement of its input (DC-AE's
+            residual autoencoding, https://arxiv.org/abs/2410.10733). No new parameters, so the state dict is
+            unchanged; with large factors it speeds up early training. Defaults to False (MONAI's network).
 
     Raises:
         ValueError: if ``spatial_dims`` is not 1, 2 or 3.
@@ -355,6 +399,7 @@ class AutoencoderKL(nn.Module):
         use_flash_attention: bool = True,
         downsample_factors: Sequence[Sequence[int] | int] | None = None,
         chunk_elements: int | None = None,
+        residual_resampling: bool = False,
     ) -> None:
         super().__init__()
 
@@ -405,6 +450,7 @@ class AutoencoderKL(nn.Module):
             use_combined_linear=use_combined_linear,
             use_flash_attention=use_flash_attention,
             chunk_elements=chunk_elements,
+            residual_resampling=residual_resampling,
         )
         self.decoder = Decoder(
             spatial_dims=spatial_dims,
@@ -422,6 +468,7 @@ class AutoencoderKL(nn.Module):
             use_combined_linear=use_combined_linear,
             use_flash_attention=use_flash_attention,
             chunk_elements=chunk_elements,
+            residual_resampling=residual_resampling,
         )
 
         def conv1x1() -> Convolution:

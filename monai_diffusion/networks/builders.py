@@ -26,6 +26,7 @@ AUTOENCODER_SHAPE_KEYS = [
     "autoencoder.include_fc",
     "autoencoder.use_combined_linear",
     "autoencoder.in_channels",
+    "autoencoder.residual_resampling",
 ]
 # Keys a resumed LDM run must share with its checkpoint: the autoencoder and latent shape, the UNet, and the
 # diffusion process the UNet has learnt so far.
@@ -78,6 +79,7 @@ def build_autoencoder(
         use_combined_linear=ae.use_combined_linear,
         use_flash_attention=ae.use_flash_attention,
         downsample_factors=ae.downsample_factors,
+        residual_resampling=ae.residual_resampling,
         chunk_elements=chunk_elements,
     )
     if ae.initial_sigma is not None:

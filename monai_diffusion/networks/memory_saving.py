@@ -18,6 +18,7 @@ It depends on MONAI's block types only; the network calls :func:`run_blocks` and
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -364,6 +365,11 @@ class _UpsampleConv(torch.autograd.Function):
         )
 
 
+def nearest_enlargement(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """``x`` enlarged to ``size`` by repeating voxels: the residual path of an upsampling block."""
+    return F.interpolate(x, size=tuple(size), mode="nearest")
+
+
 def _fusable_upsample(block: nn.Module) -> bool:
     """Whether ``block`` is a nearest-interpolation Upsample with a 'same' post convolution and integer factors."""
     if not isinstance(block, Upsample) or list(dict(block.named_children())) != ["upsample_non_trainable", "postconv"]:
@@ -495,7 +501,8 @@ def _run_blocks(
             x = norm_act_conv(x, block, following, False, chunk_elements)
             index += 1
         elif _fusable_upsample(block):
-            x = upsample_conv(x, block, chunk_elements)
+            out = upsample_conv(x, block, chunk_elements)
+            x = out + nearest_enlargement(x, out.shape[2:]) if getattr(block, "residual", False) else out
         elif isinstance(block, (Convolution, nn.GroupNorm)) or not checkpoint_blocks:
             x = block(x)
         else:

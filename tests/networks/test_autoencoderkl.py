@@ -502,3 +502,47 @@ def test_load_old_state_dict_without_output_projection_uses_identity():
         weight = model.state_dict()[key]
         torch.testing.assert_close(weight, torch.eye(weight.shape[0]))
         torch.testing.assert_close(model.state_dict()[key.replace("weight", "bias")], torch.zeros(weight.shape[0]))
+
+
+# Residual resampling
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_residual_resampling_adds_parameter_free_paths_and_keeps_the_state_dict():
+    settings = dict(TINY, channels=(8, 16, 16), attention_levels=(False, False, False), downsample_factors=[[4, 4, 2], 2])
+    plain = AutoencoderKL(3, **settings)
+    residual = AutoencoderKL(3, residual_resampling=True, **settings)
+    assert residual.state_dict().keys() == plain.state_dict().keys()
+    residual.load_state_dict(plain.state_dict())
+
+    down = next(b for b in residual.encoder.blocks if isinstance(b, aekl_module.FactorDownsample))
+    x = torch.randn(1, 8, 16, 16, 8)
+    # With the convolution silenced, what is left is the block average of the input.
+    torch.nn.init.zeros_(down.conv.conv.weight)
+    torch.nn.init.zeros_(down.conv.conv.bias)
+    torch.testing.assert_close(down(x), torch.nn.functional.avg_pool3d(x, kernel_size=(4, 4, 2)))
+
+    up = next(b for b in residual.decoder.blocks if isinstance(b, aekl_module.FactorUpsample))
+    small = torch.randn(1, 16, 2, 2, 2)
+    enlarged = up(small)
+    up.residual = False
+    torch.testing.assert_close(enlarged - up(small), small.repeat_interleave(2, 2).repeat_interleave(2, 3)
+                               .repeat_interleave(2, 4))
+
+    images = torch.randn(2, 1, 16, 16, 8)
+    with torch.no_grad():
+        assert not torch.allclose(residual.reconstruct(images), plain.reconstruct(images))
+
+
+def test_residual_resampling_through_the_memory_saving_path():
+    settings = dict(TINY, channels=(8, 16, 16), attention_levels=(False, False, True),
+                    downsample_factors=[[4, 4, 1], 2], residual_resampling=True)
+    plain = AutoencoderKL(3, **settings).train()
+    checkpointed = AutoencoderKL(3, use_checkpoint=True, chunk_elements=600, **settings).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 1, 16, 16, 8)
+    (out_plain, grads_plain), (out_ckpt, grads_ckpt) = _outputs_and_grads((plain, checkpointed), x)
+    for ours, theirs in zip(out_ckpt, out_plain):
+        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=1e-4)
+    for (name, _), g_ckpt, g_plain in zip(plain.named_parameters(), grads_ckpt, grads_plain):
+        torch.testing.assert_close(g_ckpt, g_plain, atol=2e-5, rtol=1e-4, msg=name)
