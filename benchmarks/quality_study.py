@@ -10,7 +10,7 @@ Run from the repository root (``bash benchmarks/quality_study.sh`` does exactly 
 
 Every setting is a real ``monai-diffusion train-autoencoder`` run (config ``benchmarks/quality_study.yaml`` plus
 the setting's ``--set`` options), evaluated on the demo set's held-out volumes; step time and peak memory come from
-the run's own TensorBoard scalars (median step time after the first 10 steps; peak memory as the run logs it: CUDA
+the run's own TensorBoard scalars (median of the logged step times, the first left out; peak memory as the run logs it: CUDA
 max allocated, or the process's peak resident set on CPU, data cache included).
 """
 
@@ -33,7 +33,7 @@ SETTINGS: dict[str, list[str]] = {
     "[2,2]": ["autoencoder.downsample_factors=[2,2]"],
     "[4,2]": ["autoencoder.downsample_factors=[4,2]"],
     "[8,2]": ["autoencoder.downsample_factors=[8,2]"],
-    "[16]": ["autoencoder.downsample_factors=[16]", "autoencoder.num_channels=[16,64]"],
+    "[16]": ["autoencoder.downsample_factors=[16]", "autoencoder.num_channels=[8,32]"],
     "[[4,4,2],[2,2,2]]": ["autoencoder.downsample_factors=[[4,4,2],[2,2,2]]"],
     "[4,2], 8 latent channels": ["autoencoder.downsample_factors=[4,2]", "autoencoder.latent_channels=8"],
     "[8,2], 8 latent channels": ["autoencoder.downsample_factors=[8,2]", "autoencoder.latent_channels=8"],
@@ -62,7 +62,7 @@ def run(command: list[str], log: Path) -> None:
 
 def study_setting(name: str, options: list[str], args: argparse.Namespace, work: Path) -> dict:
     """Train and evaluate one setting; returns its row for the report."""
-    run_name = slug(name)
+    run_name = f"factors-{slug(name)}"  # a bare "16" would read as a number in --set
     common = ["--set", f"output.output_dir={work}", "--set", f"output.run_name={run_name}",
               "--set", f"autoencoder.training.max_steps={args.steps}", "--set", f"device.device={args.device}",
               "--set", f"data.voxel_size={list(args.size)}".replace(" ", ""),
@@ -90,6 +90,10 @@ def study_setting(name: str, options: list[str], args: argparse.Namespace, work:
         "train_minutes": trained / 60,
         "panel": run_dir / "evaluation" / "reconstruction-worst.png",
     }
+
+
+def number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
 
 
 def render(rows: list[dict], args: argparse.Namespace, device_name: str, panels_dir: Path, out: Path) -> str:
@@ -120,7 +124,7 @@ def render(rows: list[dict], args: argparse.Namespace, device_name: str, panels_
             f"| {mean('autoencoder_psnr'):.2f} ± {s['autoencoder_psnr']['std']:.2f} | {mean('autoencoder_ssim'):.3f} "
             f"| {mean('autoencoder_ms_ssim'):.3f} | {mean('trilinear_psnr'):.2f} / {mean('trilinear_ssim'):.3f} / "
             f"{mean('trilinear_ms_ssim'):.3f} | {mean('autoencoder_psnr') - mean('trilinear_psnr'):+.2f} "
-            f"| {row['step_time_s']:.2f} | {row['peak_memory_mib']:,.0f} |"
+            f"| {number(row['step_time_s'], '.2f')} | {number(row['peak_memory_mib'], ',.0f')} |"
         )
     lines += ["", f"MS-SSIM uses {rows[0]['report']['ms_ssim_scales']} scales at this size (the most that fit).", "",
               "## Panels", "", "The held-out volume each setting reconstructs worst (input, autoencoder, trilinear):", ""]
@@ -133,7 +137,7 @@ def render(rows: list[dict], args: argparse.Namespace, device_name: str, panels_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per setting (default 400)")
+    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per setting (default 1000)")
     parser.add_argument("--size", type=int, nargs=3, default=[64, 64, 64], help="data.voxel_size (default 64 64 64)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0], help="data.spacing in mm")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])

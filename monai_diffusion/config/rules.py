@@ -151,6 +151,11 @@ def _check_lr_schedule(name: str, t: AutoencoderTrainingConfig | LDMTrainingConf
     per_epoch = t.lr_schedule_interval == "epoch"
     if t.lr_schedule == "cosine" and not per_epoch and t.max_steps is None:
         problems.append(f"{name}.lr_schedule: 'cosine' needs {name}.max_steps to know where it ends")
+    if t.lr_schedule == "cosine" and not per_epoch and t.max_steps is not None and t.warmup_steps >= t.max_steps:
+        problems.append(
+            f"{name}.warmup_steps / {name}.max_steps: 'cosine' decays after the warm-up, so warmup_steps "
+            f"({t.warmup_steps}) must be below max_steps ({t.max_steps})"
+        )
     if t.lr_schedule == "cosine" and per_epoch and t.max_epochs is None:
         problems.append(f"{name}.lr_schedule: 'cosine' per epoch needs {name}.max_epochs to know where it ends")
     if t.lr_schedule in ("multistep", "polynomial") and t.warmup_steps:

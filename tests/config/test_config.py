@@ -99,6 +99,8 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys():
         ({"data": {"intensity": {"lower": 99, "upper": 1}}}, "percentiles need 0 <= lower < upper <= 100"),
         ({"autoencoder": {"training": {"max_epochs": None}}}, "set at least one bound"),
         ({"ldm": {"training": {"lr_schedule": "cosine"}}}, "'cosine' needs ldm.training.max_steps"),
+        ({"autoencoder": {"training": {"lr_schedule": "cosine", "max_steps": 2, "warmup_steps": 20}}},
+         "autoencoder.training.warmup_steps / autoencoder.training.max_steps: 'cosine' decays after the warm-up"),
         ({"ldm": {"scheduler": {"type": "rflow"}, "sampling": {"scheduler": "ddim"}}}, "cannot sample with 'ddim'"),
         ({"ldm": {"unet": {"num_head_channels": 7}}}, "not divisible by 7 head channels"),
         # stage sizes: the autoencoder's volume and patches
