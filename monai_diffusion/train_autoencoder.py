@@ -23,7 +23,7 @@ from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_dataloaders
 from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint, save_checkpoint
-from monai_diffusion.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, wrap_ddp
+from monai_diffusion.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_png, volume_panel
 from monai_diffusion.engine.loop import (
     StopSignals,
@@ -50,6 +50,7 @@ from monai_diffusion.steps import (
     autoencoder_micro_step,
     autoencoder_update,
     build_autoencoder_training,
+    training_model,
 )
 
 
@@ -97,8 +98,9 @@ def train(config: Config, resume: str | None = None) -> Path:
         best_val = state.get("best_val_l1", best_val)
         restore_rank_rng(state["rng"], dist)
 
-    model = wrap_ddp(autoencoder, dist)
-    disc_model = wrap_ddp(discriminator, dist) if discriminator is not None else None
+    # DDP under torchrun, compiled with device.compile; checkpoints keep the bare networks.
+    model = training_model(autoencoder, config.device, dist)
+    disc_model = training_model(discriminator, config.device, dist) if discriminator is not None else None
     # ---- the run folder, once setup has succeeded: a failed start leaves nothing behind
     run_dir = open_run_dir(run_config, "autoencoder", dist, resume_path, state)
     writer = RunLogger(run_dir / "tensorboard", enabled=dist.is_main)
@@ -145,7 +147,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             step_start = time.perf_counter()
             done_in_epoch = skip_batches
             for index, batch in epoch_batches(train_loader, budget, skip_batches, epoch):
-                images = batch["image"].to(device, non_blocking=True)
+                # A plain tensor: MetaTensor's metadata is not needed here, costs time per op and stops torch.compile.
+                images = batch["image"].as_subclass(torch.Tensor).to(device, non_blocking=True)
                 last_micro = budget.ends_step(index)
                 adversarial = discriminator is not None and adversarial_active(step, t)
                 loss_g, losses = autoencoder_micro_step(parts, images, adversarial, last_micro, model, disc_model)

@@ -129,6 +129,9 @@ def check_rules(config: Config) -> list[str]:
             f"ldm.sampling.scheduler / ldm.scheduler.type: a model trained with '{sched.type}' cannot sample "
             f"with '{sampler}' (rectified flow predicts velocity, DDPM/DDIM predict noise)"
         )
+    if not config.device.compile and _changed(config.device, ["compile_mode"]):
+        problems.append(f"device.compile_mode: only read with device.compile true ('{config.device.compile_mode}' "
+                        "has no effect)")
     if ldm.sampling.tile_size is not None and len(ldm.sampling.tile_size) != spatial_dims:
         problems.append(f"ldm.sampling.tile_size: expected {spatial_dims} sizes, got {ldm.sampling.tile_size}")
     return problems

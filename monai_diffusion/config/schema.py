@@ -404,6 +404,19 @@ class DeviceConfig(Section):
         description="true = fp16 on CUDA (bf16 on CPU, logged); 'fp16' / 'bf16' explicit; false/'no' = fp32.",
     )
     cudnn_benchmark: bool = Field(True, description="Let cuDNN pick the fastest conv algorithms (CUDA).")
+    compile: bool = Field(
+        False,
+        description="Compile the networks a command runs with torch.compile: the trained autoencoder and "
+        "discriminator, or UNet (over DDP under torchrun), and sample's UNet and decoder. Checkpoints hold the plain "
+        "networks either way, so a run may resume with or without it. The first steps are slow (compiling: seconds "
+        "to minutes); with use_gradient_checkpointing the memory-saving encoder and decoder run uncompiled inside the "
+        "compiled network. Needs a C++ compiler on CPU.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile's mode with device.compile: 'default'; 'reduce-overhead' (CUDA graphs: less "
+        "launch overhead for small latents, more memory); 'max-autotune' (searches kernels: longer compiles).",
+    )
 
 
 class OutputConfig(Section):

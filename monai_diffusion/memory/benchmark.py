@@ -79,7 +79,7 @@ def setting(case: Case, device_type: str) -> dict[str, Any]:
         batch, checkpoint = config.ldm.training.batch_size, "none"
     precision = precision_name(config.device.mixed_precision, device_type)
     extras = [o for o, on in (("no SDPA", not ae.use_flash_attention), ("channels-last", options.channels_last),
-                              ("compile", options.compile)) if on]
+                              ("compile", config.device.compile)) if on]
     return {
         "model": options.network,
         "step": step,
@@ -156,7 +156,7 @@ def suite(name: str, size: tuple[int, ...] | None = None, steps: int | None = No
             ("ours [4,2] plain", ["device.cudnn_benchmark=false"], {}),
             ("ours [4,2] cudnn.benchmark", [cudnn], {}),
             ("ours [4,2] channels-last", [cudnn], dict(channels_last=True)),
-            ("ours [4,2] torch.compile", [cudnn], dict(compile=True)),
+            ("ours [4,2] torch.compile", [cudnn, "device.compile=true"], {}),
             ("ours [4,2] ckpt cudnn.benchmark", [cudnn, CHECKPOINTING], {}),
         ]
     elif name == "tiny":

@@ -446,6 +446,7 @@ def _efficient_resblock_ok(block: nn.Module) -> bool:
     )
 
 
+@torch.compiler.disable
 def run_blocks(
     blocks: nn.ModuleList, x: torch.Tensor, chunk_elements: int | None = None, first_segment: int = 0
 ) -> torch.Tensor:

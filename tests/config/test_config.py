@@ -144,6 +144,9 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys():
         # rectified-flow settings on another scheduler
         ({"ldm": {"scheduler": {"sample_method": "uniform", "base_img_size_numel": 4096}}},
          "ldm.scheduler.base_img_size_numel: applies to rectified flow only, ldm.scheduler.type is 'ddpm'"),
+        # device
+        ({"device": {"compile_mode": "max-autotune"}},
+         "device.compile_mode: only read with device.compile true ('max-autotune' has no effect)"),
     ],
 )
 def test_each_cross_field_rule(raw, expected):
