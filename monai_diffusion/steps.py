@@ -28,6 +28,7 @@ from monai_diffusion.engine.optim import StepResult, build_lr_scheduler, build_o
 from monai_diffusion.engine.precision import Precision
 from monai_diffusion.losses import StructuralLoss, build_adversarial_loss, build_perceptual_loss, kl_loss
 from monai_diffusion.networks.builders import build_autoencoder, build_discriminator, build_scheduler, build_unet
+from monai_diffusion.networks.memory_saving import offload_saved_maps
 
 __all__ = [
     "AutoencoderTraining",
@@ -220,7 +221,7 @@ def autoencoder_micro_step(
     model = model if model is not None else parts.autoencoder
     disc_model = disc_model if disc_model is not None else parts.discriminator
     with gradient_sync(model, sync):
-        with precision.autocast():
+        with precision.autocast(), offload_saved_maps(t.offload_activations):
             reconstruction, z_mu, z_sigma = model(images)
         losses = {
             "recon_l1": F.l1_loss(reconstruction.float(), images.float()),

@@ -200,3 +200,22 @@ def test_a_compiled_ldm_step_under_bf16_equals_the_eager_step(tmp_path, inductor
     # The EMA averages the bare UNet, whatever the forward ran through.
     assert ema.n_averaged.item() == eager_ema.n_averaged.item() == 1
     assert list(ema.state_dict()) == list(eager_ema.state_dict())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offload_activations_keeps_the_fused_units_inputs_in_host_memory(tmp_path, monkeypatch, offload):
+    """On a GPU the fused units keep host copies of their inputs; here they are made to offload on the CPU too."""
+    from monai_diffusion.networks import memory_saving
+
+    copies = []
+    original = memory_saving._Map.offloaded
+    monkeypatch.setattr(memory_saving._Map, "offloaded",
+                        staticmethod(lambda x, depth: copies.append(x.shape) or original(x, depth)))
+    monkeypatch.setattr(memory_saving, "_offloads", lambda x: memory_saving._OFFLOAD.get())
+    parts = steps.build_autoencoder_training(
+        config(tmp_path, "autoencoder.training.use_gradient_checkpointing=true",
+               f"autoencoder.training.offload_activations={str(offload).lower()}"), CPU, FP32, max_steps=1)
+    loss, _ = steps.autoencoder_micro_step(parts, torch.rand(1, 1, 16, 16, 16), adversarial=False)
+    assert torch.isfinite(loss) and all(p.grad is not None for p in parts.autoencoder.parameters())
+    # The decoder's full-resolution units among them (8 channels at 16^3).
+    assert bool(copies) == offload and (not offload or torch.Size([1, 8, 16, 16, 16]) in copies)

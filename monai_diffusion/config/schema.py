@@ -229,6 +229,13 @@ class AutoencoderTrainingConfig(Section):
     use_gradient_checkpointing: bool = Field(
         False, description="Recompute each network block in backward: less memory, ~20-40% more time."
     )
+    offload_activations: bool = Field(
+        False,
+        description="Keep what the autoencoder's forward saves for backward in host memory (CUDA): with "
+        "use_gradient_checkpointing each fused unit keeps a pinned host copy of its input and reads it back slab by "
+        "slab in backward, everything else goes through torch.autograd.graph.save_on_cpu. Less GPU memory for whole "
+        "large volumes, at the cost of copying every saved map to the host and back each step; no effect on CPU.",
+    )
     max_nonfinite_steps: int = Field(
         20, ge=1, description="Stop with an error after this many consecutive non-finite losses."
     )
