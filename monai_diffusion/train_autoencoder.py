@@ -42,6 +42,7 @@ from monai_diffusion.engine.loop import (
     step_scalars,
 )
 from monai_diffusion.engine.optim import NonFiniteGuard
+from monai_diffusion.latents import reconstruct
 from monai_diffusion.losses import adversarial_active
 from monai_diffusion.metrics import SSIM_WINDOW
 from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS
@@ -74,8 +75,9 @@ def train(config: Config, resume: str | None = None) -> Path:
         check_shape_keys(state["config"], config.model_dump(mode="json"), AUTOENCODER_SHAPE_KEYS, resume_path)
 
     # ---- data
-    train_loader, val_loader, train_sampler = build_dataloaders(config, dist.rank, dist.world_size,
-                                                                patch_size=t.patch_size)
+    train_loader, val_loader, train_sampler = build_dataloaders(
+        config, dist.rank, dist.world_size, patch_size=t.patch_size, foreground_ratio=t.patch_foreground_ratio,
+        foreground_threshold=t.patch_foreground_threshold)
     budget = step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
     # ---- networks, losses, optimizers: the step benchmark and plan measure
@@ -213,7 +215,9 @@ def train(config: Config, resume: str | None = None) -> Path:
 @torch.no_grad()
 def validate(autoencoder, val_loader, precision, config: Config, run_dir: Path, step: int,
              writer: RunLogger, dist: DistInfo) -> dict[str, float]:
-    """Reconstruction L1, PSNR and SSIM over the validation set, and a PNG panel of input vs reconstruction."""
+    """Reconstruction L1, PSNR and SSIM over the validation set (whole volumes; window by window at the patch size
+    when the autoencoder trains on patches), and a PNG panel of input vs reconstruction."""
+    tile_size = config.autoencoder.training.patch_size
     autoencoder.eval()
     value_range = config.data.intensity.b_max - config.data.intensity.b_min
     psnr = PSNRMetric(max_val=value_range, reduction="sum")
@@ -226,7 +230,7 @@ def validate(autoencoder, val_loader, precision, config: Config, run_dir: Path, 
             break
         images = batch["image"].to(dist.device)
         with precision.autocast():
-            reconstruction = autoencoder.reconstruct(images)
+            reconstruction = reconstruct(autoencoder, images, tile_size)
         reconstruction = reconstruction.float()
         sums["val/l1"] += F.l1_loss(reconstruction, images, reduction="none").flatten(1).mean(1).sum().item()
         sums["val/psnr"] += psnr(reconstruction, images).sum().item()

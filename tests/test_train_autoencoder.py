@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from monai_diffusion import steps, train_autoencoder
+from monai_diffusion import latents, steps, train_autoencoder
 from monai_diffusion.config import apply_overrides, config_from_dict
 from monai_diffusion.engine.checkpoint import load_checkpoint, weights_digest
 from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
@@ -197,6 +197,29 @@ def test_compiled_training_saves_plain_networks_and_resumes_either_way(tmp_path,
                                                 "device.compile=true"), resume=str(run))
     assert load_checkpoint(again / "checkpoints" / "last.pt")["step"] == 8
     assert [mode for mode, _ in compiles] == ["max-autotune"] * 2 + ["default"] * 2
+
+def test_patch_training_validates_whole_volumes_window_by_window(tmp_path, nifti_folder, monkeypatch):
+    """Foreground-weighted 8^3 patches of the 16^3 volumes for training; validation reconstructs the whole volumes
+    through MONAI's sliding window at the patch size (evaluate does the same by default)."""
+    micro, windows = [], []
+    original_step, original_window = train_autoencoder.autoencoder_micro_step, latents.sliding_window_inference
+
+    def step(parts, images, *args, **kwargs):
+        micro.append(tuple(images.shape))
+        return original_step(parts, images, *args, **kwargs)
+
+    def window(inputs, roi_size, *args, **kwargs):
+        windows.append((tuple(inputs.shape), list(roi_size)))
+        return original_window(inputs, roi_size, *args, **kwargs)
+
+    monkeypatch.setattr(train_autoencoder, "autoencoder_micro_step", step)
+    monkeypatch.setattr(latents, "sliding_window_inference", window)
+    run = train_autoencoder.train(make_config(
+        nifti_folder, tmp_path, "autoencoder.training.patch_size=[8,8,8]", "autoencoder.training.max_steps=2",
+        "autoencoder.training.patch_foreground_ratio=0.5"))
+    assert micro == [(1, 1, 8, 8, 8)] * 2
+    assert windows == [((1, 1, 16, 16, 16), [8, 8, 8])]  # the one validation volume, whole, in 8^3 windows
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["best_val_l1"] < 1
 
 @pytest.mark.slow  # each rank compiles the autoencoder and the discriminator with inductor: minutes on 2 cores
 def test_torchrun_compiled_over_ddp_with_accumulation_keeps_the_replicas_equal(tiny_config_file, tmp_path):

@@ -218,6 +218,12 @@ def test_compiled_training_saves_the_plain_unet_and_its_ema(setup, monkeypatch):
     recipe.train(setup(max_steps=3), resume=str(run))  # resumes without compile
     assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
 
+def test_an_autoencoder_trained_on_patches_gives_whole_volume_latents(setup):
+    config = setup()
+    config.autoencoder.training.patch_size = [8, 8, 8]
+    state = load_checkpoint(recipe.train(config) / "checkpoints" / "last.pt")
+    assert state["latent_shape"] == [2, 8, 8, 8]  # the 16^3 volume at factor 2, not an 8^3 patch's 4^3
+
 def test_resume_refuses_a_changed_autoencoder(setup, tmp_path):
     config = setup()
     recipe.train(config)

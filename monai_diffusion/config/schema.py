@@ -134,8 +134,20 @@ class AutoencoderTrainingConfig(Section):
     )
     patch_size: list[int] | None = Field(
         None,
-        description="Train on random crops of this size (MONAI RandSpatialCropd) of each volume; validation "
-        "reconstructs whole volumes. None: train on whole volumes. Divisible by the total downsampling factor.",
+        description="Train on random crops of this size (MONAI RandSpatialCropd) of each volume; validation (and "
+        "`evaluate`) reconstructs whole volumes window by window at this size (MONAI sliding window). None: train on "
+        "whole volumes. Divisible by the total downsampling factor. The LDM still trains on whole-volume latents.",
+    )
+    patch_foreground_ratio: float | None = Field(
+        None, ge=0, le=1,
+        description="With patch_size: the share of patches centred on a foreground voxel, the rest on background "
+        "(MONAI RandCropByPosNegLabeld; foreground: any channel above patch_foreground_threshold after intensity "
+        "scaling), so empty air does not dominate. None: uniform random crops.",
+    )
+    patch_foreground_threshold: float | None = Field(
+        None,
+        description="Scaled intensity above which a voxel counts as foreground for patch_foreground_ratio (None: "
+        "data.intensity.b_min + 5% of [b_min, b_max]).",
     )
     mixed_precision: MixedPrecision | None = Field(
         None, description="This stage's precision, as device.mixed_precision (None: device.mixed_precision)."

@@ -94,7 +94,8 @@ def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_
 
 def build_dataloaders(
     config: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None,
-    patch_size: list[int] | None = None,
+    patch_size: list[int] | None = None, foreground_ratio: float | None = None,
+    foreground_threshold: float | None = None,
 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Train and validation DataLoaders for ``config.data``, screened and cached as configured.
 
@@ -117,6 +118,7 @@ def build_dataloaders(
         world_size: number of processes.
         batch_size: volumes per batch (default ``config.autoencoder.training.batch_size``).
         patch_size: training batches are random crops of this size (validation keeps whole volumes); None: whole.
+        foreground_ratio, foreground_threshold: foreground-weighted patches (see :func:`build_transforms`).
 
     Returns:
         (train loader, validation loader, train DistributedSampler).
@@ -161,7 +163,8 @@ def build_dataloaders(
     ).hexdigest()
     show_progress = rank == 0
     train_set = make_dataset(
-        train_items, build_transforms(data, train=True, expected_channels=expected_channels, patch_size=patch_size),
+        train_items, build_transforms(data, train=True, expected_channels=expected_channels, patch_size=patch_size,
+                                      foreground_ratio=foreground_ratio, foreground_threshold_value=foreground_threshold),
         data, root, settings_key, show_progress,
     )
     val_set = make_dataset(
