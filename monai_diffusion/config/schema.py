@@ -103,12 +103,17 @@ class DataConfig(Section):
         "generated volumes).",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    cache: Literal["none", "memory", "disk"] = Field(
+    cache: Literal["none", "memory", "disk", "preprocessed"] = Field(
         "memory",
         description="'memory': MONAI CacheDataset (fast, RAM); 'disk': PersistentDataset in `cache_dir` "
-        "(survives restarts); 'none': load every time.",
+        "(survives restarts); 'preprocessed': the deterministic transforms (load, resample, intensity, pad/crop) run "
+        "once per volume before training (num_workers processes per GPU) and stored uncompressed in `cache_dir`, read "
+        "memory-mapped, so a random patch reads only its own pages (for data sets larger than RAM); 'none': load and "
+        "transform every time.",
     )
-    cache_dir: Path | None = Field(None, description="Folder for cache=disk (default: <output_dir>/cache).")
+    cache_dir: Path | None = Field(
+        None, description="Folder for cache=disk and cache=preprocessed (default: <output_dir>/cache)."
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     on_bad_file: Literal["error", "skip"] = Field(
         "error", description="An unreadable/invalid volume stops the run ('error') or is logged and left out."

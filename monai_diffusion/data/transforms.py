@@ -28,6 +28,7 @@ from monai.transforms import (
     Spacingd,
     Transform,
 )
+from monai.transforms.traits import RandomizableTrait
 
 from monai_diffusion.config.schema import DataConfig, IntensityConfig
 
@@ -194,9 +195,12 @@ class IntensityByClassd(Transform):
         return transform(data) if transform is not None else dict(data)
 
 
-class ForegroundLabeld(MapTransform):
+class ForegroundLabeld(MapTransform, RandomizableTrait):
     """Add ``label_key``: a one-channel uint8 map, 1 where any channel of the key is above ``threshold`` (the
     foreground RandCropByPosNegLabeld centres patches on; MONAI's own takes a label map, which volumes here lack).
+
+    Not random, but marked so (MONAI's RandomizableTrait): the caches stop before it, since the threshold is not part
+    of their key and the map would add a quarter to every cached volume.
 
     Args:
         keys: the image key.
