@@ -472,6 +472,8 @@ def run_measurement(config: Config, options: Options, timeout: float | None = No
         except Exception as exc:  # noqa: BLE001 - a failed measurement is a result, not the end of the run
             return {"error": _describe_failure(exc)}
         finally:
+            if config.device.compile:
+                torch._dynamo.reset()  # the next measurement compiles afresh, never over the recompilation limit
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
