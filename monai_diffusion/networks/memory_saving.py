@@ -184,9 +184,8 @@ def _conv_backward(grad_out, inputs, weight, has_bias, padding):
     )
 
 
-def _unit_forward(x, gamma, beta, weight, bias, groups, eps, act, padding, depth, addend=None):
-    """``conv(silu(group_norm(x)))`` (SiLU optional) slab by slab, plus ``addend(d0, d1)`` (rows of a shortcut's
-    output, in the compute dtype) when given; returns ``(output, mean, rstd, compute dtype)``."""
+def _unit_forward(x, gamma, beta, weight, bias, groups, eps, act, padding, depth):
+    """``conv(silu(group_norm(x)))`` (SiLU optional) slab by slab; returns ``(output, mean, rstd, compute dtype)``."""
     device_type = x.device.type
     compute_dtype = _compute_dtype(x)
     with torch.autocast(device_type, enabled=False):
@@ -202,8 +201,6 @@ def _unit_forward(x, gamma, beta, weight, bias, groups, eps, act, padding, depth
             d1 = min(size, d0 + depth)
             a = _activated(source, d0 - halo, d1 + halo, scale, shift, act, compute_dtype)
             y = conv(a, w, b, padding=(0, *padding[1:]))
-            if addend is not None:
-                y += addend(d0, d1)
             if d1 - d0 == size:  # one slab: the convolution's own output, in its own memory format
                 out = y
                 break
