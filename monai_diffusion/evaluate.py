@@ -398,6 +398,8 @@ def evaluate(run: Path, data: Path | None = None, overrides: list[str] | None = 
         device = init_distributed(config.device.device).device
         # The autoencoder stage's own volume size and precision (they may differ from the LDM stage's).
         config = stage_config(config, "autoencoder")
+        if tile_size is None:  # trained on patches: whole volumes window by window at the patch size, as validated
+            tile_size = config.autoencoder.training.patch_size
         return evaluate_autoencoder(state, config, run_dir, held_out_items(config, data), out, device, tile_size)
     if kind == "ldm":
         return evaluate_ldm(state, checkpoint, config, run_dir, training_items(config, data), out, num_samples,
@@ -414,7 +416,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a key of the run's stored config, e.g. --set device.device=cpu (repeatable)")
     parser.add_argument("--tile-size", type=int, nargs="+", default=None,
                         help="reconstruct large volumes window by window (image voxels per axis, divisible by the "
-                        "total factor)")
+                        "total factor; default: the patch size of an autoencoder trained on patches)")
     parser.add_argument("--num-samples", "-n", type=int, default=8, help="LDM: volumes to generate (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="LDM: sampling seed (default 0)")
     parser.add_argument("--steps", type=int, default=None, help="LDM: denoising steps (default: the run's setting)")

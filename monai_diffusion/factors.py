@@ -63,7 +63,7 @@ def per_axis_factors(downsample_factors: Sequence[Sequence[int] | int] | None, n
 
 def total_factor(levels: Levels, spatial_dims: int) -> tuple[int, ...]:
     """Overall factor per axis: the product of every level's factor on that axis (1s without levels)."""
-    return tuple(math.prod(level[axis] for level in levels) for axis in range(spatial_dims))
+    return tuple(math.prod([level[axis] for level in levels]) for axis in range(spatial_dims))
 
 
 def latent_shape(spatial_shape: Sequence[int], total: Sequence[int]) -> tuple[int, ...]:

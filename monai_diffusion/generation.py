@@ -191,6 +191,10 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind
         unet.load_state_dict(state["unet"])
         weights = "raw (no EMA saved)"
     unet.to(device).eval().requires_grad_(False)
+    if config.device.compile:
+        # In place (the modules' state dicts keep their keys): the denoising loop reuses the compiled UNet every step.
+        unet.compile(mode=config.device.compile_mode)
+        autoencoder.decoder.compile(mode=config.device.compile_mode)
     scheduler = build_scheduler(trained.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
     scale_factor = float(state["scale_factor"])
     intensity = trained.data.intensity

@@ -50,6 +50,7 @@ __all__ = [
     "load_autoencoder",
     "load_cache_entry",
     "plain_affine",
+    "reconstruct",
     "resolve_autoencoder_checkpoint",
     "resolve_tile_size",
     "state_dict_hash",
@@ -422,6 +423,18 @@ def tiled_decode(
         mode="gaussian",
         device=output_device,
     )
+
+
+def reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, tile_size: Sequence[int] | None = None,
+                overlap: float = 0.25) -> torch.Tensor:
+    """Encode ``images`` to the latent mean and decode it: whole, or window by window when ``tile_size`` (image
+    voxels per axis, divisible by the total factor) is given, with MONAI's ``sliding_window_inference`` blending the
+    windows' overlaps with a Gaussian importance map. An autoencoder trained on patches reconstructs whole volumes
+    this way at its patch size: it sees what it trained on, and only one window's maps exist at a time."""
+    if tile_size is None:
+        return autoencoder.reconstruct(images)
+    return sliding_window_inference(images, roi_size=list(tile_size), sw_batch_size=1,
+                                    predictor=autoencoder.reconstruct, overlap=overlap, mode="gaussian")
 
 
 @torch.no_grad()

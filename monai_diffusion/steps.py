@@ -20,14 +20,15 @@ from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
-from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, LDMTrainingConfig
+from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, DeviceConfig, LDMTrainingConfig
 from monai_diffusion.diffusion import diffusion_loss
-from monai_diffusion.engine.distributed import gradient_sync
+from monai_diffusion.engine.distributed import DistInfo, gradient_sync, wrap_ddp
 from monai_diffusion.engine.ema import build_ema
 from monai_diffusion.engine.optim import StepResult, build_lr_scheduler, build_optimizer, optimizer_step
 from monai_diffusion.engine.precision import Precision
 from monai_diffusion.losses import StructuralLoss, build_adversarial_loss, build_perceptual_loss, kl_loss
 from monai_diffusion.networks.builders import build_autoencoder, build_discriminator, build_scheduler, build_unet
+from monai_diffusion.networks.memory_saving import offload_saved_maps
 
 __all__ = [
     "AutoencoderTraining",
@@ -42,6 +43,7 @@ __all__ = [
     "ldm_latents",
     "ldm_micro_step",
     "ldm_update",
+    "training_model",
 ]
 
 
@@ -55,6 +57,25 @@ def frozen(module: torch.nn.Module):
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
+
+
+def training_model(network: torch.nn.Module, device: DeviceConfig, dist: DistInfo | None = None) -> torch.nn.Module:
+    """What a training forward runs through: ``network``, DDP-wrapped under several processes, then compiled with
+    ``device.compile`` (``torch.compile`` over DDP, PyTorch's order for the two: its DDP optimizer splits the graph
+    at the gradient buckets, so the all-reduce still overlaps the backward).
+
+    The result shares the network's parameters. Save, average (EMA) and validate the network itself: its state dict
+    has no wrapper prefixes (``module.``, ``_orig_mod.``), so a checkpoint loads with or without compile.
+
+    Args:
+        network: the bare network, on its device.
+        device: the ``device`` section (``compile``, ``compile_mode``).
+        dist: this process's place in the run (None: one process, as the memory probe runs).
+    """
+    model = wrap_ddp(network, dist) if dist is not None else network
+    if device.compile:
+        model = torch.compile(model, mode=device.compile_mode)
+    return model
 
 
 def _optimizer_and_schedule(
@@ -200,7 +221,7 @@ def autoencoder_micro_step(
     model = model if model is not None else parts.autoencoder
     disc_model = disc_model if disc_model is not None else parts.discriminator
     with gradient_sync(model, sync):
-        with precision.autocast():
+        with precision.autocast(), offload_saved_maps(t.offload_activations):
             reconstruction, z_mu, z_sigma = model(images)
         losses = {
             "recon_l1": F.l1_loss(reconstruction.float(), images.float()),

@@ -23,7 +23,7 @@ from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_dataloaders
 from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint, save_checkpoint
-from monai_diffusion.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed, wrap_ddp
+from monai_diffusion.engine.distributed import DistInfo, all_reduce_mean, cleanup_distributed
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_png, volume_panel
 from monai_diffusion.engine.loop import (
     StopSignals,
@@ -42,6 +42,7 @@ from monai_diffusion.engine.loop import (
     step_scalars,
 )
 from monai_diffusion.engine.optim import NonFiniteGuard
+from monai_diffusion.latents import reconstruct
 from monai_diffusion.losses import adversarial_active
 from monai_diffusion.metrics import SSIM_WINDOW
 from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS
@@ -50,6 +51,7 @@ from monai_diffusion.steps import (
     autoencoder_micro_step,
     autoencoder_update,
     build_autoencoder_training,
+    training_model,
 )
 
 
@@ -73,8 +75,9 @@ def train(config: Config, resume: str | None = None) -> Path:
         check_shape_keys(state["config"], config.model_dump(mode="json"), AUTOENCODER_SHAPE_KEYS, resume_path)
 
     # ---- data
-    train_loader, val_loader, train_sampler = build_dataloaders(config, dist.rank, dist.world_size,
-                                                                patch_size=t.patch_size)
+    train_loader, val_loader, train_sampler = build_dataloaders(
+        config, dist.rank, dist.world_size, patch_size=t.patch_size, foreground_ratio=t.patch_foreground_ratio,
+        foreground_threshold=t.patch_foreground_threshold)
     budget = step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
     # ---- networks, losses, optimizers: the step benchmark and plan measure
@@ -97,8 +100,9 @@ def train(config: Config, resume: str | None = None) -> Path:
         best_val = state.get("best_val_l1", best_val)
         restore_rank_rng(state["rng"], dist)
 
-    model = wrap_ddp(autoencoder, dist)
-    disc_model = wrap_ddp(discriminator, dist) if discriminator is not None else None
+    # DDP under torchrun, compiled with device.compile; checkpoints keep the bare networks.
+    model = training_model(autoencoder, config.device, dist)
+    disc_model = training_model(discriminator, config.device, dist) if discriminator is not None else None
     # ---- the run folder, once setup has succeeded: a failed start leaves nothing behind
     run_dir = open_run_dir(run_config, "autoencoder", dist, resume_path, state)
     writer = RunLogger(run_dir / "tensorboard", enabled=dist.is_main)
@@ -145,7 +149,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             step_start = time.perf_counter()
             done_in_epoch = skip_batches
             for index, batch in epoch_batches(train_loader, budget, skip_batches, epoch):
-                images = batch["image"].to(device, non_blocking=True)
+                # A plain tensor: MetaTensor's metadata is not needed here, costs time per op and stops torch.compile.
+                images = batch["image"].as_subclass(torch.Tensor).to(device, non_blocking=True)
                 last_micro = budget.ends_step(index)
                 adversarial = discriminator is not None and adversarial_active(step, t)
                 loss_g, losses = autoencoder_micro_step(parts, images, adversarial, last_micro, model, disc_model)
@@ -210,7 +215,9 @@ def train(config: Config, resume: str | None = None) -> Path:
 @torch.no_grad()
 def validate(autoencoder, val_loader, precision, config: Config, run_dir: Path, step: int,
              writer: RunLogger, dist: DistInfo) -> dict[str, float]:
-    """Reconstruction L1, PSNR and SSIM over the validation set, and a PNG panel of input vs reconstruction."""
+    """Reconstruction L1, PSNR and SSIM over the validation set (whole volumes; window by window at the patch size
+    when the autoencoder trains on patches), and a PNG panel of input vs reconstruction."""
+    tile_size = config.autoencoder.training.patch_size
     autoencoder.eval()
     value_range = config.data.intensity.b_max - config.data.intensity.b_min
     psnr = PSNRMetric(max_val=value_range, reduction="sum")
@@ -223,7 +230,7 @@ def validate(autoencoder, val_loader, precision, config: Config, run_dir: Path, 
             break
         images = batch["image"].to(dist.device)
         with precision.autocast():
-            reconstruction = autoencoder.reconstruct(images)
+            reconstruction = reconstruct(autoencoder, images, tile_size)
         reconstruction = reconstruction.float()
         sums["val/l1"] += F.l1_loss(reconstruction, images, reduction="none").flatten(1).mean(1).sum().item()
         sums["val/psnr"] += psnr(reconstruction, images).sum().item()

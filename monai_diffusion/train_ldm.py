@@ -31,7 +31,7 @@ from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
 from monai_diffusion.data.transforms import deterministic_settings, selected_channels
 from monai_diffusion.generation import generate_volume
 from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint, save_checkpoint
-from monai_diffusion.engine.distributed import all_reduce_mean, barrier, broadcast_object, cleanup_distributed, wrap_ddp
+from monai_diffusion.engine.distributed import all_reduce_mean, barrier, broadcast_object, cleanup_distributed
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_sample
 from monai_diffusion.engine.loop import (
     StopSignals,
@@ -63,7 +63,7 @@ from monai_diffusion.latents import (
     resolve_autoencoder_checkpoint,
 )
 from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_scheduler
-from monai_diffusion.steps import build_ldm_training, ldm_epoch_end, ldm_latents, ldm_micro_step, ldm_update
+from monai_diffusion.steps import build_ldm_training, ldm_epoch_end, ldm_latents, ldm_micro_step, ldm_update, training_model
 
 # fast_dev_run samples its validation volume with this many denoising steps.
 FAST_DEV_RUN_INFERENCE_STEPS = 2
@@ -196,7 +196,7 @@ def train(config: Config, resume: str | None = None) -> Path:
         step, start_epoch, skip_batches = state["step"], state["epoch"], state["batches_in_epoch"]
         restore_rank_rng(state["rng"], dist)
 
-    model = wrap_ddp(unet, dist)
+    model = training_model(unet, config.device, dist)  # DDP under torchrun, compiled with device.compile
     # ---- the run folder, once setup has succeeded: a failed start leaves nothing behind
     run_dir = open_run_dir(run_config, "ldm", dist, resume_path, state)
     writer = RunLogger(run_dir / "tensorboard", enabled=dist.is_main)

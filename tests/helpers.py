@@ -108,3 +108,28 @@ def write_hub(folder: Path) -> Path:
     repo.mkdir(parents=True)
     (repo / "hubconf.py").write_text(FAKE_HUBCONF)
     return folder
+
+
+def record_compiles(monkeypatch) -> list:
+    """Replace ``torch.compile``'s backend by AOT autograd without code generation (``aot_eager``: traced and
+    partitioned as inductor sees the graphs, in seconds where inductor's C++ takes minutes on a small CPU), counting
+    the graphs; returns the list of ``[mode, graphs traced]`` per call, the count filled in as the compiled module
+    runs. Numerics of the real compiler are tested in tests/test_steps.py."""
+    import torch
+    from torch._dynamo.backends.registry import lookup_backend
+
+    real = torch.compile
+    calls = []
+
+    def compile(model=None, *, mode=None, **kwargs):
+        call = [mode, 0]
+        calls.append(call)
+
+        def backend(graph, example_inputs):
+            call[1] += 1
+            return lookup_backend("aot_eager")(graph, example_inputs)
+
+        return real(model, backend=backend)
+
+    monkeypatch.setattr(torch, "compile", compile)
+    return calls

@@ -90,6 +90,16 @@ def test_autoencoder_on_a_folder_window_by_window(runs, tmp_path):
         evaluation.evaluate(run, data=tmp_path / "other", tile_size=[7, 8, 8], out=tmp_path / "bad")
 
 
+def test_an_autoencoder_trained_on_patches_is_evaluated_window_by_window_at_its_patch_size(runs, tmp_path):
+    config, _, _ = runs
+    patched = config.model_copy(deep=True)
+    patched.autoencoder.training.patch_size = [8, 8, 8]
+    patched.autoencoder.training.max_steps = 1
+    patched.output.output_dir = tmp_path / "runs"
+    run = train_autoencoder.train(patched)
+    assert evaluation.evaluate(run, out=tmp_path / "default")["tile_size"] == [8, 8, 8]
+    assert evaluation.evaluate(run, tile_size=[16, 16, 8], out=tmp_path / "given")["tile_size"] == [16, 16, 8]
+
 def test_ldm_reports_diversity_mmd_and_fid_with_a_local_feature_network(runs, tmp_path):
     _, _, run = runs
     torch.manual_seed(0)

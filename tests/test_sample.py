@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers import record_compiles
 
 from monai_diffusion import sample as sampler
 from monai_diffusion.config import config_from_dict, save_config
@@ -133,6 +134,16 @@ def test_tiled_decode_sampling(trained, tmp_path):
     assert tiled.shape == whole.shape == (16, 16, 16) and np.isfinite(tiled).all()
     assert np.corrcoef(tiled.ravel(), whole.ravel())[0, 1] > 0.9
 
+
+def test_compiled_sampling_compiles_the_unet_and_the_decoder(trained, tmp_path, monkeypatch):
+    config, _ = trained["ddpm"]
+    plain = read(sampler.sample(config, 1, 2, seed=3, out=tmp_path / "plain")[0])
+    compiles = record_compiles(monkeypatch)
+    config = config.model_copy(deep=True)
+    config.device.compile, config.device.compile_mode = True, "reduce-overhead"
+    compiled = read(sampler.sample(config, 1, 2, seed=3, out=tmp_path / "compiled")[0])
+    assert [mode for mode, _ in compiles] == ["reduce-overhead"] * 2 and all(graphs for _, graphs in compiles)
+    np.testing.assert_allclose(compiled, plain, atol=1e-5)
 
 def test_errors(trained, tmp_path, caplog):
     config, checkpoint = trained["ddpm"]

@@ -110,3 +110,112 @@ def test_learning_rates_scale_with_the_process_count_when_asked(tmp_path):
     assert lrs("autoencoder.training.adam_eps=1e-6") == pytest.approx([1e-5, 2e-5])
     parts = steps.build_autoencoder_training(config(tmp_path, "autoencoder.training.adam_eps=1e-6"), CPU, FP32, None)
     assert parts.optimizer_g.defaults["eps"] == 1e-6
+
+
+
+@pytest.fixture
+def inductor_draws_like_eager():
+    """Compiled code draws random numbers with inductor's own generator; fall back to eager's, so a compiled and an
+    eager step draw the same posterior noise and timesteps. Compiled graphs are dropped afterwards."""
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fallback_random=True):
+        yield
+    torch._dynamo.reset()
+
+
+def compiled_and_eager(tmp_path, build, run, *overrides: str) -> list:
+    """What ``run`` returns for the same step eager and compiled (``device.compile``), from the same seeds."""
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        parts = build(config(tmp_path, f"device.compile={str(compiled).lower()}", *overrides))
+        torch.manual_seed(1)
+        results.append(run(parts))
+    return results
+
+
+def gradients(*modules: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{index}.{name}": p.grad.clone() for index, module in enumerate(modules)
+            for name, p in module.named_parameters() if p.grad is not None}
+
+
+def assert_close_all(actual: dict, expected: dict, **tolerance) -> None:
+    assert list(actual) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, msg=name, **tolerance)
+
+
+def test_a_compiled_autoencoder_step_equals_the_eager_step(tmp_path, inductor_draws_like_eager):
+    """torch.compile around the memory-saving path (its encoder and decoder stay eager inside) and the discriminator,
+    two micro-batches accumulated: the same losses and gradients within float tolerance, and the bare networks'
+    state dicts (what a checkpoint saves) keep their keys."""
+
+    def build(c):
+        build.device = c.device
+        return steps.build_autoencoder_training(c, CPU, FP32, max_steps=10)
+
+    def run(parts):
+        model = steps.training_model(parts.autoencoder, build.device)
+        disc_model = steps.training_model(parts.discriminator, build.device)
+        assert (model is not parts.autoencoder) == build.device.compile
+        losses = {}
+        for index in range(2):
+            images = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(index))
+            terms = steps.autoencoder_micro_step(parts, images, True, index == 1, model, disc_model)[1]
+            losses |= {f"{index}.{name}": value.detach() for name, value in terms.items()}
+        grads = gradients(parts.autoencoder, parts.discriminator)
+        steps.autoencoder_update(parts, adversarial=True)
+        return losses, grads, list(parts.autoencoder.state_dict()) + list(parts.discriminator.state_dict())
+
+    (eager_losses, eager_grads, eager_keys), (losses, grads, keys) = compiled_and_eager(
+        tmp_path, build, run, "autoencoder.training.use_gradient_checkpointing=true",
+        "autoencoder.training.adv_weight=0.1", "autoencoder.training.gradient_accumulation_steps=2")
+    assert list(eager_losses) == [f"{i}.{term}" for i in range(2) for term in ("recon_l1", "kl", "gen_adv", "disc")]
+    assert_close_all(losses, eager_losses, rtol=1e-4, atol=1e-6)
+    assert_close_all(grads, eager_grads, rtol=1e-3, atol=1e-6)
+    assert keys == eager_keys and not any("_orig_mod" in key for key in keys)
+
+
+@pytest.mark.slow  # compiling the UNet's forward and backward: minutes on 2 CPU cores
+def test_a_compiled_ldm_step_under_bf16_equals_the_eager_step(tmp_path, inductor_draws_like_eager):
+    def build(c):
+        build.device = c.device
+        return steps.build_ldm_training(c, (2, 8, 8, 8), CPU, Precision("bf16", "cpu"), max_steps=10)
+
+    def run(parts):
+        model = steps.training_model(parts.unet, build.device)
+        losses = [steps.ldm_micro_step(parts, torch.randn(1, 2, 8, 8, 8), model=model).detach() for _ in range(2)]
+        grads = gradients(parts.unet)
+        steps.ldm_update(parts)
+        return losses, grads, parts.ema
+
+    (eager_losses, eager_grads, eager_ema), (losses, grads, ema) = compiled_and_eager(
+        tmp_path, build, run, "ldm.training.ema_decay=0.5")
+    # bf16 autocast: compiled kernels round differently from eager ones.
+    torch.testing.assert_close(losses, eager_losses, rtol=2e-2, atol=2e-3)
+    assert_close_all(grads, eager_grads, rtol=5e-2, atol=5e-3)
+    # The EMA averages the bare UNet, whatever the forward ran through.
+    assert ema.n_averaged.item() == eager_ema.n_averaged.item() == 1
+    assert list(ema.state_dict()) == list(eager_ema.state_dict())
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_offload_activations_keeps_the_fused_units_inputs_in_host_memory(tmp_path, monkeypatch, offload):
+    """On a GPU the fused units keep host copies of their inputs; here they are made to offload on the CPU too."""
+    from monai_diffusion.networks import memory_saving
+
+    copies = []
+    original = memory_saving._Map.offloaded
+    monkeypatch.setattr(memory_saving._Map, "offloaded",
+                        staticmethod(lambda x, depth: copies.append(x.shape) or original(x, depth)))
+    monkeypatch.setattr(memory_saving, "_offloads", lambda x: memory_saving._OFFLOAD.get())
+    parts = steps.build_autoencoder_training(
+        config(tmp_path, "autoencoder.training.use_gradient_checkpointing=true",
+               f"autoencoder.training.offload_activations={str(offload).lower()}"), CPU, FP32, max_steps=1)
+    loss, _ = steps.autoencoder_micro_step(parts, torch.rand(1, 1, 16, 16, 16), adversarial=False)
+    assert torch.isfinite(loss) and all(p.grad is not None for p in parts.autoencoder.parameters())
+    # The decoder's full-resolution units among them (8 channels at 16^3).
+    assert bool(copies) == offload and (not offload or torch.Size([1, 8, 16, 16, 16]) in copies)

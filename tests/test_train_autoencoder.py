@@ -18,14 +18,14 @@ import pytest
 import torch
 import yaml
 
-from monai_diffusion import steps, train_autoencoder
+from monai_diffusion import latents, steps, train_autoencoder
 from monai_diffusion.config import apply_overrides, config_from_dict
 from monai_diffusion.engine.checkpoint import load_checkpoint, weights_digest
 from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 from monai_diffusion.networks.builders import build_autoencoder
 
-from helpers import differences, tiny_config_dict, write_hub, write_volumes
+from helpers import differences, record_compiles, tiny_config_dict, write_hub, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +173,71 @@ def test_torchrun_two_cpu_processes_gloo(tiny_config_file, tmp_path):
     checkpoint = load_checkpoint(tmp_path / "runs" / "ddp" / "checkpoints" / "last.pt")
     assert checkpoint["step"] == 2
 
+
+
+def test_compiled_training_saves_plain_networks_and_resumes_either_way(tmp_path, nifti_folder, monkeypatch):
+    compiles = record_compiles(monkeypatch)
+    common = ("autoencoder.training.adv_weight=0.1", "autoencoder.training.max_epochs=3",
+              "autoencoder.training.use_gradient_checkpointing=true")
+    run = train_autoencoder.train(make_config(nifti_folder, tmp_path, *common, "autoencoder.training.max_steps=4",
+                                              "device.compile=true", "device.compile_mode=max-autotune"))
+    # The autoencoder and the discriminator, each traced while training.
+    assert [mode for mode, _ in compiles] == ["max-autotune"] * 2 and all(graphs for _, graphs in compiles)
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    for network in ("autoencoder", "discriminator"):
+        assert not [key for key in state[network] if "_orig_mod" in key or key.startswith("module.")]
+    plain = build_autoencoder(make_config(nifti_folder, tmp_path).autoencoder)
+    plain.load_state_dict(state["autoencoder"])  # loads into a network that was never compiled
+
+    # A compiled run resumes without compile, and a plain run with it.
+    resumed = train_autoencoder.train(make_config(nifti_folder, tmp_path, *common, "autoencoder.training.max_steps=6"),
+                                      resume=str(run))
+    assert resumed == run and load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 6 and len(compiles) == 2
+    again = train_autoencoder.train(make_config(nifti_folder, tmp_path, *common, "autoencoder.training.max_steps=8",
+                                                "device.compile=true"), resume=str(run))
+    assert load_checkpoint(again / "checkpoints" / "last.pt")["step"] == 8
+    assert [mode for mode, _ in compiles] == ["max-autotune"] * 2 + ["default"] * 2
+
+def test_patch_training_validates_whole_volumes_window_by_window(tmp_path, nifti_folder, monkeypatch):
+    """Foreground-weighted 8^3 patches of the 16^3 volumes for training; validation reconstructs the whole volumes
+    through MONAI's sliding window at the patch size (evaluate does the same by default)."""
+    micro, windows = [], []
+    original_step, original_window = train_autoencoder.autoencoder_micro_step, latents.sliding_window_inference
+
+    def step(parts, images, *args, **kwargs):
+        micro.append(tuple(images.shape))
+        return original_step(parts, images, *args, **kwargs)
+
+    def window(inputs, roi_size, *args, **kwargs):
+        windows.append((tuple(inputs.shape), list(roi_size)))
+        return original_window(inputs, roi_size, *args, **kwargs)
+
+    monkeypatch.setattr(train_autoencoder, "autoencoder_micro_step", step)
+    monkeypatch.setattr(latents, "sliding_window_inference", window)
+    run = train_autoencoder.train(make_config(
+        nifti_folder, tmp_path, "autoencoder.training.patch_size=[8,8,8]", "autoencoder.training.max_steps=2",
+        "autoencoder.training.patch_foreground_ratio=0.5"))
+    assert micro == [(1, 1, 8, 8, 8)] * 2
+    assert windows == [((1, 1, 16, 16, 16), [8, 8, 8])]  # the one validation volume, whole, in 8^3 windows
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["best_val_l1"] < 1
+
+@pytest.mark.slow  # each rank compiles the autoencoder and the discriminator with inductor: minutes on 2 cores
+def test_torchrun_compiled_over_ddp_with_accumulation_keeps_the_replicas_equal(tiny_config_file, tmp_path):
+    """torch.compile over DDP, two micro-batches per step (the first under DDP's no_sync), the memory-saving path and
+    the adversarial step: both ranks end with the same weights, and the checkpoint holds the plain networks."""
+    result = run_cli(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+        "-m", "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
+        "--set", "autoencoder.training.max_steps=2", "--set", "autoencoder.training.max_epochs=3",
+        "--set", "autoencoder.training.gradient_accumulation_steps=2", "--set", "device.compile=true",
+        "--set", "autoencoder.training.use_gradient_checkpointing=true", "--set", "autoencoder.training.adv_weight=0.1",
+        "--set", "output.run_name=ddp-compiled", env_extra={"OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_checkpoint(tmp_path / "runs" / "ddp-compiled" / "checkpoints" / "last.pt")
+    assert checkpoint["step"] == 2
+    saved = weights_digest(checkpoint["autoencoder"], checkpoint["discriminator"])
+    assert checkpoint["weights_sha256"] == [saved, saved]
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_steps_on_cpu(tmp_path, nifti_folder, precision):

@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import differences, old_layout, save_autoencoder
+from helpers import differences, old_layout, record_compiles, save_autoencoder
 import torch
 
 from monai_diffusion import latents
@@ -204,6 +204,25 @@ def test_trains_and_samples_from_a_bundle_state_dict(setup, tmp_path):
     written = sample(config, num_samples=1, steps=2, checkpoint=run)
     assert len(written) == 1 and written[0].is_file()
 
+
+def test_compiled_training_saves_the_plain_unet_and_its_ema(setup, monkeypatch):
+    compiles = record_compiles(monkeypatch)
+    config = setup(max_steps=2)
+    config.device.compile = True
+    run = recipe.train(config)
+    assert [mode for mode, _ in compiles] == ["default"] and compiles[0][1]  # the UNet, traced while training
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert not [key for key in (*state["unet"], *state["ema"]) if "_orig_mod" in key]
+    assert state["ema"]["n_averaged"].item() == 2
+    config.device.compile = False
+    recipe.train(setup(max_steps=3), resume=str(run))  # resumes without compile
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["step"] == 3
+
+def test_an_autoencoder_trained_on_patches_gives_whole_volume_latents(setup):
+    config = setup()
+    config.autoencoder.training.patch_size = [8, 8, 8]
+    state = load_checkpoint(recipe.train(config) / "checkpoints" / "last.pt")
+    assert state["latent_shape"] == [2, 8, 8, 8]  # the 16^3 volume at factor 2, not an 8^3 patch's 4^3
 
 def test_resume_refuses_a_changed_autoencoder(setup, tmp_path):
     config = setup()

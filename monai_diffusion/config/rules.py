@@ -84,6 +84,12 @@ def check_rules(config: Config) -> list[str]:
                         f"by the total factor {f} on that axis (nearest valid sizes: {s // f * f or f}, "
                         f"{(s // f + 1) * f})"
                     )
+        if ae.training.patch_size is None and ae.training.patch_foreground_ratio is not None:
+            problems.append("autoencoder.training.patch_foreground_ratio: needs autoencoder.training.patch_size "
+                            "(it weights where patches are cut)")
+        if ae.training.patch_foreground_ratio is None and ae.training.patch_foreground_threshold is not None:
+            problems.append("autoencoder.training.patch_foreground_threshold: only read with "
+                            "autoencoder.training.patch_foreground_ratio")
         patch, volume = ae.training.patch_size, ae.training.voxel_size or data.voxel_size
         if patch is not None and len(patch) == len(volume) and any(p > v for p, v in zip(patch, volume)):
             problems.append(
@@ -129,6 +135,9 @@ def check_rules(config: Config) -> list[str]:
             f"ldm.sampling.scheduler / ldm.scheduler.type: a model trained with '{sched.type}' cannot sample "
             f"with '{sampler}' (rectified flow predicts velocity, DDPM/DDIM predict noise)"
         )
+    if not config.device.compile and _changed(config.device, ["compile_mode"]):
+        problems.append(f"device.compile_mode: only read with device.compile true ('{config.device.compile_mode}' "
+                        "has no effect)")
     if ldm.sampling.tile_size is not None and len(ldm.sampling.tile_size) != spatial_dims:
         problems.append(f"ldm.sampling.tile_size: expected {spatial_dims} sizes, got {ldm.sampling.tile_size}")
     return problems

@@ -103,12 +103,17 @@ class DataConfig(Section):
         "generated volumes).",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    cache: Literal["none", "memory", "disk"] = Field(
+    cache: Literal["none", "memory", "disk", "preprocessed"] = Field(
         "memory",
         description="'memory': MONAI CacheDataset (fast, RAM); 'disk': PersistentDataset in `cache_dir` "
-        "(survives restarts); 'none': load every time.",
+        "(survives restarts); 'preprocessed': the deterministic transforms (load, resample, intensity, pad/crop) run "
+        "once per volume before training (num_workers processes per GPU) and stored uncompressed in `cache_dir`, read "
+        "memory-mapped, so a random patch reads only its own pages (for data sets larger than RAM); 'none': load and "
+        "transform every time.",
     )
-    cache_dir: Path | None = Field(None, description="Folder for cache=disk (default: <output_dir>/cache).")
+    cache_dir: Path | None = Field(
+        None, description="Folder for cache=disk and cache=preprocessed (default: <output_dir>/cache)."
+    )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     on_bad_file: Literal["error", "skip"] = Field(
         "error", description="An unreadable/invalid volume stops the run ('error') or is logged and left out."
@@ -134,8 +139,20 @@ class AutoencoderTrainingConfig(Section):
     )
     patch_size: list[int] | None = Field(
         None,
-        description="Train on random crops of this size (MONAI RandSpatialCropd) of each volume; validation "
-        "reconstructs whole volumes. None: train on whole volumes. Divisible by the total downsampling factor.",
+        description="Train on random crops of this size (MONAI RandSpatialCropd) of each volume; validation (and "
+        "`evaluate`) reconstructs whole volumes window by window at this size (MONAI sliding window). None: train on "
+        "whole volumes. Divisible by the total downsampling factor. The LDM still trains on whole-volume latents.",
+    )
+    patch_foreground_ratio: float | None = Field(
+        None, ge=0, le=1,
+        description="With patch_size: the share of patches centred on a foreground voxel, the rest on background "
+        "(MONAI RandCropByPosNegLabeld; foreground: any channel above patch_foreground_threshold after intensity "
+        "scaling), so empty air does not dominate. None: uniform random crops.",
+    )
+    patch_foreground_threshold: float | None = Field(
+        None,
+        description="Scaled intensity above which a voxel counts as foreground for patch_foreground_ratio (None: "
+        "data.intensity.b_min + 5% of [b_min, b_max]).",
     )
     mixed_precision: MixedPrecision | None = Field(
         None, description="This stage's precision, as device.mixed_precision (None: device.mixed_precision)."
@@ -228,6 +245,13 @@ class AutoencoderTrainingConfig(Section):
     )
     use_gradient_checkpointing: bool = Field(
         False, description="Recompute each network block in backward: less memory, ~20-40% more time."
+    )
+    offload_activations: bool = Field(
+        False,
+        description="Keep what the autoencoder's forward saves for backward in host memory (CUDA): with "
+        "use_gradient_checkpointing each fused unit keeps a pinned host copy of its input and reads it back slab by "
+        "slab in backward, everything else goes through torch.autograd.graph.save_on_cpu. Less GPU memory for whole "
+        "large volumes, at the cost of copying every saved map to the host and back each step; no effect on CPU.",
     )
     max_nonfinite_steps: int = Field(
         20, ge=1, description="Stop with an error after this many consecutive non-finite losses."
@@ -409,6 +433,19 @@ class DeviceConfig(Section):
         description="true = fp16 on CUDA (bf16 on CPU, logged); 'fp16' / 'bf16' explicit; false/'no' = fp32.",
     )
     cudnn_benchmark: bool = Field(True, description="Let cuDNN pick the fastest conv algorithms (CUDA).")
+    compile: bool = Field(
+        False,
+        description="Compile the networks a command runs with torch.compile: the trained autoencoder and "
+        "discriminator, or UNet (over DDP under torchrun), and sample's UNet and decoder. Checkpoints hold the plain "
+        "networks either way, so a run may resume with or without it. The first steps are slow (compiling: seconds "
+        "to minutes); with use_gradient_checkpointing the memory-saving encoder and decoder run uncompiled inside the "
+        "compiled network. Needs a C++ compiler on CPU.",
+    )
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile's mode with device.compile: 'default'; 'reduce-overhead' (CUDA graphs: less "
+        "launch overhead for small latents, more memory); 'max-autotune' (searches kernels: longer compiles).",
+    )
 
 
 class OutputConfig(Section):

@@ -17,6 +17,7 @@ from monai.transforms import Compose
 from torch.utils.data import DistributedSampler
 
 from monai_diffusion.config.schema import Config, DataConfig
+from monai_diffusion.data.preprocessed import PREPROCESSED_VERSION, PreprocessedDataset, build_preprocessed, split_chain
 from monai_diffusion.data.sources import list_volumes, screen_volumes
 from monai_diffusion.data.transforms import CLASS_KEY, build_transforms, deterministic_settings, selected_channels
 
@@ -61,19 +62,22 @@ def loader_worker_init(worker_id: int) -> None:
 
 
 def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_dir: Path, settings_key: str,
-                 progress: bool = True) -> Dataset:
+                 progress: bool = True, rank: int = 0, world_size: int = 1) -> Dataset:
     """The dataset class ``data.cache`` asks for, caching the deterministic part of ``transform``.
 
     Args:
         items: ``[{"image": path}, ...]``.
         transform: from :func:`build_transforms`.
         data: the ``data`` section of the config.
-        cache_dir: folder for cache=disk (a sub-folder ``persistent`` is used).
+        cache_dir: folder for cache=disk (a sub-folder ``persistent`` is used) and cache=preprocessed
+            (``preprocessed/<settings key>``).
         settings_key: hash of the deterministic preprocessing settings (disk cache key).
-        progress: show MONAI's caching progress bar (cache=memory).
+        progress: show the caching progress bar (cache=memory, cache=preprocessed).
+        rank, world_size: this process's place in the run (cache=preprocessed: each rank preprocesses its share).
 
     Returns:
-        monai.data.CacheDataset (memory), PersistentDataset (disk) or Dataset (none).
+        monai.data.CacheDataset (memory), PersistentDataset (disk),
+        :class:`~monai_diffusion.data.preprocessed.PreprocessedDataset` (preprocessed) or Dataset (none).
     """
     if data.cache == "memory":
         # Threads fill the cache; nibabel's gzip decoding releases the GIL for much of the work.
@@ -89,12 +93,21 @@ def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_
             # The cache holds MetaTensors with metadata torch's safe loader refuses; it is our own output.
             weights_only=False,
         )
+    if data.cache == "preprocessed":
+        deterministic, random = split_chain(transform)
+        folder = cache_dir / "preprocessed" / f"v{PREPROCESSED_VERSION}-{settings_key[:16]}"
+        files = build_preprocessed(
+            items, deterministic, folder, lambda item: file_state_hash(item, settings_key).decode()[:24] + ".npy",
+            data.num_workers, rank, world_size, progress,
+        )
+        return PreprocessedDataset(items, files, random)
     return Dataset(items, transform)
 
 
 def build_dataloaders(
     config: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None,
-    patch_size: list[int] | None = None,
+    patch_size: list[int] | None = None, foreground_ratio: float | None = None,
+    foreground_threshold: float | None = None,
 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Train and validation DataLoaders for ``config.data``, screened and cached as configured.
 
@@ -117,6 +130,7 @@ def build_dataloaders(
         world_size: number of processes.
         batch_size: volumes per batch (default ``config.autoencoder.training.batch_size``).
         patch_size: training batches are random crops of this size (validation keeps whole volumes); None: whole.
+        foreground_ratio, foreground_threshold: foreground-weighted patches (see :func:`build_transforms`).
 
     Returns:
         (train loader, validation loader, train DistributedSampler).
@@ -161,12 +175,13 @@ def build_dataloaders(
     ).hexdigest()
     show_progress = rank == 0
     train_set = make_dataset(
-        train_items, build_transforms(data, train=True, expected_channels=expected_channels, patch_size=patch_size),
-        data, root, settings_key, show_progress,
+        train_items, build_transforms(data, train=True, expected_channels=expected_channels, patch_size=patch_size,
+                                      foreground_ratio=foreground_ratio, foreground_threshold_value=foreground_threshold),
+        data, root, settings_key, show_progress, rank, world_size,
     )
     val_set = make_dataset(
         val_items, build_transforms(data, train=False, expected_channels=expected_channels),
-        data, root, settings_key, show_progress,
+        data, root, settings_key, show_progress, rank, world_size,
     )
 
     # Seeds MONAI's random transforms (via monai.data.DataLoader) and, with one process, the shuffle;

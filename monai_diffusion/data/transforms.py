@@ -11,6 +11,7 @@ from monai.config import KeysCollection
 from monai.data.utils import affine_to_spacing
 from monai.transforms import (
     Compose,
+    DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     Lambdad,
@@ -18,6 +19,7 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandAffined,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandSpatialCropd,
     ResizeWithPadOrCropd,
@@ -26,10 +28,15 @@ from monai.transforms import (
     Spacingd,
     Transform,
 )
+from monai.transforms.traits import RandomizableTrait
 
 from monai_diffusion.config.schema import DataConfig, IntensityConfig
 
 IMAGE_KEY = "image"
+# Where the foreground of foreground-weighted patch sampling lives, between the two transforms that use it.
+FOREGROUND_KEY = "foreground"
+# The default foreground threshold: this share of the output intensity range above b_min.
+FOREGROUND_FRACTION = 0.05
 # The datalist field that picks an item's data.intensity_by_class entry (MAISI's name for it).
 CLASS_KEY = "class"
 # Resampling a volume to more voxels than this (after data.spacing) is refused: it would take
@@ -188,14 +195,49 @@ class IntensityByClassd(Transform):
         return transform(data) if transform is not None else dict(data)
 
 
+class ForegroundLabeld(MapTransform, RandomizableTrait):
+    """Add ``label_key``: a one-channel uint8 map, 1 where any channel of the key is above ``threshold`` (the
+    foreground RandCropByPosNegLabeld centres patches on; MONAI's own takes a label map, which volumes here lack).
+
+    Not random, but marked so (MONAI's RandomizableTrait): the caches stop before it, since the threshold is not part
+    of their key and the map would add a quarter to every cached volume.
+
+    Args:
+        keys: the image key.
+        threshold: intensity (after scaling) above which a voxel is foreground.
+        label_key: where the map goes.
+    """
+
+    def __init__(self, keys: KeysCollection, threshold: float, label_key: str = FOREGROUND_KEY) -> None:
+        super().__init__(keys)
+        self.threshold = float(threshold)
+        self.label_key = label_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key])
+            d[self.label_key] = (image > self.threshold).any(dim=0, keepdim=True).to(torch.uint8)
+        return d
+
+
+def foreground_threshold(data: DataConfig, threshold: float | None) -> float:
+    """The foreground threshold of patch sampling: ``threshold``, or ``b_min`` + 5% of the output range."""
+    if threshold is not None:
+        return float(threshold)
+    return data.intensity.b_min + FOREGROUND_FRACTION * (data.intensity.b_max - data.intensity.b_min)
+
+
 def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
-                     patch_size: Sequence[int] | None = None) -> Compose:
+                     patch_size: Sequence[int] | None = None, foreground_ratio: float | None = None,
+                     foreground_threshold_value: float | None = None) -> Compose:
     """MONAI dict transforms on key ``"image"``: NIfTI path -> float32 tensor of shape (C, *voxel_size).
 
     Chain: LoadImaged (nibabel) -> EnsureChannelFirstd -> ValidateVolumed -> [Lambdad keeping the
     ``data.channel`` channels] -> Orientationd -> [Spacingd] -> intensity scaling (percentile / range /
     none, per item class with ``data.intensity_by_class``) -> ResizeWithPadOrCropd -> [train:
-    RandSpatialCropd to ``patch_size``, RandFlipd per axis, RandAffined] -> EnsureTyped(float32).
+    RandSpatialCropd to ``patch_size`` (or, weighted to foreground, ForegroundLabeld -> RandCropByPosNegLabeld),
+    RandFlipd per axis, RandAffined] -> EnsureTyped(float32).
     Everything before the first random transform is deterministic, so CacheDataset/PersistentDataset
     cache it.
 
@@ -208,6 +250,8 @@ def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
         expected_channels: channels every volume must have (``autoencoder.in_channels``); with
             ``data.channel`` the channels kept.
         patch_size: train on random crops of this size (``autoencoder.training.patch_size``); None: whole volumes.
+        foreground_ratio: share of patches centred on foreground (``patch_foreground_ratio``); None: uniform crops.
+        foreground_threshold_value: the foreground's intensity threshold (None: see :func:`foreground_threshold`).
 
     Returns:
         The Compose.
@@ -240,8 +284,16 @@ def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
     # Pad after scaling with the scaled background value (e.g. -1 for [-1, 1] targets, or air for CT).
     transforms.append(ResizeWithPadOrCropd(IMAGE_KEY, spatial_size=data.voxel_size, mode="constant", value=background))
 
-    if train and patch_size is not None:
+    if train and patch_size is not None and foreground_ratio is None:
         transforms.append(RandSpatialCropd(IMAGE_KEY, roi_size=list(patch_size), random_size=False))
+    elif train and patch_size is not None:
+        # One patch per volume (a list of one item: MONAI's collate flattens it into the batch).
+        transforms += [
+            ForegroundLabeld(IMAGE_KEY, foreground_threshold(data, foreground_threshold_value)),
+            RandCropByPosNegLabeld(IMAGE_KEY, label_key=FOREGROUND_KEY, spatial_size=list(patch_size),
+                                   pos=foreground_ratio, neg=1.0 - foreground_ratio, num_samples=1),
+            DeleteItemsd(FOREGROUND_KEY),
+        ]
     if train:
         augment = data.augment
         if augment.flip_prob > 0:

@@ -244,12 +244,14 @@ def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextMan
     ends an optimizer step); the others accumulate locally under ``no_sync``. A no-op for an unwrapped model.
 
     Args:
-        model: the model the forward runs through (DDP-wrapped or not).
+        model: the model the forward runs through (DDP-wrapped or not, possibly compiled over DDP).
         sync: whether this backward ends an optimizer step.
     """
-    if sync or not isinstance(model, DistributedDataParallel):
+    # torch.compile's wrapper holds the DDP module as _orig_mod: no_sync is DDP's.
+    ddp = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model
+    if sync or not isinstance(ddp, DistributedDataParallel):
         return contextlib.nullcontext()
-    return model.no_sync()
+    return ddp.no_sync()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -269,6 +269,10 @@ def _candidates(config: Config, target: str) -> list[tuple[list[str], str]]:
         out.append((ckpt + amp + [f"autoencoder.training.batch_size={batch}",
                                   f"autoencoder.training.gradient_accumulation_steps={accumulation}"],
                     "same effective batch through gradient accumulation: more steps per update, same memory per step"))
+    patches = _patch_candidates(config)
+    # Smaller patches before stronger factors (which cost detail); whole-volume training is offered patches last.
+    if t.patch_size is not None:
+        out += [(ckpt + amp + [patch], note) for patch, note in patches]
     factors = config.autoencoder.downsample_factors or [2] * (len(config.autoencoder.num_channels) - 1)
     size = config.data.voxel_size
     for _ in range(3):
@@ -284,6 +288,29 @@ def _candidates(config: Config, target: str) -> list[tuple[list[str], str]]:
         out.append((ckpt + amp + [f"autoencoder.downsample_factors={text}"],
                     "stronger downsampling at level 0: a smaller latent, less detail in reconstructions "
                     "(raise latent_channels to compensate)"))
+    if t.patch_size is None:
+        out += [(ckpt + amp + [patch], note) for patch, note in patches]
+    return out
+
+
+def _patch_candidates(config: Config) -> list[tuple[str, str]]:
+    """Training the autoencoder on smaller random patches (of its volume, or of its current patches): the largest
+    axis halved, twice, each a multiple of the total factor and large enough for the discriminator."""
+    t = config.autoencoder.training
+    volume = list(t.voxel_size or config.data.voxel_size)
+    patch, factor = list(t.patch_size or volume), config_total_factor(config)
+    minimum = [max(f, 2 ** (t.disc_num_layers + 2) if t.adv_weight > 0 else 2 * f) for f in factor]
+    out = []
+    for _ in range(2):
+        axis = max(range(len(patch)), key=lambda a: patch[a])
+        smaller = patch[axis] // 2 // factor[axis] * factor[axis]
+        if smaller < minimum[axis]:
+            break
+        patch[axis] = smaller
+        out.append((f"autoencoder.training.patch_size={json.dumps(patch).replace(' ', '')}",
+                    f"train on random {'x'.join(map(str, patch))} patches of the {'x'.join(map(str, volume))} "
+                    "volumes (validation and evaluate reconstruct whole volumes window by window; the LDM keeps "
+                    "whole-volume latents): less memory per step, less context per patch"))
     return out
 
 
@@ -354,8 +381,9 @@ def describe(config: Config, plan: Plan, source: str) -> str:
     ae = config.autoencoder
     t = ae.training
     factors = json.dumps(ae.downsample_factors or [2] * (len(ae.num_channels) - 1)).replace(" ", "")
+    patches = f" (the autoencoder on {'x'.join(map(str, t.patch_size))} patches)" if t.patch_size else ""
     lines = [
-        f"config: {source}: {'x'.join(map(str, config.data.voxel_size))}, channels {ae.num_channels}, factors "
+        f"config: {source}: {'x'.join(map(str, config.data.voxel_size))}{patches}, channels {ae.num_channels}, factors "
         f"{factors}, batch {t.batch_size}, mixed_precision={config.device.mixed_precision}, checkpointing="
         f"{str(t.use_gradient_checkpointing).lower()}, adversarial={'on' if t.adv_weight > 0 else 'off'}",
     ]

@@ -25,7 +25,8 @@ A measurement reports (MiB, seconds):
 :func:`run_measurement` runs one in a fresh Python process (``python -m monai_diffusion.memory.probe``), so
 allocator caches and out-of-memory crashes of one measurement never colour the next; :func:`measure` runs it in
 this process. Harness options that are not training settings (MONAI's stock network for comparison, another
-slab size, channels-last, ``torch.compile``) live in :class:`Options`.
+slab size, channels-last) live in :class:`Options`; ``torch.compile`` is the config's ``device.compile``, applied
+as the training commands apply it (:func:`~monai_diffusion.steps.training_model`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from monai_diffusion.steps import (
     ldm_latents,
     ldm_micro_step,
     ldm_update,
+    training_model,
 )
 
 __all__ = [
@@ -98,7 +100,7 @@ class Options:
         whole_checkpoint: recompute our encoder and decoder each as one checkpoint (MONAI's way, emulated so it
             can be compared at any factors); the config's ``use_gradient_checkpointing`` should be off.
         chunk_elements: slab size of the memory-saving path (None: the network's default).
-        channels_last, compile: CUDA options tried by the GPU suite.
+        channels_last: a CUDA option tried by the GPU suite.
     """
 
     stage: str = "autoencoder"
@@ -110,7 +112,6 @@ class Options:
     whole_checkpoint: bool = False
     chunk_elements: int | None = None
     channels_last: bool = False
-    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -293,13 +294,15 @@ def build_step(config: Config, options: Options, device: torch.device, precision
                                            _autoencoder_network(config, options), max_epochs=t.max_epochs)
         if options.channels_last:
             parts.autoencoder.to(memory_format=memory_format)
-        model = torch.compile(parts.autoencoder) if options.compile else None
+        # What the forward runs through, compiled with device.compile as in training (no DDP: one process).
+        model = training_model(parts.autoencoder, config.device)
         adversarial = parts.discriminator is not None
+        disc_model = training_model(parts.discriminator, config.device) if adversarial else None
 
         def run() -> None:
             for index in range(t.gradient_accumulation_steps):
                 images = torch.rand(t.batch_size, *images_shape).to(device).contiguous(memory_format=memory_format)
-                autoencoder_micro_step(parts, images, adversarial, model=model)
+                autoencoder_micro_step(parts, images, adversarial, model=model, disc_model=disc_model)
             autoencoder_update(parts, adversarial)
 
         modules = [m for m in (parts.autoencoder, parts.discriminator, parts.perceptual) if m is not None]
@@ -322,10 +325,11 @@ def build_step(config: Config, options: Options, device: torch.device, precision
         return Step(run, [autoencoder], [], 0)
 
     parts = build_ldm_training(config, latent, device, precision, _schedule_steps(t), max_epochs=t.max_epochs)
+    model = training_model(parts.unet, config.device)
 
     def run() -> None:
         for index in range(t.gradient_accumulation_steps):
-            ldm_micro_step(parts, ldm_latents(batch(), autoencoder, 1.0, precision, device))
+            ldm_micro_step(parts, ldm_latents(batch(), autoencoder, 1.0, precision, device), model=model)
         ldm_update(parts)
 
     modules = [m for m in (parts.unet, parts.ema, autoencoder) if m is not None]
@@ -468,6 +472,8 @@ def run_measurement(config: Config, options: Options, timeout: float | None = No
         except Exception as exc:  # noqa: BLE001 - a failed measurement is a result, not the end of the run
             return {"error": _describe_failure(exc)}
         finally:
+            if config.device.compile:
+                torch._dynamo.reset()  # the next measurement compiles afresh, never over the recompilation limit
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

@@ -114,6 +114,10 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys():
         ({"autoencoder": {"training": {"voxel_size": [48, 48, 48], "patch_size": [64, 32, 32]}}},
          "autoencoder.training.patch_size: [64, 32, 32] does not fit in the autoencoder's volume [48, 48, 48] "
          "(autoencoder.training.voxel_size)"),
+        ({"autoencoder": {"training": {"patch_foreground_ratio": 0.5}}},
+         "autoencoder.training.patch_foreground_ratio: needs autoencoder.training.patch_size"),
+        ({"autoencoder": {"training": {"patch_size": [32, 32, 32], "patch_foreground_threshold": 0.2}}},
+         "autoencoder.training.patch_foreground_threshold: only read with autoencoder.training.patch_foreground_ratio"),
         # learning-rate schedules
         ({"ldm": {"training": {"lr_schedule": "multistep"}}},
          "ldm.training.lr_milestones: 'multistep' needs increasing milestones >= 1, got []"),
@@ -146,6 +150,9 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys():
         # rectified-flow settings on another scheduler
         ({"ldm": {"scheduler": {"sample_method": "uniform", "base_img_size_numel": 4096}}},
          "ldm.scheduler.base_img_size_numel: applies to rectified flow only, ldm.scheduler.type is 'ddpm'"),
+        # device
+        ({"device": {"compile_mode": "max-autotune"}},
+         "device.compile_mode: only read with device.compile true ('max-autotune' has no effect)"),
     ],
 )
 def test_each_cross_field_rule(raw, expected):

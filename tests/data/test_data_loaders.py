@@ -12,7 +12,9 @@ from monai.data import CacheDataset, Dataset, MetaTensor, PersistentDataset
 from torch.utils.data import DistributedSampler
 
 from monai_diffusion.config import config_from_dict
-from monai_diffusion.data import build_dataloaders
+from monai_diffusion.data import build_dataloaders, build_transforms
+from monai_diffusion.data import preprocessed
+from monai_diffusion.data.preprocessed import PreprocessedDataset
 
 SHAPE = (20, 18, 16)
 AFFINE = np.array([[-1.5, 0, 0, 30.0], [0, 1.2, 0, -10.0], [0, 0, 2.0, 5.0], [0, 0, 0, 1]])
@@ -40,7 +42,8 @@ def filenames(batch) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("cache", "dataset_class"), [("memory", CacheDataset), ("disk", PersistentDataset), ("none", Dataset)]
+    ("cache", "dataset_class"),
+    [("memory", CacheDataset), ("disk", PersistentDataset), ("preprocessed", PreprocessedDataset), ("none", Dataset)],
 )
 def test_batches_have_the_configured_shape(tmp_path, cache, dataset_class):
     write_volumes(tmp_path / "images", 6)
@@ -57,8 +60,9 @@ def test_batches_have_the_configured_shape(tmp_path, cache, dataset_class):
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0
     val_batch = next(iter(val_loader))
     assert tuple(val_batch["image"].shape) == (2, 1, *VOXEL_SIZE)
-    if cache == "disk":
-        assert len(list((tmp_path / "runs" / "cache" / "persistent").glob("*.pt"))) == 6
+    if cache in ("disk", "preprocessed"):
+        pattern = "persistent/*.pt" if cache == "disk" else "preprocessed/*/*.npy"
+        assert len(list((tmp_path / "runs" / "cache").glob(pattern))) == 6
         # a second build reads the cache and gives the same validation volumes
         _, again, _ = build_dataloaders(config, batch_size=2)
         assert torch.equal(next(iter(again))["image"], val_batch["image"])
@@ -146,3 +150,36 @@ def test_loader_workers_leave_sigint_and_sigterm_to_the_training_process(tmp_pat
     worker.join(timeout=2)  # a worker killed by the signal would be gone by now
     assert worker.is_alive()
     assert len([next(batches) for _ in range(2)]) == 2
+
+
+def test_the_preprocessed_cache_gives_the_plain_chains_volumes_and_is_built_once(tmp_path, monkeypatch):
+    """Every volume equals the plain chain's, augmentation included (same random state); the entries are written
+    once, by two worker processes; an edited file is preprocessed again, other preprocessing goes to another folder."""
+    paths = write_volumes(tmp_path / "images", 4)
+    config = make_config(tmp_path, cache="preprocessed", val_fraction=0.25, num_workers=2, spacing=[1.7, 1.7, 2.1],
+                         augment={"flip_prob": 0.5, "affine_prob": 0.5})
+    train_loader, val_loader, _ = build_dataloaders(config)
+    dataset = train_loader.dataset
+    assert isinstance(dataset, PreprocessedDataset) and all(path.is_file() for path in dataset.files)
+    plain = build_transforms(config.data, train=True)
+    for index, item in enumerate(dataset.items):
+        dataset.transform.set_random_state(seed=index)
+        plain.set_random_state(seed=index)
+        cached, expected = dataset[index]["image"], plain(dict(item))["image"]
+        torch.testing.assert_close(cached.as_tensor(), expected.as_tensor(), rtol=0, atol=0)
+        torch.testing.assert_close(cached.affine, expected.affine)
+    val_item = val_loader.dataset.items[0]
+    expected = build_transforms(config.data, train=False)(dict(val_item))["image"]
+    torch.testing.assert_close(val_loader.dataset[0]["image"].as_tensor(), expected.as_tensor(), rtol=0, atol=0)
+
+    written = []
+    original = preprocessed._write_entry
+    monkeypatch.setattr(preprocessed, "_write_entry", lambda *args: written.append(args[2]) or original(*args))
+    in_process = make_config(tmp_path, cache="preprocessed", val_fraction=0.25, spacing=[1.7, 1.7, 2.1])
+    build_dataloaders(in_process)  # (no workers: a worker's writes would not be seen here)
+    assert written == []  # nothing left to preprocess
+    nib.save(nib.load(paths[0]), paths[0])  # rewritten: another modification time
+    build_dataloaders(in_process)
+    assert written == [paths[0]]
+    build_dataloaders(make_config(tmp_path, cache="preprocessed", val_fraction=0.25, spacing=[1.5, 1.5, 2.0]))
+    assert len(written) == 5 and len(list((tmp_path / "runs" / "cache" / "preprocessed").iterdir())) == 2

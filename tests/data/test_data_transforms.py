@@ -158,6 +158,38 @@ def test_patches_are_random_crops_for_training_only(volume):
         torch.testing.assert_close(crop.as_tensor(), window.as_tensor())
 
 
+def test_patches_can_be_weighted_to_the_foreground(tmp_path):
+    """A small bright object in a dark 32^3 volume: uniform 8^3 crops mostly miss it; with a foreground ratio of 1
+    every crop is centred on it, with 0 every crop is centred on background; the foreground map is not kept."""
+    values = np.zeros((32, 32, 32), np.float32)
+    values[2:6, 3:7, 24:28] = 100.0
+    path = write_volume(tmp_path / "object.nii.gz", values, np.eye(4))
+    data = data_config(voxel_size=[32, 32, 32], intensity={"mode": "range", "lower": 0, "upper": 100})
+
+    def crops(ratio):
+        chain = build_transforms(data, train=True, patch_size=[8, 8, 8], foreground_ratio=ratio)
+        chain.set_random_state(seed=0)
+        out = []
+        for _ in range(12):
+            item = chain({"image": path})
+            item = item[0] if isinstance(item, list) else item  # RandCropByPosNegLabeld's list of one
+            assert set(item) == {"image"} and item["image"].shape == (1, 8, 8, 8)
+            out.append(item["image"])
+        return out
+
+    centre = (slice(None), 4, 4, 4)
+    assert all(float(crop[centre]) == 1.0 for crop in crops(1.0))
+    assert all(float(crop[centre]) == 0.0 for crop in crops(0.0))
+    assert sum(bool((crop > 0).any()) for crop in crops(None)) < 12  # uniform crops: some miss the object
+
+
+def test_the_foreground_threshold_defaults_to_five_percent_of_the_output_range():
+    from monai_diffusion.data.transforms import foreground_threshold
+
+    data = data_config(intensity={"b_min": -1.0, "b_max": 1.0})
+    assert foreground_threshold(data, None) == pytest.approx(-0.9)
+    assert foreground_threshold(data, 0.3) == 0.3
+
 def test_the_chain_rejects_non_finite_volumes_naming_the_file(tmp_path):
     values = np.ones(SHAPE, np.float32)
     values[1, 2, 3] = np.nan

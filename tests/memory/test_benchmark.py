@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,48 @@ def test_cpu_peak_sees_a_transient_allocation():
         block = torch.ones(64, 2**20 // 4 * 4)  # 64 MiB, touched
         del block
     assert peak.peak_mb - before > 50
+
+
+def test_loader_suite_reads_every_volume_of_each_case_and_reports_it(tmp_path):
+    report, records_file = tmp_path / "benchmarks.md", tmp_path / "loader.json"
+    code = benchmark.main(["--suite", "loader", "--size", "64", "64", "32", "--volumes", "2", "--workers", "0", "1",
+                           "--output", str(report), "--json", str(records_file), "--loader-dir", str(tmp_path / "vols")])
+    assert code == 0
+    records = json.loads(records_file.read_text())["results"]
+    assert [(r["case"]["cache"], r["workers"]) for r in records] == [("none", 0), ("none", 1), ("preprocessed", 0),
+                                                                     ("preprocessed", 1)]
+    for record in records:
+        assert "error" not in record, record
+        assert record["volumes"] == 2 and record["shape"] == [64, 64, 32]
+        assert record["volumes_per_s"] > 0 and record["cpu_s_per_volume"] > 0 and record["device"].startswith("CPU")
+    assert all(r["build_s"] >= 0 for r in records if r["cache"] == "preprocessed")
+    assert len(list((tmp_path / "vols" / "64x64x32").glob("*.nii.gz"))) == 2  # written once, kept
+    text = report.read_text()
+    assert "<!-- benchmark:loader:start -->" in text and "| 64x64x32 preprocessed | 64x64x32 | preprocessed | 1 | 2 |" in text
+    assert "CPU s/volume" in text
+
+
+def test_loader_suite_covers_both_sizes_both_paths_and_patches():
+    cases = benchmark.loader_suite([0, 2])
+    assert {c.size for c in cases} == {(256, 256, 64), (512, 512, 128)} and {c.workers for c in cases} == {0, 2}
+    assert {c.cache for c in cases} == {"none", "preprocessed"}
+    patched = [c for c in cases if "patches" in c.label]
+    assert patched and all(c.size == (512, 512, 128) for c in patched)
+    config = patched[0].config(Path("/data"))
+    assert config.autoencoder.training.patch_size == [128, 128, 128] and config.data.spacing == [1.0, 1.0, 2.0]
+
+
+def test_gpu_frontier_suites_measure_the_targets_of_speed_and_scale():
+    """What benchmarks/gpu_frontier.sh runs: valid configs, the issue's sizes, offload and compile where named."""
+    frontier, whole, compiled = suite("gpu-frontier"), suite("gpu-whole"), suite("gpu-compile")
+    for case in frontier + whole + compiled:
+        config, shown = case.config(), setting(case, "cuda")
+        assert case.options.device == "cuda" and shown["precision"].startswith("fp16")
+        assert config.autoencoder.training.offload_activations == ("offload" in case.label)
+        assert config.device.compile == ("compiled" in case.label)
+    assert {tuple(c.config().data.voxel_size) for c in whole} == {(512, 512, 256), (512, 512, 512)}
+    assert {setting(c, "cuda")["factors"] for c in frontier if "ours" in c.label} >= {"[4,2]", "[8,2]"}
+    assert {c.options.network for c in compiled if "compiled" in c.label} == {"ours", "monai"}
+    script = (Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_frontier.sh").read_text()
+    assert all(f"--suite \"$name\"" in script and f" {name} " in script
+               for name in ("gpu-frontier", "gpu-whole", "gpu-compile"))

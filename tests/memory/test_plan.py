@@ -8,6 +8,7 @@ import math
 import pytest
 
 from monai_diffusion.config.loading import load_config
+from monai_diffusion.config.stages import step_config
 from monai_diffusion.engine.precision import precision_name
 from monai_diffusion.memory import plan
 from monai_diffusion.memory.plan import Planner, Prediction, at_size, make_plan, parse_memory, probe_size
@@ -94,6 +95,24 @@ def test_plan_falls_back_to_batch_then_factors():
     assert ["autoencoder.training.use_gradient_checkpointing=true"] in proposals
     assert not any("[16,2]" in " ".join(o) for o in proposals)
 
+
+def test_plan_proposes_smaller_patches_before_factors_and_patches_after_them():
+    class PatchAware(FakePlanner):  # the formula at what the step trains on, as the real planner measures
+        def _predict(self, config, stage):
+            return super()._predict(step_config(config, "autoencoder" if stage == "autoencoder" else "ldm"), stage)
+
+    on_patches = _config("autoencoder.training.use_gradient_checkpointing=true", "device.mixed_precision=true",
+                         "autoencoder.training.patch_size=[256,256,64]", "autoencoder.downsample_factors=[2,2]")
+    result = make_plan(on_patches, 2.5 * 1024, PatchAware())
+    assert result.change == ["autoencoder.training.patch_size=[128,256,64]"]
+    assert "(the autoencoder on 256x256x64 patches)" in plan.describe(on_patches, result, "cfg.yaml")
+    assert "validation and evaluate reconstruct whole volumes window by window" in result.change_note
+    # A whole-volume config is offered stronger factors first, patches when nothing else is left.
+    proposals = [" ".join(o) for o, _ in plan.candidates(_config("autoencoder.downsample_factors=[2,2]"), "cuda")]
+    factors = max(i for i, o in enumerate(proposals) if "downsample_factors" in o)
+    patches = [i for i, o in enumerate(proposals) if "patch_size" in o]
+    assert patches and min(patches) > factors
+    assert proposals[patches[0]].endswith("autoencoder.training.patch_size=[128,256,64]")
 
 def test_each_stage_is_planned_at_what_it_trains_on(monkeypatch):
     """The autoencoder's patches, volume and precision of its own; the LDM's precision of its own; and the amp

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import save_autoencoder, tiny_config_dict, write_hub
+from helpers import record_compiles, save_autoencoder, tiny_config_dict, write_hub
 
 from monai_diffusion import steps, train_autoencoder, train_ldm
 from monai_diffusion.config import apply_overrides, config_from_dict
@@ -130,6 +130,35 @@ def test_autoencoder_recipe_options_measured_are_trained(tmp_path, nifti_folder,
     assert record["params"] == sum(p.numel() for m in (trained_parts.autoencoder, trained_parts.discriminator)
                                    for p in m.parameters())
 
+
+def test_compiled_and_offloading_steps_are_measured_as_trained(tmp_path, nifti_folder, monkeypatch):
+    """device.compile and autoencoder.training.offload_activations: the probe runs its forward through the compiled
+    network (and discriminator) and under the offloading context, as train-autoencoder does."""
+    compiles = record_compiles(monkeypatch)
+    offloading = []
+    original = steps.offload_saved_maps
+
+    def recording(enabled=True):
+        offloading.append(enabled)
+        return original(enabled)
+
+    monkeypatch.setattr(steps, "offload_saved_maps", recording)
+    raw = apply_overrides(tiny_config_dict(nifti_folder, tmp_path / "runs"), [
+        "autoencoder.training.max_steps=1", "autoencoder.training.adv_weight=0.1", "device.compile=true",
+        "device.compile_mode=max-autotune-no-cudagraphs", "autoencoder.training.use_gradient_checkpointing=true",
+        "autoencoder.training.offload_activations=true",
+    ])
+    config = config_from_dict(raw)
+    micro = spy(monkeypatch, "autoencoder_micro_step", train_autoencoder, probe)
+
+    train_autoencoder.train(config)
+    probe.measure(config, Options(stage="autoencoder", device="cpu", steps=1, warmup=0))
+    assert len(micro) == 2 and offloading == [True, True]
+    assert [mode for mode, _ in compiles] == ["max-autotune-no-cudagraphs"] * 4 and all(n for _, n in compiles)
+    for args, kwargs, _ in micro:
+        named = dict(zip(["parts", "images", "adversarial", "sync", "model", "disc_model"], args)) | kwargs
+        assert named["model"]._orig_mod is named["parts"].autoencoder
+        assert named["disc_model"]._orig_mod is named["parts"].discriminator
 
 def describe_ldm(parts: steps.LDMTraining) -> dict:
     scheduler = parts.scheduler
