@@ -344,6 +344,13 @@ def ldm_micro_step(parts: LDMTraining, z: torch.Tensor, sync: bool = True,
     model = model if model is not None else parts.unet
     denoiser = model if condition is None else functools.partial(
         unet_output, model, condition=condition.dropped(parts.condition_dropout).to(z.device))
+    return _diffusion_backward(parts, denoiser, z, model, sync)
+
+
+def _diffusion_backward(parts: LDMTraining | ControlNetTraining, denoiser, z: torch.Tensor, model: torch.nn.Module,
+                        sync: bool) -> torch.Tensor:
+    """The diffusion loss of ``denoiser`` on ``z``, backward (scaled, divided by the accumulation count), gradients
+    all-reduced only when ``sync`` (``model`` is what DDP wraps)."""
     with gradient_sync(model, sync):
         loss = diffusion_loss(denoiser, parts.scheduler, parts.kind, z, parts.precision, parts.training.loss)
         parts.scaler.scale(loss / parts.training.gradient_accumulation_steps).backward()
@@ -468,10 +475,7 @@ def controlnet_micro_step(parts: ControlNetTraining, z: torch.Tensor, control: t
     if condition is not None:
         condition = condition.dropped(parts.condition_dropout).to(z.device)
     denoiser = functools.partial(unet_output, parts.unet, condition=condition, controlnet=model, control=control)
-    with gradient_sync(model, sync):
-        loss = diffusion_loss(denoiser, parts.scheduler, parts.kind, z, parts.precision, parts.training.loss)
-        parts.scaler.scale(loss / parts.training.gradient_accumulation_steps).backward()
-    return loss
+    return _diffusion_backward(parts, denoiser, z, model, sync)
 
 
 def controlnet_update(parts: ControlNetTraining) -> StepResult:

@@ -214,6 +214,14 @@ def _save_atomically(volume: np.ndarray, affine: np.ndarray, path: Path) -> None
             temporary.unlink()
 
 
+def _set_folder(caller: str, cache_dir: Path | None, num_volumes: int, settings_hash: str) -> Path:
+    """A set's folder: ``<cache_dir or ~/.cache/monai_diffusion/demo>/<settings hash>`` (absolute)."""
+    if num_volumes < 1:
+        raise ValueError(f"{caller}: num_volumes must be >= 1, got {num_volumes}")
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_demo_root()
+    return (root / settings_hash).absolute()
+
+
 def build_demo_dataset(cache_dir: Path | None, num_volumes: int, seed: int = 0) -> list[Path]:
     """Build (once) and return the demo set: ``num_volumes`` brain MRI volumes from the MNI152 template.
 
@@ -234,10 +242,7 @@ def build_demo_dataset(cache_dir: Path | None, num_volumes: int, seed: int = 0) 
         ValueError: when ``num_volumes`` < 1.
         OSError: when the cache folder cannot be created or written.
     """
-    if num_volumes < 1:
-        raise ValueError(f"build_demo_dataset: num_volumes must be >= 1, got {num_volumes}")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_demo_root()
-    folder = (root / demo_settings_hash(seed)).absolute()
+    folder = _set_folder("build_demo_dataset", cache_dir, num_volumes, demo_settings_hash(seed))
     paths = [folder / f"demo_{index:03d}.nii.gz" for index in range(num_volumes)]
     missing = [(index, path) for index, path in enumerate(paths) if not path.is_file()]
     if not missing:
@@ -269,13 +274,9 @@ def build_conditional_demo_dataset(cache_dir: Path | None, num_volumes: int, see
         The absolute path of ``datalist.json``.
 
     Raises:
-        ValueError: when ``num_volumes`` < 1.
-        OSError: when the cache folder cannot be created or written.
+        ValueError, OSError: as :func:`build_demo_dataset`.
     """
-    if num_volumes < 1:
-        raise ValueError(f"build_conditional_demo_dataset: num_volumes must be >= 1, got {num_volumes}")
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_demo_root()
-    folder = (root / conditional_demo_settings_hash(seed)).absolute()
+    folder = _set_folder("build_conditional_demo_dataset", cache_dir, num_volumes, conditional_demo_settings_hash(seed))
     entries = [{"image": f"demo_{index:03d}.nii.gz", "label": f"demo_{index:03d}_label.nii.gz",
                 "brain_scale": demo_brain_scale(index, seed)} for index in range(num_volumes)]
     missing = [(index, entry) for index, entry in enumerate(entries)
