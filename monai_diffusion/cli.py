@@ -11,6 +11,7 @@ COMMANDS = {
     "validate": ("monai_diffusion.validate", "check a config and print what it builds"),
     "train-autoencoder": ("monai_diffusion.train_autoencoder", "train the 3D AutoencoderKL"),
     "train-ldm": ("monai_diffusion.train_ldm", "train the latent diffusion UNet"),
+    "train-controlnet": ("monai_diffusion.train_controlnet", "train a ControlNet that makes the LDM follow label maps"),
     "sample": ("monai_diffusion.sample", "generate volumes (NIfTI + PNG)"),
     "evaluate": ("monai_diffusion.evaluate", "score a trained autoencoder or LDM run against baselines"),
     "benchmark": ("monai_diffusion.memory.benchmark", "measure peak memory and step time"),

@@ -1,21 +1,32 @@
-"""Generating volumes with a trained LDM: shared by the sample command, train-ldm's validation samples and evaluation.
+"""Generating volumes with a trained LDM: shared by the sample command, the training commands' validation samples
+and evaluation.
 
 :func:`sample` finds and loads an LDM checkpoint (UNet or its EMA weights, scale factor, latent shape, affine of the
 training data) and the autoencoder it was trained on, then for each sample draws noise from a seeded generator,
 denoises it (:func:`~monai_diffusion.diffusion.sample_latents`), decodes it (whole volume or tiled), clips it to the
 training intensity range and writes ``sample-NNN.nii.gz`` and ``sample-NNN.png``. :func:`generate_volume` is one
-such volume; :func:`load_ldm_checkpoint`, :func:`newest_ldm_checkpoint` and :func:`ema_weights` read a trained LDM.
+such volume; :func:`load_ldm_checkpoint`, :func:`newest_ldm_checkpoint` and :func:`ema_weights` read a trained LDM,
+:func:`load_ldm` builds its networks.
+
+A conditional LDM samples with one row of conditions per sample, guided (:class:`~monai_diffusion.conditioning.
+Denoiser`); a ControlNet checkpoint (train-controlnet) samples its LDM steered to follow a label map, in the map's
+space. Their samples are named after their seed and conditions and listed in ``samples.csv``.
 """
 
 from __future__ import annotations
 
+import csv
 import math
+import os
+import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from monai_diffusion.conditioning import ConditionEncoder, Denoiser, control_size, read_control
 from monai_diffusion.config.loading import config_from_dict
 from monai_diffusion.config.schema import Config, SamplingConfig
 from monai_diffusion.config.stages import stage_config
@@ -24,13 +35,15 @@ from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from monai_diffusion.engine.logging import get_logger, save_sample
 from monai_diffusion.engine.precision import Precision, resolve_precision
-from monai_diffusion.latents import decode_latents, load_autoencoder, resolve_autoencoder_checkpoint
-from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_scheduler, build_unet
+from monai_diffusion.latents import decode_latents, load_autoencoder, resolve_autoencoder_checkpoint, state_dict_hash
+from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_controlnet, build_scheduler, build_unet
 
 __all__ = [
     "SEED_STRIDE",
+    "LoadedLDM",
     "ema_weights",
     "generate_volume",
+    "load_ldm",
     "load_ldm_checkpoint",
     "newest_ldm_checkpoint",
     "sample",
@@ -39,6 +52,8 @@ __all__ = [
 # Samples of one seed are drawn from generators seeded ``seed * SEED_STRIDE + index``: sample i is the same
 # whatever --num-samples is, and nearby seeds do not share samples.
 SEED_STRIDE = 100_003
+# Written beside conditional and mask-steered samples: one row per file.
+MANIFEST = "samples.csv"
 
 
 @torch.no_grad()
@@ -79,93 +94,78 @@ def ema_weights(ema_state: dict) -> dict:
     return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
 
 
-def newest_ldm_checkpoint(output_dir: Path) -> Path:
-    """The most recently written ``<output_dir>/ldm-*/checkpoints/last.pt``.
+def newest_ldm_checkpoint(output_dir: Path, command: str = "ldm") -> Path:
+    """The most recently written ``<output_dir>/<command>-*/checkpoints/last.pt`` (``command``: ldm or controlnet).
 
     Raises:
         FileNotFoundError: there is none.
     """
-    found = [p for p in Path(output_dir).glob("ldm-*/checkpoints/last.pt") if p.is_file()]
+    found = [p for p in Path(output_dir).glob(f"{command}-*/checkpoints/last.pt") if p.is_file()]
     if not found:
         raise FileNotFoundError(
-            f"No LDM checkpoint in {output_dir}/ldm-*/checkpoints/last.pt; train one (monai-diffusion train-ldm) "
-            f"or pass --checkpoint"
+            f"No {'LDM' if command == 'ldm' else 'ControlNet'} checkpoint in {output_dir}/{command}-*/checkpoints/"
+            f"last.pt; train one (monai-diffusion train-{command}) or pass --checkpoint"
         )
     return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
 
 
-def load_ldm_checkpoint(path: Path) -> dict:
-    """An LDM checkpoint (a file, or a run folder: its ``checkpoints/last.pt``), with ``"path"`` set to the file.
+def load_ldm_checkpoint(path: Path, kinds: Sequence[str] = ("ldm",)) -> dict:
+    """An LDM checkpoint (a file, or a run folder: its ``checkpoints/last.pt``), with ``"path"`` set to the file;
+    ``kinds`` may admit a ControlNet checkpoint (``"controlnet"``) too.
 
     Raises:
         FileNotFoundError: no such checkpoint.
-        ValueError: the file is not an LDM checkpoint.
+        ValueError: the file is not a checkpoint of those kinds.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "last.pt" if (path / "checkpoints" / "last.pt").is_file() else path / "last.pt"
     state = load_checkpoint(path)
-    if state.get("kind") != "ldm":
+    if state.get("kind") not in kinds:
         raise ValueError(f"{path}: not an LDM checkpoint (kind={state.get('kind')!r}); pass --checkpoint LDM_CKPT")
     state["path"] = str(path)
     return state
 
 
-def sample(
-    config: Config,
-    num_samples: int | None = None,
-    steps: int | None = None,
-    scheduler_kind: str | None = None,
-    seed: int | None = None,
-    out: Path | None = None,
-    checkpoint: Path | None = None,
-    shape_keys: Sequence[str] = LDM_SHAPE_KEYS,
-) -> list[Path]:
-    """Generate ``num_samples`` volumes; returns the NIfTI paths this process wrote.
+@dataclass
+class LoadedLDM:
+    """A trained LDM, ready to sample (:func:`load_ldm`).
 
-    The networks, scheduler settings and intensity range come from the checkpoint's own config (what the model
-    was trained with); ``config`` supplies the sampling options (``ldm.sampling``), device, precision and where
-    to look for checkpoints. Arguments left None take their ``ldm.sampling`` / ``seed`` defaults. Under
-    ``torchrun`` each process generates every ``world_size``-th sample (sample i is the same either way).
+    Attributes:
+        state: its checkpoint, ``"path"`` included.
+        trained: the config it was trained with (its stored one).
+        unet: the UNet with the EMA weights when kept (else the raw ones), frozen, on the device.
+        weights: which of the two: "EMA" or "raw (no EMA saved)".
+        weights_hash: :func:`~monai_diffusion.latents.state_dict_hash` of those weights (a ControlNet records it).
+        autoencoder: the autoencoder it was trained on, frozen, on the device.
+        encoder: its conditions (None: unconditional).
+        latent_shape, scale_factor, affine: its latent (channels, then per axis), the latent scale factor and the
+            affine of its training data.
+    """
 
-    Args:
-        shape_keys: network-shaping keys on which ``config`` must agree with the checkpoint's config (the sample
-            command passes all of them when a config file is given, only those ``--set`` names otherwise).
+    state: dict
+    trained: Config
+    unet: torch.nn.Module
+    weights: str
+    weights_hash: str
+    autoencoder: torch.nn.Module
+    encoder: ConditionEncoder | None
+    latent_shape: tuple[int, ...]
+    scale_factor: float
+    affine: torch.Tensor
+
+
+def load_ldm(state: dict, config: Config, device: torch.device) -> LoadedLDM:
+    """The networks of the LDM checkpoint ``state`` (:func:`load_ldm_checkpoint`) on ``device``, built from its own
+    config, and the autoencoder it was trained on: the recorded path, or ``config``'s ``ldm.autoencoder_checkpoint``
+    when that file has moved.
 
     Raises:
-        ValueError: ``config`` and the checkpoint differ on one of ``shape_keys`` (both values listed).
+        FileNotFoundError: the autoencoder is gone.
+        ValueError: the autoencoder found has other weights than the one the LDM was trained on.
     """
-    dist = init_distributed(config.device.device)
-    try:
-        return _generate(config, dist, num_samples, steps, scheduler_kind, seed, out, checkpoint, shape_keys)
-    finally:
-        cleanup_distributed()
-
-
-def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind, seed, out, checkpoint,
-              shape_keys) -> list[Path]:
-    log = get_logger()
-    device = dist.device
-    precision = resolve_precision(stage_config(config, "ldm").device.mixed_precision, device)  # the LDM's own
-    sampling = config.ldm.sampling
-    num_samples = num_samples or sampling.num_samples
-    steps = steps or sampling.num_inference_steps
-    seed = config.seed if seed is None else seed
-
-    path = Path(checkpoint) if checkpoint is not None else newest_ldm_checkpoint(Path(config.output.output_dir))
-    state = load_ldm_checkpoint(path)
     path = Path(state["path"])
-    trained_config_file = path.parent.parent / "config.yaml"
-    check_shape_keys(state["config"], config.model_dump(mode="json"), shape_keys, path, remedy=(
-        f"To sample with the checkpoint's own settings, pass --checkpoint {path} without --config (and without "
-        "--set for these keys)"
-        + (f", or --config {trained_config_file} (the run's own config)." if trained_config_file.is_file() else ".")
-    ))
     trained = config_from_dict(state["config"], source=f"{path} (stored config)")
-    kind = scheduler_kind or sampling.scheduler or trained.ldm.scheduler.type
-    check_sampler(kind, trained.ldm.scheduler.type)
-
-    # The autoencoder the LDM was trained on: its recorded path (or the config's, if it moved), same weights.
     ae_path = Path(state["autoencoder_checkpoint"])
     if not ae_path.is_file() and config.ldm.autoencoder_checkpoint is not None:
         ae_path = resolve_autoencoder_checkpoint(config)
@@ -180,43 +180,233 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind
             f"Autoencoder {ae_path} has weights {ae_hash}, but the LDM {path} was trained on latents of "
             f"{state['autoencoder_hash']}; point ldm.autoencoder_checkpoint at the autoencoder it was trained with"
         )
-
+    encoder = ConditionEncoder.from_state(state.get("conditioning"))
     latent_shape = tuple(int(s) for s in state["latent_shape"])
-    spatial_dims = len(latent_shape) - 1
-    unet = build_unet(trained.ldm, latent_shape[0], spatial_dims)
-    weights = "EMA"
-    if state.get("ema") is not None:
-        unet.load_state_dict(ema_weights(state["ema"]))
-    else:
-        unet.load_state_dict(state["unet"])
-        weights = "raw (no EMA saved)"
+    unet = build_unet(trained.ldm, latent_shape[0], len(latent_shape) - 1,
+                      encoder.unet_arguments() if encoder is not None else None)
+    weights = ema_weights(state["ema"]) if state.get("ema") is not None else state["unet"]
+    unet.load_state_dict(weights)
     unet.to(device).eval().requires_grad_(False)
     if config.device.compile:
         # In place (the modules' state dicts keep their keys): the denoising loop reuses the compiled UNet every step.
         unet.compile(mode=config.device.compile_mode)
         autoencoder.decoder.compile(mode=config.device.compile_mode)
-    scheduler = build_scheduler(trained.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
-    scale_factor = float(state["scale_factor"])
+    return LoadedLDM(
+        state=state, trained=trained, unet=unet, weights="EMA" if state.get("ema") is not None else "raw (no EMA saved)",
+        weights_hash=state_dict_hash(weights), autoencoder=autoencoder, encoder=encoder, latent_shape=latent_shape,
+        scale_factor=float(state["scale_factor"]), affine=torch.as_tensor(state["affine"], dtype=torch.float64),
+    )
+
+
+def sample(
+    config: Config,
+    num_samples: int | None = None,
+    steps: int | None = None,
+    scheduler_kind: str | None = None,
+    seed: int | None = None,
+    out: Path | None = None,
+    checkpoint: Path | None = None,
+    shape_keys: Sequence[str] = LDM_SHAPE_KEYS,
+    conditions: Sequence[dict] | None = None,
+    where: Sequence[str] | None = None,
+    guidance: float | None = None,
+    mask: Path | None = None,
+) -> list[Path]:
+    """Generate ``num_samples`` volumes; returns the NIfTI paths this process wrote.
+
+    The networks, scheduler settings and intensity range come from the checkpoint's own config (what the model
+    was trained with); ``config`` supplies the sampling options (``ldm.sampling``), device, precision and where
+    to look for checkpoints. Arguments left None take their ``ldm.sampling`` / ``seed`` defaults. Under
+    ``torchrun`` each process generates every ``world_size``-th sample (sample i is the same either way).
+
+    Args:
+        shape_keys: network-shaping keys on which ``config`` must agree with the checkpoint's config (the sample
+            command passes all of them when a config file is given, only those ``--set`` names otherwise; with
+            ``--mask`` a ControlNet's).
+        conditions: the values of a conditional LDM's conditions, ``{name: value}``, one row per sample (their
+            count is the number of samples). None: unconditional samples (a conditional LDM's null condition).
+        where: where each row came from, named in errors (default ``--condition``).
+        guidance: classifier-free guidance scale (None: ``ldm.sampling.guidance_scale``).
+        mask: a label map the samples follow: needs a ControlNet checkpoint (by default the newest
+            ``<output_dir>/controlnet-*`` run); the samples take its affine.
+
+    Raises:
+        ValueError: ``config`` and the checkpoint differ on one of ``shape_keys`` (both values listed); conditions
+            for an LDM trained without them, unknown, missing, non-numeric or unknown-category values (naming the
+            row and key); guidance without conditions or from a UNet trained without condition dropout; a mask
+            without a ControlNet checkpoint or a ControlNet checkpoint without a mask.
+    """
+    dist = init_distributed(config.device.device)
+    try:
+        return _generate(config, dist, num_samples, steps, scheduler_kind, seed, out, checkpoint, shape_keys,
+                         conditions, where, guidance, mask)
+    finally:
+        cleanup_distributed()
+
+
+def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind, seed, out, checkpoint,
+              shape_keys, conditions, where, guidance, mask) -> list[Path]:
+    log = get_logger()
+    device = dist.device
+    precision = resolve_precision(stage_config(config, "ldm").device.mixed_precision, device)  # the LDM's own
+    sampling = config.ldm.sampling
+    steps = steps or sampling.num_inference_steps
+    seed = config.seed if seed is None else seed
+
+    # ---- the checkpoint: an LDM, or a ControlNet and the LDM it steers
+    output_dir = Path(config.output.output_dir)
+    path = Path(checkpoint) if checkpoint is not None else newest_ldm_checkpoint(
+        output_dir, "controlnet" if mask is not None else "ldm")
+    state = load_ldm_checkpoint(path, kinds=("ldm", "controlnet"))
+    path = Path(state["path"])
+    controlling = state["kind"] == "controlnet"
+    if controlling != (mask is not None):
+        raise ValueError(f"{path} is a ControlNet checkpoint: it samples with --mask LABEL_MAP" if controlling else
+                         f"--mask needs a ControlNet checkpoint (monai-diffusion train-controlnet); {path} is an LDM")
+    trained_config_file = path.parent.parent / "config.yaml"
+    check_shape_keys(state["config"], config.model_dump(mode="json"), shape_keys, path, remedy=(
+        f"To sample with the checkpoint's own settings, pass --checkpoint {path} without --config (and without "
+        "--set for these keys)"
+        + (f", or --config {trained_config_file} (the run's own config)." if trained_config_file.is_file() else ".")
+    ))
+    ldm = load_ldm(load_ldm_checkpoint(state["ldm_checkpoint"]) if controlling else state, config, device)
+    trained = ldm.trained
+    kind = scheduler_kind or sampling.scheduler or trained.ldm.scheduler.type
+    check_sampler(kind, trained.ldm.scheduler.type)
+    controlnet, control, affine = None, None, ldm.affine
+    if controlling:
+        if ldm.weights_hash != state["ldm_hash"]:
+            raise ValueError(f"The LDM {ldm.state['path']} has other weights ({ldm.weights_hash}) than the one the "
+                             f"ControlNet {path} was trained with ({state['ldm_hash']})")
+        trained_controlnet = config_from_dict(state["config"], source=f"{path} (stored config)").controlnet
+        controlnet = build_controlnet(trained.ldm, trained_controlnet, ldm.latent_shape[0], len(ldm.latent_shape) - 1,
+                                      ldm.encoder.unet_arguments() if ldm.encoder is not None else None)
+        controlnet.load_state_dict(ema_weights(state["ema"]) if state.get("ema") is not None else state["controlnet"])
+        controlnet.to(device).eval().requires_grad_(False)
+        size = control_size(ldm.latent_shape[1:], trained_controlnet.conditioning_embedding_num_channels)
+        control, affine = read_control(Path(mask), trained.data, trained_controlnet.num_labels, size)
+        control = control[None].to(device)
+
+    # ---- what each sample is conditioned on
+    rows, guidance = _condition_rows(ldm.encoder, conditions, where, guidance, num_samples, sampling, ldm.state)
+    num_samples = len(rows) if rows is not None else (num_samples or sampling.num_samples)
+
+    scheduler = build_scheduler(trained.ldm.scheduler, kind, len(ldm.latent_shape) - 1, math.prod(ldm.latent_shape[1:]))
     intensity = trained.data.intensity
     value_range = (intensity.b_min, intensity.b_max) if intensity.mode != "none" else None
-    affine = torch.as_tensor(state["affine"], dtype=torch.float64)
-
     out = Path(out) if out is not None else path.parent.parent / "generated"
     log.info(
-        "sampling %d volume(s) from %s (step %d, %s weights) with %s, %d steps, seed %d, scale factor %.6g%s -> %s",
-        num_samples, path, state["step"], weights, kind, steps, seed, scale_factor,
-        ", tiled decode" if sampling.tiled_decode else "", out,
+        "sampling %d volume(s) from %s (step %d, %s weights) with %s, %d steps, seed %d, scale factor %.6g%s%s -> %s",
+        num_samples, path, state["step"], ldm.weights, kind, steps, seed, ldm.scale_factor,
+        ", tiled decode" if sampling.tiled_decode else "",
+        f", guidance {guidance:g}" if rows is not None else "", out,
     )
+    records = [_record(index, seed, rows[index] if rows is not None else None, guidance, mask)
+               for index in range(num_samples)]
+    described = rows is not None or mask is not None
     written = []
     mine = range(dist.rank, num_samples, dist.world_size)
     for index in tqdm(mine, desc="samples", dynamic_ncols=True, disable=len(mine) < 2 or not dist.is_main):
         generator = torch.Generator(device=device).manual_seed(seed * SEED_STRIDE + index)
+        denoiser, condition = ldm.unet, None
+        if ldm.encoder is not None:  # without rows, the null condition: the LDM's unconditional model
+            condition = ldm.encoder.encode(rows[index:index + 1]) if rows is not None else ldm.encoder.null(1)
+        if condition is not None or controlnet is not None:
+            denoiser = Denoiser(ldm.unet, condition.to(device) if condition is not None else None, guidance,
+                                controlnet, control, config.controlnet.conditioning_scale)
         volume = generate_volume(
-            unet, autoencoder, scheduler, kind, latent_shape, scale_factor, sampling, steps, value_range,
-            device, generator, precision, progress=True,
+            denoiser, ldm.autoencoder, scheduler, kind, ldm.latent_shape, ldm.scale_factor, sampling, steps,
+            value_range, device, generator, precision, progress=True,
         )
-        nifti, _ = save_sample(volume[0], affine, out, f"sample-{index:03d}", value_range, title=f"seed {seed} #{index}")
+        record = records[index]
+        nifti, _ = save_sample(volume[0], affine, out, record["file"][: -len(".nii.gz")], value_range,
+                               title=f"seed {seed} #{index}", description=_description(record) if described else None)
         written.append(nifti)
         log.info("wrote %s", nifti)
+    if described and dist.is_main:
+        _write_manifest(out / MANIFEST, records, ldm.encoder.names if rows is not None else [])
     barrier()
     return written
+
+
+def _condition_rows(encoder, conditions, where, guidance, num_samples, sampling, state):
+    """The rows of conditions to sample with (None: unconditional) and the guidance scale, checked against what the
+    LDM was trained with."""
+    path = state["path"]
+    if conditions is None:
+        if guidance is not None:
+            raise ValueError(f"--guidance {guidance:g} steers samples towards their conditions; give them with "
+                             "--condition KEY=VALUE or --conditions TABLE.csv")
+        if encoder is not None:
+            get_logger().info("no conditions given: sampling the LDM's unconditional model (null condition)")
+        return None, 1.0
+    where = list(where) if where is not None else ["--condition"] * len(conditions)
+    if encoder is None:
+        raise ValueError(f"{where[0]}: the LDM {path} was trained without conditions (data.conditions was empty); "
+                         f"sample it without --condition / --conditions")
+    if num_samples is not None and num_samples != len(conditions):
+        raise ValueError(f"{where[0]}: {len(conditions)} rows of conditions make {len(conditions)} samples, not "
+                         f"--num-samples {num_samples}")
+    for row, place in zip(conditions, where):
+        unknown = sorted(set(row) - set(encoder.names))
+        missing = [name for name in encoder.names if name not in row]
+        if unknown or missing:
+            raise ValueError(
+                f"{place}: the LDM {path} was trained with conditions {encoder.names}; "
+                + (f"{unknown} not among them" if unknown else "")
+                + ("; " if unknown and missing else "")
+                + (f"give {missing} too (every condition, or none for unconditional samples)" if missing else "")
+            )
+    encoder.encode(conditions, where)  # every value checked before any sample is drawn
+    guidance = sampling.guidance_scale if guidance is None else guidance
+    dropout = state["config"].get("ldm", {}).get("conditioning", {}).get("dropout", 0.0)
+    if guidance != 1 and dropout == 0:
+        raise ValueError(f"guidance {guidance:g} extrapolates from the unconditional model, but the LDM {path} was "
+                         f"trained with ldm.conditioning.dropout 0 (it never learnt one); sample with guidance 1")
+    return list(conditions), guidance
+
+
+def _name_part(value) -> str:
+    """A value as part of a file name: letters, digits, '.' and '-' kept, anything else '_'."""
+    text = f"{value:g}" if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9.\-]", "_", text)
+
+
+def _record(index: int, seed: int, row: dict | None, guidance: float, mask: Path | None) -> dict:
+    """A sample's manifest row: its file name (from its seed, conditions and mask), index, seeds, guidance, mask and
+    conditions. Unconditional samples keep the plain ``sample-NNN`` name."""
+    parts = [f"sample-{index:03d}"]
+    if row is not None or mask is not None:
+        parts.append(f"seed{seed}")
+    if row is not None:
+        parts += [f"{_name_part(name)}-{_name_part(value)}" for name, value in row.items()]
+    if mask is not None:
+        parts.append(f"mask-{_name_part(Path(mask).name.split('.')[0])}")
+    record = {"file": "_".join(parts) + ".nii.gz", "index": index, "seed": seed,
+              "generator_seed": seed * SEED_STRIDE + index, "guidance": guidance if row is not None else "",
+              "mask": os.fspath(Path(mask).absolute()) if mask is not None else ""}
+    return record | ({f"{name}": value for name, value in row.items()} if row is not None else {})
+
+
+def _description(record: dict) -> str:
+    """The NIfTI header description of a sample: its conditions, guidance, seed (and mask)."""
+    fixed = {"file", "index", "seed", "generator_seed", "guidance", "mask"}
+    conditions = " ".join(f"{k}={_name_part(v) if not isinstance(v, str) else v}" for k, v in record.items()
+                          if k not in fixed)
+    text = f"{conditions} guidance={record['guidance']:g}" if conditions else ""
+    text += f" seed={record['seed']}#{record['index']}"
+    if record["mask"]:
+        text += f" mask={Path(record['mask']).name}"
+    return text.strip()
+
+
+def _write_manifest(path: Path, records: list[dict], names: list[str]) -> None:
+    """``samples.csv``: one row per sample file, its seeds, guidance, mask and conditions."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = ["file", "index", "seed", "generator_seed", "guidance", "mask", *names]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(records)
+    os.replace(tmp, path)

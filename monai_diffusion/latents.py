@@ -30,10 +30,13 @@ from pathlib import Path
 
 import torch
 from monai.inferers import sliding_window_inference
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
-from monai_diffusion.config.schema import Config
-from monai_diffusion.data.transforms import CLASS_KEY
+from monai_diffusion.config.schema import Config, LDMTrainingConfig
+from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, loader_worker_init, screen_volumes
+from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
+from monai_diffusion.data.transforms import CLASS_KEY, deterministic_settings, selected_channels
 from monai_diffusion.engine.checkpoint import CheckpointError, check_shape_keys, load_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier
 from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS, build_autoencoder
@@ -47,6 +50,7 @@ __all__ = [
     "compute_scale_factor",
     "decode_latents",
     "encode_volume",
+    "latent_loader",
     "load_autoencoder",
     "load_cache_entry",
     "plain_affine",
@@ -55,6 +59,7 @@ __all__ = [
     "resolve_tile_size",
     "state_dict_hash",
     "tiled_decode",
+    "training_items",
     "volume_id",
 ]
 
@@ -337,17 +342,90 @@ def build_latent_cache(
 
 
 class LatentDataset(torch.utils.data.Dataset):
-    """Cached posteriors as ``{"mu": (C, *latent), "sigma": (C, *latent)}``, read from disk per item."""
+    """Cached posteriors as ``{"mu": (C, *latent), "sigma": (C, *latent)}``, read from disk per item, with the
+    item's ``fields`` beside them (its covariates, a ControlNet's control input): what is not part of the encoded
+    image stays out of the cache, which the conditional and unconditional runs on the same volumes share."""
 
-    def __init__(self, files: Sequence[Path]) -> None:
+    def __init__(self, files: Sequence[Path], fields: Sequence[dict] | None = None) -> None:
         self.files = [Path(f) for f in files]
+        self.fields = list(fields) if fields is not None else [{} for _ in self.files]
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         entry = load_cache_entry(self.files[index])
-        return {"mu": entry["mu"], "sigma": entry["sigma"]}
+        return {**self.fields[index], "mu": entry["mu"], "sigma": entry["sigma"]}
+
+
+def training_items(config: Config) -> list[dict]:
+    """The screened training volumes of a stage on latents (the validation split is not used: validation there is
+    sampling), with their datalist fields."""
+    data = config.data
+    items, _ = list_volumes(data, config.seed)
+    if config.fast_dev_run:
+        items = items[:FAST_DEV_TRAIN_ITEMS]
+    items = screen_volumes(
+        items,
+        expected_channels=config.autoencoder.in_channels,
+        on_bad_file=data.on_bad_file,
+        spatial_dims=len(data.voxel_size),
+        spacing=data.spacing,
+        cache_file=None if config.fast_dev_run else cache_root(config) / "screening.json",
+        channels=selected_channels(data),
+    )
+    if not items:
+        raise ValueError(f"No training volume to train on (data.source={data.source!r})")
+    return items
+
+
+def latent_loader(config: Config, training: LDMTrainingConfig, autoencoder: torch.nn.Module, items: Sequence[dict],
+                  autoencoder_path: Path, autoencoder_hash: str, precision, dist: DistInfo,
+                  fields: Sequence[dict] | None = None, mask_key: str | None = None):
+    """The training batches of a stage on latents (train-ldm, train-controlnet) and their sampler.
+
+    With ``training.cache_latents`` every item is encoded once into the latent cache (:func:`build_latent_cache`;
+    the ranks share the work) and batches are ``{"mu", "sigma"}`` plus the item's ``fields``; otherwise they are
+    ``{"image", ...}`` straight from the data chain (``data.augment`` applies; with ``mask_key`` the label maps move
+    with the images) with every datalist field of the item.
+
+    Args:
+        config: the stage's config (``stage_config``).
+        training: the stage's training section (``batch_size``, ``cache_latents``).
+        autoencoder: the frozen autoencoder on the device.
+        items: the training items (:func:`training_items`).
+        autoencoder_path, autoencoder_hash: where it came from and its weights' hash (the cache key, cache.json).
+        precision: the stage's precision (encoding runs under it; part of the cache key).
+        dist: this process's place in the run.
+        fields: per item, what cached batches carry beside the posteriors.
+        mask_key: the label-map field the on-the-fly chain transforms with the image (``data.mask_key``).
+
+    Returns:
+        (loader, its DistributedSampler, the :class:`CacheResult` or None without a cache).
+    """
+    if not training.cache_latents:
+        loader, _, sampler = build_dataloaders(config, dist.rank, dist.world_size, training.batch_size,
+                                               mask_key=mask_key)
+        return loader, sampler, None
+    if dist.is_main and (config.data.augment.flip_prob > 0 or config.data.augment.affine_prob > 0):
+        logger.warning("cache_latents: data.augment is not applied to cached latents")
+    deterministic = build_transforms(config.data, train=False, expected_channels=config.autoencoder.in_channels)
+    settings = deterministic_settings(config.data, config.autoencoder.in_channels)
+    key = cache_key(autoencoder_hash, settings, precision.name)
+    cache = build_latent_cache(
+        autoencoder, items, deterministic, Path(config.output.output_dir) / CACHE_ROOT / key, dist.device, precision,
+        dist, describe={"autoencoder_checkpoint": str(autoencoder_path), "autoencoder_hash": autoencoder_hash,
+                        "transforms": settings, "precision": precision.name},
+    )
+    dataset = LatentDataset(cache.files, fields)
+    sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed)
+    # Own generator: iterating never draws from the global RNG, so a resumed run replays it exactly.
+    loader = DataLoader(
+        dataset, batch_size=training.batch_size, sampler=sampler, num_workers=config.data.num_workers,
+        pin_memory=dist.device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
+        worker_init_fn=loader_worker_init,
+    )
+    return loader, sampler, cache
 
 
 # --------------------------------------------------------------------------------------------- scale factor

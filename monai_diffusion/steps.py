@@ -10,34 +10,54 @@ same shape. What is planned and benchmarked is therefore what trains.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss, PerceptualLoss
-from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
+from monai.networks.nets import ControlNet, DiffusionModelUNet, PatchDiscriminator
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
-from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, DeviceConfig, LDMTrainingConfig
+from monai_diffusion.conditioning import Conditioning, control_input, control_size, unet_output
+from monai_diffusion.config.schema import (
+    AutoencoderTrainingConfig,
+    Config,
+    ControlNetTrainingConfig,
+    DeviceConfig,
+    LDMTrainingConfig,
+)
 from monai_diffusion.diffusion import diffusion_loss
 from monai_diffusion.engine.distributed import DistInfo, gradient_sync, wrap_ddp
 from monai_diffusion.engine.ema import build_ema
 from monai_diffusion.engine.optim import StepResult, build_lr_scheduler, build_optimizer, optimizer_step
 from monai_diffusion.engine.precision import Precision
 from monai_diffusion.losses import StructuralLoss, build_adversarial_loss, build_perceptual_loss, kl_loss
-from monai_diffusion.networks.builders import build_autoencoder, build_discriminator, build_scheduler, build_unet
+from monai_diffusion.networks.builders import (
+    build_autoencoder,
+    build_controlnet,
+    build_discriminator,
+    build_scheduler,
+    build_unet,
+)
 from monai_diffusion.networks.memory_saving import offload_saved_maps
 
 __all__ = [
     "AutoencoderTraining",
+    "ControlNetTraining",
     "LDMTraining",
     "autoencoder_epoch_end",
     "autoencoder_micro_step",
     "autoencoder_update",
     "build_autoencoder_training",
+    "build_controlnet_training",
     "build_ldm_training",
+    "controlnet_control",
+    "controlnet_epoch_end",
+    "controlnet_micro_step",
+    "controlnet_update",
     "frozen",
     "ldm_epoch_end",
     "ldm_latents",
@@ -290,6 +310,7 @@ class LDMTraining:
         kind: ``ldm.scheduler.type`` (ddpm, ddim or rflow).
         optimizer, scaler, lr_scheduler: the UNet's optimizer, gradient scaler and LR schedule.
         ema: the EMA of the UNet's weights, None when ``ema_decay`` is None.
+        condition_dropout: ``ldm.conditioning.dropout``, the share of samples trained on the null condition.
     """
 
     training: LDMTrainingConfig
@@ -301,25 +322,28 @@ class LDMTraining:
     scaler: torch.amp.GradScaler
     lr_scheduler: LRScheduler
     ema: AveragedModel | None
+    condition_dropout: float = 0.0
 
 
 def build_ldm_training(
     config: Config, latent_shape: tuple[int, ...], device: torch.device, precision: Precision, max_steps: int | None,
-    max_epochs: int | None = None, world_size: int = 1,
+    max_epochs: int | None = None, world_size: int = 1, conditioning: dict | None = None,
 ) -> LDMTraining:
     """The UNet, noise scheduler, optimizer and EMA of the config's LDM stage, for latents of ``latent_shape``
     (channels, then per axis), on ``device``. ``max_steps``, ``max_epochs`` and ``world_size`` as in
-    :func:`build_autoencoder_training`."""
+    :func:`build_autoencoder_training`; ``conditioning`` the conditional UNet's arguments
+    (``ConditionEncoder.unet_arguments()``, None: unconditional)."""
     t = config.ldm.training
     spatial_dims = len(latent_shape) - 1
     kind = config.ldm.scheduler.type
-    unet = build_unet(config.ldm, latent_shape[0], spatial_dims).to(device)
+    unet = build_unet(config.ldm, latent_shape[0], spatial_dims, conditioning).to(device)
     scheduler = build_scheduler(config.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
     optimizer, lr_scheduler = _optimizer_and_schedule(unet.parameters(), t.lr, t, max_steps, max_epochs, world_size)
     return LDMTraining(
         training=t, precision=precision, unet=unet, scheduler=scheduler, kind=kind, optimizer=optimizer,
         scaler=precision.make_scaler(), lr_scheduler=lr_scheduler,
         ema=build_ema(unet, t.ema_decay) if t.ema_decay is not None else None,
+        condition_dropout=config.ldm.conditioning.dropout if conditioning is not None else 0.0,
     )
 
 
@@ -338,28 +362,154 @@ def ldm_latents(batch: dict, autoencoder: torch.nn.Module, scale_factor: float, 
 
 
 def ldm_micro_step(parts: LDMTraining, z: torch.Tensor, sync: bool = True,
-                   model: torch.nn.Module | None = None) -> torch.Tensor:
+                   model: torch.nn.Module | None = None, condition: Conditioning | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch of latents: the scheduler's training target
     (:func:`~monai_diffusion.diffusion.diffusion_loss`, ``ldm.training.loss``) under the run's precision, divided by
-    the accumulation count. ``sync`` and ``model`` as in :func:`autoencoder_micro_step`. Returns the (unscaled)
-    loss."""
+    the accumulation count. ``sync`` and ``model`` as in :func:`autoencoder_micro_step`. A conditional UNet takes the
+    batch's ``condition``, each sample's dropped to the null condition with ``condition_dropout`` (classifier-free
+    guidance). Returns the (unscaled) loss."""
     model = model if model is not None else parts.unet
+    denoiser = model if condition is None else functools.partial(
+        unet_output, model, condition=condition.dropped(parts.condition_dropout).to(z.device))
+    return _diffusion_backward(parts, denoiser, z, model, sync)
+
+
+def _diffusion_backward(parts: LDMTraining | ControlNetTraining, denoiser, z: torch.Tensor, model: torch.nn.Module,
+                        sync: bool) -> torch.Tensor:
+    """The diffusion loss of ``denoiser`` on ``z``, backward (scaled, divided by the accumulation count), gradients
+    all-reduced only when ``sync`` (``model`` is what DDP wraps)."""
     with gradient_sync(model, sync):
-        loss = diffusion_loss(model, parts.scheduler, parts.kind, z, parts.precision, parts.training.loss)
+        loss = diffusion_loss(denoiser, parts.scheduler, parts.kind, z, parts.precision, parts.training.loss)
         parts.scaler.scale(loss / parts.training.gradient_accumulation_steps).backward()
     return loss
 
 
 def ldm_update(parts: LDMTraining) -> StepResult:
     """The optimizer step after the last micro-batch, then the EMA (only when the step was taken)."""
-    result = optimizer_step(parts.optimizer, parts.scaler, parts.unet.parameters(), parts.training.grad_clip,
-                            _per_step(parts.lr_scheduler, parts.training))
-    if parts.ema is not None and result.stepped:
-        parts.ema.update_parameters(parts.unet)
-    return result
+    return _update(parts.unet, parts.optimizer, parts.scaler, parts.lr_scheduler, parts.ema, parts.training)
 
 
 def ldm_epoch_end(parts: LDMTraining) -> None:
     """At the end of a whole epoch: advance the LR schedule when it counts epochs (``lr_schedule_interval: epoch``)."""
-    if parts.training.lr_schedule_interval == "epoch":
-        parts.lr_scheduler.step()
+    _epoch_end(parts.lr_scheduler, parts.training)
+
+
+def _epoch_end(lr_scheduler: LRScheduler, training: LDMTrainingConfig) -> None:
+    if training.lr_schedule_interval == "epoch":
+        lr_scheduler.step()
+
+
+def _update(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            lr_scheduler: LRScheduler, ema: AveragedModel | None, training: LDMTrainingConfig) -> StepResult:
+    """The optimizer step of ``network`` after its last micro-batch, then its EMA (only when the step was taken)."""
+    result = optimizer_step(optimizer, scaler, network.parameters(), training.grad_clip,
+                            _per_step(lr_scheduler, training))
+    if ema is not None and result.stepped:
+        ema.update_parameters(network)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ ControlNet
+
+
+@dataclass
+class ControlNetTraining:
+    """What a ControlNet training step works on (:func:`build_controlnet_training`).
+
+    Attributes:
+        training: the ``controlnet.training`` section.
+        precision: autocast and gradient scaler of the run.
+        unet: the trained diffusion UNet, frozen (eval mode, no gradients into its weights).
+        controlnet: MONAI's ControlNet being trained, started from the UNet's weights.
+        scheduler, kind: the LDM's noise scheduler and its type.
+        optimizer, scaler, lr_scheduler: the ControlNet's optimizer, gradient scaler and LR schedule.
+        ema: the EMA of the ControlNet's weights, None when ``ema_decay`` is None.
+        num_labels: label values of the masks (``controlnet.num_labels``).
+        control_size: the spatial size the ControlNet takes the masks at (:func:`control_size`).
+        condition_dropout: the LDM's ``ldm.conditioning.dropout`` (the covariates keep their guidance; the mask is
+            never dropped).
+    """
+
+    training: ControlNetTrainingConfig
+    precision: Precision
+    unet: DiffusionModelUNet
+    controlnet: ControlNet
+    scheduler: object
+    kind: str
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    lr_scheduler: LRScheduler
+    ema: AveragedModel | None
+    num_labels: int
+    control_size: tuple[int, ...]
+    condition_dropout: float = 0.0
+
+
+def build_controlnet_training(
+    config: Config, trained: Config, unet: DiffusionModelUNet, latent_shape: tuple[int, ...], device: torch.device,
+    precision: Precision, max_steps: int | None, max_epochs: int | None = None, world_size: int = 1,
+    conditioning: dict | None = None,
+) -> ControlNetTraining:
+    """The ControlNet of the config's ControlNet stage beside the trained ``unet`` (frozen here), with its
+    optimizer and EMA, on ``device``.
+
+    The ControlNet copies the UNet's encoder and mid-block weights (MONAI's tutorial and MAISI start it so); its
+    output convolutions start at zero, so training begins from the LDM's own predictions.
+
+    Args:
+        config: the run's config (``controlnet``).
+        trained: the LDM's own config (its ``ldm`` section shapes the UNet, ControlNet and scheduler).
+        unet: the LDM's UNet on ``device`` (its EMA weights when it kept them).
+        latent_shape: (channels, then per axis).
+        device, precision, max_steps, max_epochs, world_size: as :func:`build_autoencoder_training`.
+        conditioning: the UNet's conditioning arguments (None: unconditional).
+    """
+    t = config.controlnet.training
+    spatial_dims = len(latent_shape) - 1
+    kind = trained.ldm.scheduler.type
+    unet.eval().requires_grad_(False)
+    controlnet = build_controlnet(trained.ldm, config.controlnet, latent_shape[0], spatial_dims, conditioning)
+    controlnet.load_state_dict(unet.state_dict(), strict=False)
+    controlnet = controlnet.to(device)
+    scheduler = build_scheduler(trained.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
+    optimizer, lr_scheduler = _optimizer_and_schedule(controlnet.parameters(), t.lr, t, max_steps, max_epochs,
+                                                      world_size)
+    return ControlNetTraining(
+        training=t, precision=precision, unet=unet, controlnet=controlnet, scheduler=scheduler, kind=kind,
+        optimizer=optimizer, scaler=precision.make_scaler(), lr_scheduler=lr_scheduler,
+        ema=build_ema(controlnet, t.ema_decay) if t.ema_decay is not None else None,
+        num_labels=config.controlnet.num_labels,
+        control_size=control_size(latent_shape[1:], config.controlnet.conditioning_embedding_num_channels),
+        condition_dropout=trained.ldm.conditioning.dropout if conditioning is not None else 0.0,
+    )
+
+
+def controlnet_control(parts: ControlNetTraining, batch: dict, device: torch.device, mask_key: str) -> torch.Tensor:
+    """A batch's control input on ``device``: precomputed (``batch["control"]``, beside cached latents) or from its
+    label maps on the image grid (``batch[mask_key]``, with on-the-fly encoding)."""
+    if "control" in batch:
+        return batch["control"].to(device, non_blocking=True)
+    masks = torch.as_tensor(batch[mask_key]).as_subclass(torch.Tensor)
+    return control_input(masks.to(device, non_blocking=True), parts.num_labels, parts.control_size)
+
+
+def controlnet_micro_step(parts: ControlNetTraining, z: torch.Tensor, control: torch.Tensor, sync: bool = True,
+                          model: torch.nn.Module | None = None, condition: Conditioning | None = None) -> torch.Tensor:
+    """Forward and backward of one micro-batch: the LDM's training target, predicted by the frozen UNet with the
+    ControlNet's residuals for the batch's ``control`` input; only the ControlNet learns. ``sync``, ``model`` (the
+    DDP-wrapped ControlNet) and ``condition`` as in :func:`ldm_micro_step`. Returns the (unscaled) loss."""
+    model = model if model is not None else parts.controlnet
+    if condition is not None:
+        condition = condition.dropped(parts.condition_dropout).to(z.device)
+    denoiser = functools.partial(unet_output, parts.unet, condition=condition, controlnet=model, control=control)
+    return _diffusion_backward(parts, denoiser, z, model, sync)
+
+
+def controlnet_update(parts: ControlNetTraining) -> StepResult:
+    """The ControlNet's optimizer step after the last micro-batch, then its EMA (only when the step was taken)."""
+    return _update(parts.controlnet, parts.optimizer, parts.scaler, parts.lr_scheduler, parts.ema, parts.training)
+
+
+def controlnet_epoch_end(parts: ControlNetTraining) -> None:
+    """At the end of a whole epoch: advance the LR schedule when it counts epochs (``lr_schedule_interval: epoch``)."""
+    _epoch_end(parts.lr_scheduler, parts.training)

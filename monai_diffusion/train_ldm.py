@@ -9,6 +9,11 @@ SIGTERM stop it after the current optimizer step with ``last.pt`` saved. Works u
 Each training volume is encoded once into the latent cache (posterior mean and sigma); every use draws a fresh
 latent ``mu + sigma * eps``, multiplies it by the scale factor (1 / std of the latents, computed once and kept
 in the checkpoint) and trains the UNet to undo noise added by the scheduler.
+
+With ``data.conditions`` the UNet also takes each volume's covariates (:mod:`monai_diffusion.conditioning`): their
+statistics and vocabularies are fitted on the training split once and kept in the checkpoint, and each sample's
+conditions are dropped with ``ldm.conditioning.dropout`` so the one UNet learns the unconditional model that
+classifier-free guidance needs.
 """
 
 from __future__ import annotations
@@ -20,15 +25,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
+from monai_diffusion.conditioning import ConditionEncoder, Denoiser
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
-from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, loader_worker_init, screen_volumes
-from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
-from monai_diffusion.data.transforms import deterministic_settings, selected_channels
+from monai_diffusion.data import build_transforms
 from monai_diffusion.generation import generate_volume
 from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint, save_checkpoint
 from monai_diffusion.engine.distributed import all_reduce_mean, barrier, broadcast_object, cleanup_distributed
@@ -51,42 +54,20 @@ from monai_diffusion.engine.loop import (
 )
 from monai_diffusion.engine.optim import NonFiniteGuard
 from monai_diffusion.latents import (
-    CACHE_ROOT,
-    LatentDataset,
-    build_latent_cache,
-    cache_key,
     compute_scale_factor,
     encode_volume,
+    latent_loader,
     load_autoencoder,
     load_cache_entry,
     plain_affine,
     resolve_autoencoder_checkpoint,
+    training_items,
 )
 from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_scheduler
 from monai_diffusion.steps import build_ldm_training, ldm_epoch_end, ldm_latents, ldm_micro_step, ldm_update, training_model
 
 # fast_dev_run samples its validation volume with this many denoising steps.
 FAST_DEV_RUN_INFERENCE_STEPS = 2
-
-
-def training_items(config: Config) -> list[dict]:
-    """The screened training volumes (the validation split is not used: validation here is sampling)."""
-    data = config.data
-    items, _ = list_volumes(data, config.seed)
-    if config.fast_dev_run:
-        items = items[:FAST_DEV_TRAIN_ITEMS]
-    items = screen_volumes(
-        items,
-        expected_channels=config.autoencoder.in_channels,
-        on_bad_file=data.on_bad_file,
-        spatial_dims=len(data.voxel_size),
-        spacing=data.spacing,
-        cache_file=None if config.fast_dev_run else cache_root(config) / "screening.json",
-        channels=selected_channels(data),
-    )
-    if not items:
-        raise ValueError(f"No training volume to train on (data.source={data.source!r})")
-    return items
 
 
 def train(config: Config, resume: str | None = None) -> Path:
@@ -126,32 +107,18 @@ def train(config: Config, resume: str | None = None) -> Path:
     latent_shape = (config.autoencoder.latent_channels, *autoencoder.latent_shape(config.data.voxel_size))
     log.info("autoencoder %s (weights %s); latent shape %s", ae_path, ae_hash, list(latent_shape))
 
-    # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
+    # ---- conditions: fitted on the training split once, then the checkpoint's (a resumed run keeps its statistics)
     items = training_items(config)
+    encoder = ConditionEncoder.from_state(state.get("conditioning")) if state is not None \
+        else ConditionEncoder.fit(config, items)
+    if encoder is not None:
+        log.info("conditions %s", encoder.state()["conditions"])
+    fields = [{name: item[name] for name in encoder.names} for item in items] if encoder is not None else None
+
+    # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
     deterministic = build_transforms(config.data, train=False, expected_channels=config.autoencoder.in_channels)
-    if t.cache_latents:
-        if dist.is_main and (config.data.augment.flip_prob > 0 or config.data.augment.affine_prob > 0):
-            log.warning("ldm.training.cache_latents: data.augment is not applied to cached latents")
-        settings = deterministic_settings(config.data, config.autoencoder.in_channels)
-        key = cache_key(ae_hash, settings, precision.name)
-        cache = build_latent_cache(
-            autoencoder, items, deterministic, Path(config.output.output_dir) / CACHE_ROOT / key, device, precision,
-            dist, describe={"autoencoder_checkpoint": str(ae_path), "autoencoder_hash": ae_hash,
-                            "transforms": settings, "precision": precision.name},
-        )
-        dataset = LatentDataset(cache.files)
-        train_sampler = DistributedSampler(
-            dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed
-        )
-        # Own generator: iterating never draws from the global RNG, so a resumed run replays it exactly.
-        train_loader = DataLoader(
-            dataset, batch_size=t.batch_size, sampler=train_sampler, num_workers=config.data.num_workers,
-            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(config.seed),
-            worker_init_fn=loader_worker_init,
-        )
-    else:
-        cache = None
-        train_loader, _, train_sampler = build_dataloaders(config, dist.rank, dist.world_size, t.batch_size)
+    train_loader, train_sampler, cache = latent_loader(config, t, autoencoder, items, ae_path, ae_hash, precision,
+                                                       dist, fields)
 
     def first_posteriors():
         for index in range(min(t.scale_factor_volumes, len(items))):
@@ -180,7 +147,8 @@ def train(config: Config, resume: str | None = None) -> Path:
 
     # ---- UNet, scheduler, optimizer, EMA: the step benchmark and plan measure
     parts = build_ldm_training(config, latent_shape, device, precision, budget.max_steps,
-                               max_epochs=budget.max_epochs, world_size=dist.world_size)
+                               max_epochs=budget.max_epochs, world_size=dist.world_size,
+                               conditioning=encoder.unet_arguments() if encoder is not None else None)
     unet, ema = parts.unet, parts.ema
 
     step, start_epoch, skip_batches = 0, 0, 0
@@ -227,6 +195,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                 "autoencoder_hash": ae_hash,
                 "latent_shape": list(latent_shape),
                 "affine": affine,
+                **({"conditioning": encoder.state()} if encoder is not None else {}),
             },
         )
 
@@ -248,7 +217,8 @@ def train(config: Config, resume: str | None = None) -> Path:
             for index, batch in epoch_batches(train_loader, budget, skip_batches, epoch):
                 z = ldm_latents(batch, autoencoder, scale_factor, precision, device)
                 last_micro = budget.ends_step(index)
-                loss = ldm_micro_step(parts, z, last_micro, model)
+                condition = encoder.encode_batch(batch) if encoder is not None else None
+                loss = ldm_micro_step(parts, z, last_micro, model, condition)
                 loss_value = loss.item()  # one device-to-host copy per micro-batch
                 # All ranks judge the same (averaged) loss, so they stop together.
                 guard.check(all_reduce_mean(loss_value) if dist.world_size > 1 else loss_value, step)
@@ -282,7 +252,7 @@ def train(config: Config, resume: str | None = None) -> Path:
             if (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == budget.max_epochs or step >= budget.max_steps:
                 if dist.is_main:
                     validate(ema.module if ema is not None else unet, autoencoder, config, scale_factor,
-                             latent_shape, affine, precision, run_dir, step, writer, device)
+                             latent_shape, affine, precision, run_dir, step, writer, device, encoder, fields)
                 barrier()  # the other ranks wait here while rank 0 samples
             save_epoch_end(save, run_dir, budget, step, epoch, done_in_epoch, t.keep_last_checkpoints, dist)
             if step < budget.max_steps and epoch + 1 < budget.max_epochs and (signum := stop.agreed()):
@@ -303,11 +273,13 @@ def train(config: Config, resume: str | None = None) -> Path:
 
 @torch.no_grad()
 def validate(unet, autoencoder, config: Config, scale_factor: float, latent_shape: tuple[int, ...], affine,
-             precision, run_dir: Path, step: int, writer: RunLogger, device: torch.device) -> Path:
+             precision, run_dir: Path, step: int, writer: RunLogger, device: torch.device,
+             encoder: ConditionEncoder | None = None, fields: list[dict] | None = None) -> Path:
     """Sample one volume (EMA weights when kept) and write ``<run>/samples/sample-step<N>.{nii.gz,png}``.
 
     The noise comes from a generator seeded with ``config.seed``: every validation starts from the same noise
-    (progress is visible), and the training RNG is untouched (a resumed run replays training exactly).
+    (progress is visible), and the training RNG is untouched (a resumed run replays training exactly). A conditional
+    UNet samples with the first training volume's conditions at ``ldm.sampling.guidance_scale``.
     """
     was_training = unet.training
     sampling = config.ldm.sampling
@@ -318,10 +290,14 @@ def validate(unet, autoencoder, config: Config, scale_factor: float, latent_shap
     intensity = config.data.intensity
     value_range = (intensity.b_min, intensity.b_max) if intensity.mode != "none" else None
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    volume = generate_volume(unet, autoencoder, scheduler, kind, latent_shape, scale_factor, sampling, steps,
+    title, denoiser = f"step {step}", unet
+    if encoder is not None:
+        denoiser = Denoiser(unet, encoder.encode(fields[:1]).to(device), sampling.guidance_scale)
+        title += f" {encoder.describe(fields[0])}"
+    volume = generate_volume(denoiser, autoencoder, scheduler, kind, latent_shape, scale_factor, sampling, steps,
                              value_range, device, generator, precision)
     nifti, panel = save_sample(volume[0], affine, run_dir / "samples", f"sample-step{step:08d}", value_range,
-                               title=f"step {step}")
+                               title=title)
     if panel is not None:
         writer.image("val/sample", panel, step)
     writer.scalars({"val/sample_mean": volume.mean().item(), "val/sample_std": volume.std().item()}, step)

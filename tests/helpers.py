@@ -133,3 +133,57 @@ def record_compiles(monkeypatch) -> list:
 
     monkeypatch.setattr(torch, "compile", compile)
     return calls
+
+
+def write_conditional_data(folder: Path, count: int = 6, shape=(18, 16, 14), validation: int = 0) -> Path:
+    """Blob volumes whose size is a covariate (``radius``), with a categorical ``shape`` ('a'/'b'), a label map
+    (``seg``: 1 the blob's lower half, 2 its upper half) and a JSON datalist; ``validation`` more entries in its
+    'validation' list. Returns the datalist."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    affine[:3, 3] = [-12, -10, -9]
+    entries = []
+    for index in range(count + validation):
+        radius = round(float(rng.uniform(0.3, 0.8)), 3)
+        blob = np.sum(grid**2, axis=0) < radius**2
+        label = (blob * np.where(grid[2] > 0, 2, 1)).astype(np.uint8)
+        volume = 100 * blob + rng.normal(0, 5, size=shape)
+        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), folder / f"v{index}.nii.gz")
+        nib.save(nib.Nifti1Image(label, affine), folder / f"v{index}_seg.nii.gz")
+        entries.append({"image": f"v{index}.nii.gz", "seg": f"v{index}_seg.nii.gz", "radius": radius,
+                        "shape": "ab"[index % 2]})
+    content = {"training": entries[:count]} | ({"validation": entries[count:]} if validation else {})
+    (folder / "list.json").write_text(json.dumps(content))
+    return folder / "list.json"
+
+
+def conditional_raw(datalist: Path, output_dir: Path, categorical_via: str = "cross_attention", **ldm_training) -> dict:
+    """A tiny conditional pipeline on :func:`write_conditional_data`'s datalist: radius and shape conditions, label
+    maps for a ControlNet, 16^3 volumes, 8^3 latents, 1 LDM and 1 ControlNet step."""
+    return {
+        "data": {"source": "datalist", "datalist": str(datalist), "voxel_size": [16, 16, 16], "cache": "none",
+                 "val_fraction": 0.0, "mask_key": "seg",
+                 "conditions": [{"name": "radius"}, {"name": "shape", "type": "categorical"}]},
+        "autoencoder": {"num_channels": [8, 8], "norm_num_groups": 4, "latent_channels": 2, "downsample_factors": [2],
+                        "attention_levels": [False, False], "with_encoder_nonlocal_attn": False,
+                        "with_decoder_nonlocal_attn": False},
+        "ldm": {
+            "unet": {"num_channels": [8, 16], "attention_levels": [False, True], "norm_num_groups": 8,
+                     "num_head_channels": 8},
+            "conditioning": {"categorical_via": categorical_via, "dropout": 0.5},
+            "scheduler": {"num_train_timesteps": 100},
+            "training": {"batch_size": 2, "max_epochs": None, "max_steps": 1, "val_every_n_epochs": 100,
+                         "ema_decay": 0.9, "scale_factor_volumes": 2, **ldm_training},
+            "sampling": {"num_inference_steps": 2},
+        },
+        "controlnet": {"num_labels": 3, "conditioning_embedding_num_channels": [8, 16],
+                       "training": {"batch_size": 2, "max_epochs": None, "max_steps": 1, "val_every_n_epochs": 100,
+                                    "ema_decay": 0.9}},
+        "device": {"device": "cpu"},
+        "output": {"output_dir": str(output_dir), "log_every_n_steps": 1},
+        "seed": 3,
+    }

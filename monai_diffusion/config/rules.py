@@ -5,7 +5,8 @@ Each rule names every key it involves, so a user knows which line of the YAML to
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel
 
@@ -101,7 +102,8 @@ def check_rules(config: Config) -> list[str]:
             problems += _check_unet(config, latent)
 
     # ---- training bounds and schedules
-    for name, section in (("autoencoder.training", ae.training), ("ldm.training", ldm.training)):
+    for name, section in (("autoencoder.training", ae.training), ("ldm.training", ldm.training),
+                          ("controlnet.training", config.controlnet.training)):
         if section.max_epochs is None and section.max_steps is None:
             problems.append(f"{name}.max_epochs / {name}.max_steps: set at least one bound")
         problems += _check_lr_schedule(name, section)
@@ -140,7 +142,68 @@ def check_rules(config: Config) -> list[str]:
                         "has no effect)")
     if ldm.sampling.tile_size is not None and len(ldm.sampling.tile_size) != spatial_dims:
         problems.append(f"ldm.sampling.tile_size: expected {spatial_dims} sizes, got {ldm.sampling.tile_size}")
+    problems += _check_conditions(config)
+    if data.mask_key is not None and levels is not None and spatial_dims in (2, 3):
+        problems += _check_controlnet(config, total_factor(levels, spatial_dims))
     return problems
+
+
+def _check_conditions(config: Config) -> list[str]:
+    """Covariates need a source whose entries carry fields; names, vocabularies and guidance must make sense."""
+    data, conditioning, problems = config.data, config.ldm.conditioning, []
+    fields = [c.name for c in data.conditions] + ([data.mask_key] if data.mask_key is not None else [])
+    for what, present in (("data.conditions", bool(data.conditions)), ("data.mask_key", data.mask_key is not None)):
+        if present and data.source == "folder":
+            problems.append(f"{what} / data.source: a folder's volumes carry no fields; use data.source 'datalist' "
+                            "(JSON keys or CSV columns)")
+        if present and data.source == "demo" and not data.demo.conditional:
+            problems.append(f"{what} / data.demo.conditional: the plain demo set has no covariates or label maps; "
+                            "set data.demo.conditional: true (fields brain_scale and label)")
+    repeated = sorted({name for name in fields if fields.count(name) > 1})
+    if repeated:
+        problems.append(f"data.conditions / data.mask_key: each field once, {repeated} repeated")
+    for index, condition in enumerate(data.conditions):
+        key = f"data.conditions[{index}]"
+        if condition.name in ("image", "split") or not condition.name.strip():
+            problems.append(f"{key}.name: {condition.name!r} is not a covariate field ('image' and 'split' are taken)")
+        if condition.categories is not None and condition.type == "continuous":
+            problems.append(f"{key}.categories: only read for type 'categorical', {condition.name!r} is continuous")
+        if condition.categories is not None and (not condition.categories
+                                                 or len(set(condition.categories)) != len(condition.categories)):
+            problems.append(f"{key}.categories: expected distinct labels, got {condition.categories}")
+    guidance = config.ldm.sampling.guidance_scale
+    if guidance != 1 and data.conditions and conditioning.dropout == 0:
+        problems.append(
+            f"ldm.sampling.guidance_scale / ldm.conditioning.dropout: guidance {guidance} extrapolates from the "
+            "unconditional model, which a UNet trained with dropout 0 never learnt; train with dropout > 0 "
+            "(e.g. 0.1) or sample with guidance 1"
+        )
+    return problems
+
+
+def _check_controlnet(config: Config, factor: tuple[int, ...]) -> list[str]:
+    """The ControlNet's conditioning embedding halves the mask ``len - 1`` times down to the latent: the mask is
+    pooled from the image grid by the rest of the autoencoder's factor, which must be whole on every axis."""
+    channels = config.controlnet.conditioning_embedding_num_channels
+    if not channels or any(c < 1 for c in channels):
+        return [f"controlnet.conditioning_embedding_num_channels: expected channels >= 1, got {channels}"]
+    halvings = 2 ** (len(channels) - 1)
+    bad = [f for f in factor if f % halvings]
+    if bad:
+        return [
+            f"controlnet.conditioning_embedding_num_channels / autoencoder.downsample_factors: {len(channels)} "
+            f"entries halve the mask {len(channels) - 1} time(s) (x{halvings}), which must divide the total factor "
+            f"{list(factor)} on every axis; use {int(math.log2(_largest_power_of_two(factor))) + 1} entries or fewer"
+        ]
+    return []
+
+
+def _largest_power_of_two(factor: Sequence[int]) -> int:
+    """The largest power of two dividing every entry of ``factor``."""
+    power = 1
+    while all(f % (power * 2) == 0 for f in factor):
+        power *= 2
+    return power
 
 
 def _stage_sizes(config: Config) -> list[tuple[str, list[int]]]:

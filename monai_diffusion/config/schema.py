@@ -55,10 +55,31 @@ class DemoConfig(Section):
     num_volumes: int = Field(
         24, ge=2, description="How many volumes the demo set derives from the MNI152 template."
     )
+    conditional: bool = Field(
+        False,
+        description="true: the conditional demo set instead, a separate set of files: each brain scaled by a known "
+        "`brain_scale` (0.8-1.2, its volume by 0.5-1.7x) and given a tissue label map `label` (0 outside the brain, "
+        "1 CSF, 2 grey matter, 3 white matter, from nilearn's MNI152 templates), both in its datalist, for "
+        "data.conditions and train-controlnet. false: the plain demo brains.",
+    )
     cache_dir: Path | None = Field(
         None,
         description="Where the demo NIfTI files are written once and reused. "
         "Default: ~/.cache/monai_diffusion/demo.",
+    )
+
+
+class ConditionConfig(Section):
+    name: str = Field(description="The datalist field holding the value (a JSON key or CSV column), e.g. `age`.")
+    type: Literal["continuous", "categorical"] = Field(
+        "continuous",
+        description="'continuous': a number, normalised with the mean and standard deviation of the training split "
+        "(kept in the checkpoint); 'categorical': a label from a vocabulary (kept in the checkpoint).",
+    )
+    categories: list[str] | None = Field(
+        None,
+        description="categorical: the vocabulary, in a fixed order (None: the values met in the training split, "
+        "sorted). A value outside it is an error.",
     )
 
 
@@ -119,6 +140,18 @@ class DataConfig(Section):
         "error", description="An unreadable/invalid volume stops the run ('error') or is logged and left out."
     )
     demo: DemoConfig = Field(default_factory=DemoConfig)
+    conditions: list[ConditionConfig] = Field(
+        default_factory=list,
+        description="Covariates the LDM is conditioned on, each read from an entry's datalist field (source "
+        "'datalist', or the conditional demo set), e.g. [{name: age}, {name: sex, type: categorical}]. "
+        "Empty: unconditional.",
+    )
+    mask_key: str | None = Field(
+        None,
+        description="The datalist field naming each volume's label map (a NIfTI file on the image's voxel grid, "
+        "integer labels 0..controlnet.num_labels-1; relative paths from the datalist's folder) that "
+        "train-controlnet learns to follow, e.g. `label`. None: no label maps.",
+    )
 
 
 # ---------------------------------------------------------------- autoencoder
@@ -402,9 +435,31 @@ class LDMTrainingConfig(Section):
     max_nonfinite_steps: int = Field(20, ge=1, description="Stop after this many consecutive non-finite losses.")
 
 
+class ConditioningConfig(Section):
+    categorical_via: Literal["cross_attention", "class_embedding"] = Field(
+        "cross_attention",
+        description="How the UNet takes categorical data.conditions: 'cross_attention' (one-hot in the context "
+        "vector its attention levels and mid-block attend to, with the continuous values) or 'class_embedding' "
+        "(MONAI's num_class_embeds: one class per combination of categories, added to the timestep embedding). "
+        "Continuous values always go through cross-attention.",
+    )
+    dropout: float = Field(
+        0.1, ge=0, lt=1,
+        description="Classifier-free guidance: probability that a training sample's conditions are all replaced by "
+        "the null condition, so the same UNet also learns the unconditional model that guidance extrapolates "
+        "from. 0: no guidance possible at sampling.",
+    )
+
+
 class SamplingConfig(Section):
     scheduler: Literal["ddpm", "ddim", "rflow"] | None = Field(
         None, description="Sampler (None: the training scheduler; ddim needs a ddpm/ddim-trained model)."
+    )
+    guidance_scale: float = Field(
+        1.0, ge=0,
+        description="Classifier-free guidance scale w of a conditional LDM: prediction = unconditional + w "
+        "(conditional - unconditional); 1: the plain conditional model, above 1: conditions followed more "
+        "strongly (one extra UNet pass per step). `sample --guidance` overrides it.",
     )
     num_inference_steps: int = Field(50, ge=1, description="Denoising steps.")
     num_samples: int = Field(1, ge=1, description="Volumes to generate.")
@@ -419,8 +474,40 @@ class LDMConfig(Section):
     )
     unet: UNetConfig = Field(default_factory=UNetConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    conditioning: ConditioningConfig = Field(default_factory=ConditioningConfig)
     training: LDMTrainingConfig = Field(default_factory=LDMTrainingConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+
+
+# ------------------------------------------------------------------ ControlNet
+
+
+class ControlNetTrainingConfig(LDMTrainingConfig):
+    """The ControlNet's training: the LDM's settings (its latent cache, precision, accumulation, schedules, EMA),
+    applied to the ControlNet while the LDM stays frozen. ``scale_factor_volumes`` is not read: the latents are
+    scaled by the LDM's own factor."""
+
+
+class ControlNetConfig(Section):
+    ldm_checkpoint: Path | None = Field(
+        None, description="The trained LDM the ControlNet steers, frozen (a checkpoint or run folder; None: the "
+        "newest <output_dir>/ldm-*/checkpoints/last.pt). Its EMA weights are used when it has them."
+    )
+    num_labels: int = Field(
+        4, ge=2, description="Label values in the masks (data.mask_key): 0..num_labels-1, 0 = background. The "
+        "ControlNet sees one channel per other label (its share of each control voxel)."
+    )
+    conditioning_embedding_num_channels: list[int] = Field(
+        [16, 32],
+        description="Channels of MONAI's ControlNet conditioning embedding; each entry after the first halves the "
+        "mask's resolution, so the mask is fed at the latent size x 2^(len - 1) (pooled from the image grid: "
+        "2^(len - 1) must divide the autoencoder's total factor on every axis).",
+    )
+    conditioning_scale: float = Field(
+        1.0, ge=0, description="Weight of the ControlNet's residuals when sampling (MONAI's conditioning_scale; "
+        "training uses 1)."
+    )
+    training: ControlNetTrainingConfig = Field(default_factory=ControlNetTrainingConfig)
 
 
 # ----------------------------------------------------------------- run-level
@@ -455,11 +542,12 @@ class OutputConfig(Section):
 
 
 class Config(Section):
-    """The whole run: data -> autoencoder -> LDM, plus device, output and seed."""
+    """The whole run: data -> autoencoder -> LDM (-> ControlNet), plus device, output and seed."""
 
     data: DataConfig = Field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = Field(default_factory=AutoencoderConfig)
     ldm: LDMConfig = Field(default_factory=LDMConfig)
+    controlnet: ControlNetConfig = Field(default_factory=ControlNetConfig)
     device: DeviceConfig = Field(default_factory=DeviceConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     seed: int = Field(42, description="Seed for data splits, weights and sampling.")

@@ -1,6 +1,6 @@
 """The config as one training stage sees it: the settings a stage may have of its own, resolved.
 
-The autoencoder and the LDM stage can each set their own precision (``<stage>.training.mixed_precision``) and the
+The autoencoder, the LDM and the ControlNet stage can each set their own precision (``<stage>.training.mixed_precision``) and the
 autoencoder its own volume size (``autoencoder.training.voxel_size``; the LDM trains and generates at
 ``data.voxel_size``). :func:`stage_config` writes a stage's values into ``device.mixed_precision`` and
 ``data.voxel_size``, so the code below a command (data loading, precision, the memory probe) reads one place
@@ -14,7 +14,7 @@ from typing import Literal
 
 from monai_diffusion.config.schema import Config
 
-Stage = Literal["autoencoder", "ldm"]
+Stage = Literal["autoencoder", "ldm", "controlnet"]
 
 __all__ = ["Stage", "stage_config", "step_config"]
 
@@ -28,10 +28,11 @@ def stage_config(config: Config, stage: Stage) -> Config:
     Raises:
         ValueError: an unknown stage.
     """
-    if stage not in ("autoencoder", "ldm"):
-        raise ValueError(f"stage must be 'autoencoder' or 'ldm', got {stage!r}")
+    if stage not in ("autoencoder", "ldm", "controlnet"):
+        raise ValueError(f"stage must be 'autoencoder', 'ldm' or 'controlnet', got {stage!r}")
     resolved = config.model_copy(deep=True)
-    training = resolved.autoencoder.training if stage == "autoencoder" else resolved.ldm.training
+    training = {"autoencoder": resolved.autoencoder.training, "ldm": resolved.ldm.training,
+                "controlnet": resolved.controlnet.training}[stage]
     if training.mixed_precision is not None:
         resolved.device.mixed_precision = training.mixed_precision
         training.mixed_precision = None

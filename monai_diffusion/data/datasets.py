@@ -107,7 +107,7 @@ def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_
 def build_dataloaders(
     config: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None,
     patch_size: list[int] | None = None, foreground_ratio: float | None = None,
-    foreground_threshold: float | None = None,
+    foreground_threshold: float | None = None, mask_key: str | None = None,
 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Train and validation DataLoaders for ``config.data``, screened and cached as configured.
 
@@ -131,6 +131,7 @@ def build_dataloaders(
         batch_size: volumes per batch (default ``config.autoencoder.training.batch_size``).
         patch_size: training batches are random crops of this size (validation keeps whole volumes); None: whole.
         foreground_ratio, foreground_threshold: foreground-weighted patches (see :func:`build_transforms`).
+        mask_key: each item's label map (``data.mask_key``) goes through the spatial transforms with its image.
 
     Returns:
         (train loader, validation loader, train DistributedSampler).
@@ -170,17 +171,17 @@ def build_dataloaders(
         )
     logger.info("Data: %d training and %d validation volume(s)", len(train_items), len(val_items))
 
-    settings_key = hashlib.sha256(
-        json.dumps(deterministic_settings(data, expected_channels), sort_keys=True).encode()
-    ).hexdigest()
+    settings = deterministic_settings(data, expected_channels) | ({"mask_key": mask_key} if mask_key else {})
+    settings_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     show_progress = rank == 0
     train_set = make_dataset(
         train_items, build_transforms(data, train=True, expected_channels=expected_channels, patch_size=patch_size,
-                                      foreground_ratio=foreground_ratio, foreground_threshold_value=foreground_threshold),
+                                      foreground_ratio=foreground_ratio, foreground_threshold_value=foreground_threshold,
+                                      mask_key=mask_key),
         data, root, settings_key, show_progress, rank, world_size,
     )
     val_set = make_dataset(
-        val_items, build_transforms(data, train=False, expected_channels=expected_channels),
+        val_items, build_transforms(data, train=False, expected_channels=expected_channels, mask_key=mask_key),
         data, root, settings_key, show_progress, rank, world_size,
     )
 

@@ -1,8 +1,9 @@
 """Where the volumes come from (folder, datalist, demo), the train/validation split, and screening.
 
 Every item is a dict ``{"image": "/absolute/path.nii.gz", ...}``, the form MONAI's dict transforms and
-datasets take; a datalist entry's other text and number fields stay with it (e.g. ``class``). Problems are reported before any training starts, naming the folder or file and what
-was expected.
+datasets take; a datalist entry's other text and number fields stay with it (e.g. ``class``, the covariates of
+``data.conditions``, the label map named by ``data.mask_key``). Problems are reported before any training starts,
+naming the folder, file or row and what was expected.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 from monai.data import load_decathlon_datalist
 from tqdm.auto import tqdm
 
-from monai_diffusion.config.schema import DataConfig
-from monai_diffusion.data.demo import build_demo_dataset
-from monai_diffusion.data.transforms import describe_resampling_problem
+from monai_diffusion.config.schema import ConditionConfig, DataConfig
+from monai_diffusion.data.demo import build_conditional_demo_dataset, build_demo_dataset
+from monai_diffusion.data.transforms import describe_resampling_problem, grid_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +49,9 @@ def _absolute(path: str | os.PathLike, base: Path | None = None) -> str:
     return os.path.normpath(os.path.abspath(expanded))
 
 
-def _require_existing(items: list[dict], where: str) -> None:
-    """Raise one FileNotFoundError listing every item whose image file does not exist."""
-    missing = [item["image"] for item in items if not os.path.isfile(item["image"])]
+def _require_existing(items: list[dict], where: str, keys: Sequence[str] = ("image",)) -> None:
+    """Raise one FileNotFoundError listing every file an item names (its image, label map) that does not exist."""
+    missing = [item[key] for item in items for key in keys if not os.path.isfile(item[key])]
     if missing:
         listed = "\n".join(f"  - {path}" for path in missing[:MAX_LISTED_MISSING])
         more = f"\n  ... and {len(missing) - MAX_LISTED_MISSING} more" if len(missing) > MAX_LISTED_MISSING else ""
@@ -88,23 +90,83 @@ def _image_path(entry: dict, where: str) -> str:
     return os.fspath(image)
 
 
-def _item(entry: dict, image: str) -> dict:
-    """A volume's item: its absolute image path and the entry's other scalar fields (text, numbers, booleans).
+def _item(entry: dict, image: str, path_keys: Sequence[str] = (), base: Path | None = None) -> dict:
+    """A volume's item: its absolute image path and the entry's other scalar fields (text, numbers, booleans); the
+    fields named in ``path_keys`` (a label map) are made absolute from ``base`` too.
 
     Lists, mappings and nulls are left out: every item must collate into a batch, and nothing downstream reads them.
     """
     fields = {key: value for key, value in entry.items() if isinstance(value, (str, int, float, bool)) and key != "image"}
+    fields |= {key: _absolute(fields[key], base) for key in path_keys if key in fields}
     return {**fields, "image": _absolute(image)}
 
 
-def read_json_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
+def condition_value(condition: ConditionConfig, raw) -> float | str:
+    """A covariate's value as the LDM reads it: a finite number (continuous) or a label (categorical).
+
+    Raises:
+        ValueError: a missing or empty value, or a continuous one that is not a finite number (the message says which;
+            the caller names the file, row and key).
+    """
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        raise ValueError("is missing")
+    if condition.type == "categorical":
+        return str(raw).strip() if isinstance(raw, str) else str(raw)
+    if isinstance(raw, bool):
+        raise ValueError(f"is {raw!r}, not a number")
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"is {raw!r}, not a number") from None
+    if not np.isfinite(value):
+        raise ValueError(f"is {raw!r}, not a finite number")
+    return value
+
+
+def entry_problems(entry: dict, conditions: Sequence[ConditionConfig], path_keys: Sequence[str]) -> list[str]:
+    """What is wrong with an entry's covariates and label-map fields, one line per key (empty when nothing is)."""
+    problems = []
+    for condition in conditions:
+        if condition.name not in entry:
+            problems.append(f"'{condition.name}' is missing (data.conditions)")
+            continue
+        try:
+            condition_value(condition, entry[condition.name])
+        except ValueError as error:
+            problems.append(f"'{condition.name}' {error} (data.conditions)")
+    for key in path_keys:
+        value = entry.get(key)
+        if not isinstance(value, str) or not value.strip():
+            problems.append(f"'{key}' is missing or not a file path (data.mask_key)")
+    return problems
+
+
+def _check_entries(rows: Sequence[tuple[str, dict]], conditions: Sequence[ConditionConfig], path_keys: Sequence[str],
+                   path: Path) -> None:
+    """Raise one ValueError naming the datalist, each bad row (``where``) and key, or return when all are good."""
+    problems = [f"{where}: {problem}" for where, entry in rows for problem in entry_problems(entry, conditions, path_keys)]
+    if problems:
+        listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED_MISSING])
+        more = f"\n  ... and {len(problems) - MAX_LISTED_MISSING} more" if len(problems) > MAX_LISTED_MISSING else ""
+        raise ValueError(f"data.datalist: {path} has {len(problems)} bad field value(s):\n{listed}{more}")
+
+
+def read_json_datalist(path: Path, conditions: Sequence[ConditionConfig] = (),
+                       path_keys: Sequence[str] = ()) -> tuple[list[dict], list[dict] | None]:
     """Train and validation items from a MONAI decathlon-style JSON datalist (an entry's other scalar fields kept).
+
+    Args:
+        path: the JSON file.
+        conditions: covariates every entry must hold (``data.conditions``): present, and numbers where continuous.
+        path_keys: fields every entry must hold as a file path, made absolute from the file's folder
+            (``data.mask_key``).
 
     Returns:
         (train items, validation items or None when the file has no non-empty 'validation' list).
 
     Raises:
-        ValueError: when the JSON is malformed, has no 'training' list, or an entry has no image path.
+        ValueError: when the JSON is malformed, has no 'training' list, an entry has no image path, or covariates /
+            label-map fields are missing or not numbers (each named by list, index and key).
     """
     try:
         with open(path) as handle:
@@ -125,25 +187,30 @@ def read_json_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
             if not isinstance(entry, dict):
                 raise ValueError(f"{where}: expected every entry to be {{'image': path}}, got {entry!r}")
             _image_path(entry, where)
+        _check_entries([(f"['{key}'][{index}]", entry) for index, entry in enumerate(content[key])], conditions,
+                       path_keys, path)
         # MONAI's loader resolves relative 'image' paths against the datalist's folder.
         entries = load_decathlon_datalist(path, is_segmentation=False, data_list_key=key)
-        result[key] = [_item(entry, entry["image"]) for entry in entries]
+        result[key] = [_item(entry, entry["image"], path_keys, path.parent) for entry in entries]
     if not result.get("training"):
         raise ValueError(f"data.datalist: the 'training' list in {path} is empty")
     return result["training"], result.get("validation")
 
 
-def read_csv_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
+def read_csv_datalist(path: Path, conditions: Sequence[ConditionConfig] = (),
+                      path_keys: Sequence[str] = ()) -> tuple[list[dict], list[dict] | None]:
     """Train and validation items from a CSV with an ``image`` column and an optional ``split`` column.
 
     ``split`` values: train/training, val/validation (case-insensitive); ``test`` rows are left out. Other columns
-    stay with each item (e.g. ``class``).
+    stay with each item (e.g. ``class``, covariates as text). ``conditions`` and ``path_keys`` as in
+    :func:`read_json_datalist`.
 
     Returns:
         (train items, validation items or None when no row is marked val/validation).
 
     Raises:
-        ValueError: when there is no ``image`` column, a row has no image or an unknown split value.
+        ValueError: when there is no ``image`` column, a row has no image or an unknown split value, or a row's
+            covariates / label-map fields are missing or not numbers (each named by line and key).
     """
     # utf-8-sig: spreadsheet programs often start the file with a byte-order mark.
     with open(path, newline="", encoding="utf-8-sig") as handle:
@@ -166,7 +233,9 @@ def read_csv_datalist(path: Path) -> tuple[list[dict], list[dict] | None]:
             continue
         target = CSV_SPLITS[split.lower()]
         if target is not None:
+            problems += [f"line {line}: {problem}" for problem in entry_problems(row, conditions, path_keys)]
             fields = {key: value for key, value in row.items() if key not in ("image", "split")}
+            fields |= {key: _absolute(fields[key], base) for key in path_keys if fields.get(key)}
             splits[target].append({**fields, "image": _absolute(row["image"], base)})
     if problems:
         raise ValueError(f"data.datalist: {path} has invalid rows:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -196,7 +265,11 @@ def list_volumes(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
     - 'folder': every file in ``data.data_dir`` matching ``data.glob``, sorted.
     - 'datalist': JSON (MONAI decathlon style: 'training' and optional 'validation' lists) or CSV
       (``image`` column, optional ``split`` column); relative paths are taken from the datalist's folder.
-    - 'demo': :func:`build_demo_dataset` (built once into ``data.demo.cache_dir``).
+    - 'demo': :func:`build_demo_dataset` (built once into ``data.demo.cache_dir``), or with ``data.demo.conditional``
+      the datalist :func:`build_conditional_demo_dataset` writes (covariate ``brain_scale``, label map ``label``).
+
+    ``data.conditions`` and ``data.mask_key`` name fields every datalist entry must hold (see
+    :func:`read_json_datalist`); label maps must exist like images.
 
     When the source gives no validation split, ``data.val_fraction`` of the items are drawn for
     validation with ``seed`` (at least one when val_fraction > 0 and there are >= 2 items).
@@ -210,9 +283,11 @@ def list_volumes(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
     Raises:
         FileNotFoundError: missing data folder, datalist file, or an image a datalist names.
-        ValueError: empty folder (no file matches the glob), malformed datalist, unknown source.
+        ValueError: empty folder (no file matches the glob), malformed datalist, missing or non-numeric covariates,
+            unknown source.
     """
     given_val: list[dict] | None = None
+    path_keys = [data.mask_key] if data.mask_key is not None else []
     if data.source == "folder":
         if data.data_dir is None:
             raise ValueError("data.data_dir: required when data.source is 'folder'")
@@ -225,12 +300,15 @@ def list_volumes(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
             raise FileNotFoundError(f"data.datalist: {path} does not exist (expected a .json or .csv datalist)")
         suffix = path.suffix.lower()
         if suffix == ".json":
-            items, given_val = read_json_datalist(path)
+            items, given_val = read_json_datalist(path, data.conditions, path_keys)
         elif suffix == ".csv":
-            items, given_val = read_csv_datalist(path)
+            items, given_val = read_csv_datalist(path, data.conditions, path_keys)
         else:
             raise ValueError(f"data.datalist: {path} should be a .json or .csv file, got {suffix or 'no extension'}")
-        _require_existing(items + (given_val or []), f"data.datalist {path}")
+        _require_existing(items + (given_val or []), f"data.datalist {path}", ["image", *path_keys])
+    elif data.source == "demo" and data.demo.conditional:
+        datalist = build_conditional_demo_dataset(data.demo.cache_dir, data.demo.num_volumes, seed=DEMO_CONTENT_SEED)
+        items, _ = read_json_datalist(datalist, data.conditions, path_keys)
     elif data.source == "demo":
         paths = build_demo_dataset(data.demo.cache_dir, data.demo.num_volumes, seed=DEMO_CONTENT_SEED)
         items = [{"image": str(path)} for path in paths]
@@ -243,6 +321,45 @@ def list_volumes(data: DataConfig, seed: int) -> tuple[list[dict], list[dict]]:
 
 
 # ---------------------------------------------------------------------------- screening
+
+
+def label_problem(values, num_labels: int) -> str | None:
+    """What makes ``values`` (an array or tensor) no label map of labels 0..num_labels-1, or None."""
+    values = torch.as_tensor(values)
+    if values.is_floating_point() and not torch.equal(values, values.round()):
+        return "holds values that are not whole numbers: a label map has integer labels"
+    low, high = float(values.min()), float(values.max())
+    if low < 0 or high > num_labels - 1:
+        return f"holds labels {low:g}..{high:g}, outside 0..{num_labels - 1} (controlnet.num_labels {num_labels})"
+    return None
+
+
+def check_label_maps(items: Sequence[dict], mask_key: str, num_labels: int) -> None:
+    """Open every item's label map once: it must lie on its image's voxel grid (shape and affine) and hold whole
+    labels 0..num_labels-1.
+
+    Raises:
+        ValueError: listing every bad label map with its reason.
+    """
+    bad = []
+    for item in tqdm(items, desc="checking label maps", unit="file", disable=len(items) < PROGRESS_MIN_FILES):
+        path = item[mask_key]
+        try:
+            mask, image = nib.load(path), nib.load(item["image"])
+            problem = grid_mismatch(image.shape[:3], image.affine, mask.shape[:3], mask.affine)
+            if problem:
+                problem = f"{problem} of its image {item['image']}"
+            elif len(mask.shape) > 3 and int(np.prod(mask.shape[3:])) > 1:
+                problem = f"has shape {tuple(mask.shape)}: a label map has one channel"
+            else:
+                problem = label_problem(np.asanyarray(mask.dataobj), num_labels)
+        except Exception as error:  # nibabel raises many types for foreign/corrupt files
+            problem = f"cannot be read as NIfTI ({type(error).__name__}: {error})"
+        if problem:
+            bad.append(f"  - {path}: {problem}")
+    if bad:
+        raise ValueError(f"{len(bad)} of {len(items)} label map(s) (data.mask_key '{mask_key}') are unusable:\n"
+                         + "\n".join(bad))
 
 
 def _channel_count(shape: tuple[int, ...], spatial_dims: int) -> int | None:

@@ -230,7 +230,7 @@ def foreground_threshold(data: DataConfig, threshold: float | None) -> float:
 
 def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
                      patch_size: Sequence[int] | None = None, foreground_ratio: float | None = None,
-                     foreground_threshold_value: float | None = None) -> Compose:
+                     foreground_threshold_value: float | None = None, mask_key: str | None = None) -> Compose:
     """MONAI dict transforms on key ``"image"``: NIfTI path -> float32 tensor of shape (C, *voxel_size).
 
     Chain: LoadImaged (nibabel) -> EnsureChannelFirstd -> ValidateVolumed -> [Lambdad keeping the
@@ -244,6 +244,10 @@ def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
     The output is a MetaTensor: ``image.affine`` is the voxel->world (RAS mm) affine after
     reorientation/resampling/cropping (use it to write NIfTI outputs), ``image.pixdim`` the spacing.
 
+    With ``mask_key`` the item's label map (key ``mask_key``, on the image's voxel grid) goes through every spatial
+    transform with the image, the same random ones included, resampled nearest-neighbour and padded with 0
+    (background); it comes out as (1, *voxel_size) float32 labels (whole numbers, as in the file).
+
     Args:
         data: the ``data`` section of the config.
         train: add the random augmentations of ``data.augment`` (and the patch crop).
@@ -252,6 +256,7 @@ def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
         patch_size: train on random crops of this size (``autoencoder.training.patch_size``); None: whole volumes.
         foreground_ratio: share of patches centred on foreground (``patch_foreground_ratio``); None: uniform crops.
         foreground_threshold_value: the foreground's intensity threshold (None: see :func:`foreground_threshold`).
+        mask_key: the item's label-map key (``data.mask_key``, train-controlnet); None: images alone.
 
     Returns:
         The Compose.
@@ -259,21 +264,22 @@ def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
     spatial_dims = len(data.voxel_size)
     background = background_value(data)
     channels = selected_channels(data)
+    keys = [IMAGE_KEY] if mask_key is None else [IMAGE_KEY, mask_key]
+    spatial_keys = IMAGE_KEY if mask_key is None else keys  # what every spatial transform moves
     transforms: list = [
         # squeeze_non_spatial_dims: NIfTI's vector layout (x, y, z, 1, c) loads as (x, y, z, c).
-        LoadImaged(IMAGE_KEY, reader="NibabelReader", image_only=True, squeeze_non_spatial_dims=True),
+        LoadImaged(spatial_keys, reader="NibabelReader", image_only=True, squeeze_non_spatial_dims=True),
         # Plain 3D files get a channel axis; 4D (x,y,z,c) files have theirs moved first.
-        EnsureChannelFirstd(IMAGE_KEY),
+        EnsureChannelFirstd(spatial_keys),
         ValidateVolumed(IMAGE_KEY, expected_channels=expected_channels, spatial_dims=spatial_dims, spacing=data.spacing,
                         channels=channels),
     ]
+    if mask_key is not None:
+        transforms.append(SameGridd(IMAGE_KEY, mask_key))
     if channels is not None:
         # Indexing with a list keeps the channel axis (and the MetaTensor's affine); itemgetter pickles for workers.
         transforms.append(Lambdad(IMAGE_KEY, func=operator.itemgetter(channels)))
-    # labels=None: axis letters follow the MetaTensor's space (RAS for nibabel), MONAI's coming default.
-    transforms.append(Orientationd(IMAGE_KEY, axcodes=data.orientation[:spatial_dims], labels=None))
-    if data.spacing is not None:
-        transforms.append(Spacingd(IMAGE_KEY, pixdim=data.spacing, mode="bilinear", padding_mode="border"))
+    transforms += _orient_and_space(data, keys)
 
     scale = intensity_transform(data.intensity)
     if data.intensity_by_class:
@@ -283,36 +289,100 @@ def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
         transforms.append(scale)
     # Pad after scaling with the scaled background value (e.g. -1 for [-1, 1] targets, or air for CT).
     transforms.append(ResizeWithPadOrCropd(IMAGE_KEY, spatial_size=data.voxel_size, mode="constant", value=background))
+    if mask_key is not None:
+        transforms.append(ResizeWithPadOrCropd(mask_key, spatial_size=data.voxel_size, mode="constant", value=0))
 
     if train and patch_size is not None and foreground_ratio is None:
-        transforms.append(RandSpatialCropd(IMAGE_KEY, roi_size=list(patch_size), random_size=False))
+        transforms.append(RandSpatialCropd(spatial_keys, roi_size=list(patch_size), random_size=False))
     elif train and patch_size is not None:
         # One patch per volume (a list of one item: MONAI's collate flattens it into the batch).
         transforms += [
             ForegroundLabeld(IMAGE_KEY, foreground_threshold(data, foreground_threshold_value)),
-            RandCropByPosNegLabeld(IMAGE_KEY, label_key=FOREGROUND_KEY, spatial_size=list(patch_size),
+            RandCropByPosNegLabeld(spatial_keys, label_key=FOREGROUND_KEY, spatial_size=list(patch_size),
                                    pos=foreground_ratio, neg=1.0 - foreground_ratio, num_samples=1),
             DeleteItemsd(FOREGROUND_KEY),
         ]
     if train:
         augment = data.augment
         if augment.flip_prob > 0:
-            transforms += [RandFlipd(IMAGE_KEY, prob=augment.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
+            transforms += [RandFlipd(spatial_keys, prob=augment.flip_prob, spatial_axis=axis) for axis in range(spatial_dims)]
         if augment.affine_prob > 0:
             rotations = 1 if spatial_dims == 2 else 3
             transforms.append(
                 RandAffined(
-                    IMAGE_KEY,
+                    spatial_keys,
                     prob=augment.affine_prob,
                     rotate_range=(augment.rotate_range,) * rotations,
                     scale_range=(augment.scale_range,) * spatial_dims,
                     spatial_size=list(patch_size) if patch_size is not None else data.voxel_size,
-                    mode="bilinear",
+                    mode="bilinear" if mask_key is None else ["bilinear", "nearest"],
                     # 'zeros' fills exactly the background when it is 0; otherwise repeat the border
                     # (background after padding) rather than inventing a 0 that is not background.
-                    padding_mode="zeros" if background == 0 else "border",
+                    padding_mode=("zeros" if background == 0 else "border") if mask_key is None
+                    else ["zeros" if background == 0 else "border", "zeros"],
                     cache_grid=True,
                 )
             )
     transforms.append(EnsureTyped(IMAGE_KEY, dtype=torch.float32, track_meta=True))
+    if mask_key is not None:
+        transforms.append(EnsureTyped(mask_key, dtype=torch.float32, track_meta=True))
     return Compose(transforms)
+
+
+def _orient_and_space(data: DataConfig, keys: Sequence[str]) -> list[Transform]:
+    """Orientationd and [Spacingd] on ``keys``: the image bilinear, label maps nearest-neighbour (one key: as the
+    image-only chain always had it)."""
+    spatial_dims = len(data.voxel_size)
+    modes = ["bilinear" if key == IMAGE_KEY else "nearest" for key in keys]
+    one_or_all = keys[0] if len(keys) == 1 else list(keys)
+    # labels=None: axis letters follow the MetaTensor's space (RAS for nibabel), MONAI's coming default.
+    transforms: list[Transform] = [Orientationd(one_or_all, axcodes=data.orientation[:spatial_dims], labels=None)]
+    if data.spacing is not None:
+        transforms.append(Spacingd(one_or_all, pixdim=data.spacing, mode=modes[0] if len(keys) == 1 else modes,
+                                   padding_mode="border"))
+    return transforms
+
+
+def build_mask_transforms(data: DataConfig, mask_key: str) -> Compose:
+    """The deterministic chain of :func:`build_transforms` for a label map alone: loaded, reoriented, resampled
+    (nearest) and cropped/padded exactly as an image on the same grid is, so it lines up with that image's cached
+    latent; (1, *voxel_size) float32 labels out, with its affine."""
+    return Compose([
+        LoadImaged(mask_key, reader="NibabelReader", image_only=True, squeeze_non_spatial_dims=True),
+        EnsureChannelFirstd(mask_key),
+        *_orient_and_space(data, [mask_key]),
+        ResizeWithPadOrCropd(mask_key, spatial_size=data.voxel_size, mode="constant", value=0),
+        EnsureTyped(mask_key, dtype=torch.float32, track_meta=True),
+    ])
+
+
+class SameGridd(MapTransform):
+    """Reject a label map that does not lie on its image's voxel grid (shape and affine), naming both files: the
+    spatial transforms would otherwise move the two apart."""
+
+    def __init__(self, image_key: str, mask_key: str) -> None:
+        super().__init__([image_key, mask_key])
+        self.image_key, self.mask_key = image_key, mask_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        image, mask = d[self.image_key], d[self.mask_key]
+        problem = grid_mismatch(image.shape[1:], image.affine, mask.shape[1:], mask.affine)
+        if problem:
+            name = (getattr(mask, "meta", {}) or {}).get("filename_or_obj", f"<{self.mask_key}>")
+            image_name = (getattr(image, "meta", {}) or {}).get("filename_or_obj", f"<{self.image_key}>")
+            raise ValueError(f"{name}: label map ({self.mask_key}) {problem} of its image {image_name}")
+        if mask.shape[0] != 1:
+            raise ValueError(f"{(getattr(mask, 'meta', {}) or {}).get('filename_or_obj')}: a label map has one channel, "
+                             f"got {mask.shape[0]}")
+        return d
+
+
+def grid_mismatch(shape, affine, other_shape, other_affine, atol: float = 1e-3) -> str | None:
+    """How a label map's grid (``other_*``) differs from its image's, or None when they agree."""
+    if tuple(shape) != tuple(other_shape):
+        return f"has shape {tuple(other_shape)}, not the shape {tuple(shape)}"
+    a, b = np.asarray(torch.as_tensor(affine), dtype=np.float64), np.asarray(torch.as_tensor(other_affine), dtype=np.float64)
+    if a.shape != b.shape or not np.allclose(a, b, atol=atol):
+        return "has another affine (voxel -> world) than the one"
+    return None

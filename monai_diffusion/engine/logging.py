@@ -288,10 +288,15 @@ def save_png(image_hwc_uint8: np.ndarray, path: Path) -> None:
 # ------------------------------------------------------------------- NIfTI
 
 
-def save_nifti(volume: torch.Tensor, affine: torch.Tensor | np.ndarray, path: Path) -> None:
+# NIfTI-1's header description holds at most this many bytes.
+NIFTI_DESCRIPTION_BYTES = 80
+
+
+def save_nifti(volume: torch.Tensor, affine: torch.Tensor | np.ndarray, path: Path, description: str | None = None) -> None:
     """Write a (C, *spatial) volume as NIfTI with ``affine`` (voxel -> RAS mm), atomically.
 
-    One channel is written as a plain 3D image, several as 4D (x, y, z, c).
+    One channel is written as a plain 3D image, several as 4D (x, y, z, c). ``description`` goes into the header's
+    ``descrip`` field (ASCII, cut to its 80 bytes).
     """
     import nibabel as nib
 
@@ -301,6 +306,8 @@ def save_nifti(volume: torch.Tensor, affine: torch.Tensor | np.ndarray, path: Pa
     image = nib.Nifti1Image(np.ascontiguousarray(array, dtype=np.float32), affine)
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
+    if description:
+        image.header["descrip"] = description.encode("ascii", "replace")[:NIFTI_DESCRIPTION_BYTES]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{uuid.uuid4().hex}.tmp.nii.gz")  # nibabel picks the format from the suffix
@@ -312,12 +319,13 @@ def save_nifti(volume: torch.Tensor, affine: torch.Tensor | np.ndarray, path: Pa
         raise
 
 
-def save_sample(volume: torch.Tensor, affine, folder: Path, stem: str, value_range=None, title: str = "sample"):
-    """Write a (C, *spatial) volume as ``<folder>/<stem>.nii.gz`` and, for 3D, ``<folder>/<stem>.png`` (middle
-    slices). Returns (NIfTI path, panel or None)."""
+def save_sample(volume: torch.Tensor, affine, folder: Path, stem: str, value_range=None, title: str = "sample",
+                description: str | None = None):
+    """Write a (C, *spatial) volume as ``<folder>/<stem>.nii.gz`` (``description`` in its header) and, for 3D,
+    ``<folder>/<stem>.png`` (middle slices). Returns (NIfTI path, panel or None)."""
     folder = Path(folder)
     nifti = folder / f"{stem}.nii.gz"
-    save_nifti(volume, affine, nifti)
+    save_nifti(volume, affine, nifti, description)
     panel = None
     if volume.ndim == 4:
         panel = volume_panel([(title, volume)], value_range=value_range)

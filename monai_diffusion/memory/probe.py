@@ -8,7 +8,12 @@ each ``gradient_accumulation_steps`` micro-batches, through the very functions t
   count, as they do from ``adv_start_step`` on), with the perceptual and SSIM terms the config asks for;
 - ``ldm``: the UNet step from cached posteriors, or after encoding the batch when ``ldm.training.cache_latents``
   is false; the frozen autoencoder sits on the device either way, as in training;
-- ``encode``: the frozen encoder's forward alone (the first phase of an on-the-fly LDM step).
+- ``encode``: the frozen encoder's forward alone (the first phase of an on-the-fly LDM step);
+- ``controlnet``: the ControlNet step beside the frozen UNet, from cached posteriors with their control input, or
+  from label maps on the image grid when ``controlnet.training.cache_latents`` is false.
+
+A config with ``data.conditions`` measures the conditional UNet with a batch of conditions (categorical ones
+without ``categories`` get two stand-in categories).
 
 A measurement reports (MiB, seconds):
 
@@ -49,16 +54,21 @@ from typing import Any
 
 import torch
 
+from monai_diffusion.conditioning import ConditionEncoder
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import step_config
 from monai_diffusion.engine.precision import Precision, resolve_precision
 from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
-from monai_diffusion.networks.builders import build_autoencoder
+from monai_diffusion.networks.builders import build_autoencoder, build_unet
 from monai_diffusion.steps import (
     autoencoder_micro_step,
     autoencoder_update,
     build_autoencoder_training,
+    build_controlnet_training,
     build_ldm_training,
+    controlnet_control,
+    controlnet_micro_step,
+    controlnet_update,
     ldm_latents,
     ldm_micro_step,
     ldm_update,
@@ -82,7 +92,7 @@ __all__ = [
     "state_bytes",
 ]
 
-STAGES = ("autoencoder", "ldm", "encode")
+STAGES = ("autoencoder", "ldm", "encode", "controlnet")
 RESULT_PREFIX = "MEASUREMENT "
 
 
@@ -91,7 +101,7 @@ class Options:
     """How to measure a config's step (what to measure is the config).
 
     Attributes:
-        stage: ``autoencoder``, ``ldm`` or ``encode`` (see the module docstring).
+        stage: ``autoencoder``, ``ldm``, ``encode`` or ``controlnet`` (see the module docstring).
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         steps, warmup: timed optimizer steps and untimed ones before them.
         threads: CPU threads (None: torch's default).
@@ -311,12 +321,20 @@ def build_step(config: Config, options: Options, device: torch.device, precision
 
     autoencoder = _frozen_autoencoder(config, device)
     latent = (config.autoencoder.latent_channels, *autoencoder.latent_shape(size))
-    t = config.ldm.training
+    t = config.controlnet.training if options.stage == "controlnet" else config.ldm.training
+    encoder = ConditionEncoder.placeholder(config)
+    conditioning = encoder.unet_arguments() if encoder is not None else None
 
     def batch() -> dict[str, torch.Tensor]:
-        if options.stage == "ldm" and t.cache_latents:
+        if options.stage in ("ldm", "controlnet") and t.cache_latents:
             return {"mu": torch.randn(t.batch_size, *latent), "sigma": torch.rand(t.batch_size, *latent) * 0.1}
         return {"image": torch.rand(t.batch_size, *images_shape)}
+
+    def conditions():
+        if encoder is None:
+            return None
+        first = {c["name"]: 0.0 if c["type"] == "continuous" else c["categories"][0] for c in encoder.conditions}
+        return encoder.encode([first] * t.batch_size)
 
     if options.stage == "encode":
         def run() -> None:
@@ -324,12 +342,33 @@ def build_step(config: Config, options: Options, device: torch.device, precision
 
         return Step(run, [autoencoder], [], 0)
 
-    parts = build_ldm_training(config, latent, device, precision, _schedule_steps(t), max_epochs=t.max_epochs)
+    if options.stage == "controlnet":
+        unet = build_unet(config.ldm, latent[0], len(size), conditioning).to(device)
+        parts = build_controlnet_training(config, config, unet, latent, device, precision, _schedule_steps(t),
+                                          max_epochs=t.max_epochs, conditioning=conditioning)
+
+        def run() -> None:
+            for index in range(t.gradient_accumulation_steps):
+                data = batch()
+                if t.cache_latents:
+                    data["control"] = torch.rand(t.batch_size, config.controlnet.num_labels - 1, *parts.control_size)
+                else:
+                    data["mask"] = torch.randint(0, config.controlnet.num_labels, (t.batch_size, 1, *size))
+                z = ldm_latents(data, autoencoder, 1.0, precision, device)
+                controlnet_micro_step(parts, z, controlnet_control(parts, data, device, "mask"), condition=conditions())
+            controlnet_update(parts)
+
+        modules = [m for m in (parts.controlnet, parts.ema, parts.unet, autoencoder) if m is not None]
+        return Step(run, modules, [parts.optimizer], _trained_params([parts.optimizer]))
+
+    parts = build_ldm_training(config, latent, device, precision, _schedule_steps(t), max_epochs=t.max_epochs,
+                               conditioning=conditioning)
     model = training_model(parts.unet, config.device)
 
     def run() -> None:
         for index in range(t.gradient_accumulation_steps):
-            ldm_micro_step(parts, ldm_latents(batch(), autoencoder, 1.0, precision, device), model=model)
+            ldm_micro_step(parts, ldm_latents(batch(), autoencoder, 1.0, precision, device), model=model,
+                           condition=conditions())
         ldm_update(parts)
 
     modules = [m for m in (parts.unet, parts.ema, autoencoder) if m is not None]
@@ -379,7 +418,7 @@ def measure(config: Config, options: Options) -> dict[str, Any]:
     Raises:
         Whatever building or running the step raises (out of memory, missing perceptual weights...).
     """
-    config = step_config(config, "autoencoder" if options.stage == "autoencoder" else "ldm")
+    config = step_config(config, options.stage if options.stage in ("autoencoder", "controlnet") else "ldm")
     if options.threads:
         torch.set_num_threads(options.threads)
     device = _device(options)
@@ -421,7 +460,8 @@ def measure(config: Config, options: Options) -> dict[str, Any]:
     state, gradients = state_bytes(step)
     median = statistics.median(times)
     # Volumes one optimizer step sees: the micro-batch times the accumulation (the encoder alone: one batch).
-    t = config.autoencoder.training if options.stage == "autoencoder" else config.ldm.training
+    t = {"autoencoder": config.autoencoder.training, "controlnet": config.controlnet.training}.get(
+        options.stage, config.ldm.training)
     volumes = t.batch_size * (t.gradient_accumulation_steps if options.stage != "encode" else 1)
     return {
         "peak_mb": round(max(peaks), 1),

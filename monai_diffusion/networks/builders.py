@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
-from monai.networks.nets import DiffusionModelUNet, PatchDiscriminator
+from monai.networks.nets import ControlNet, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from monai_diffusion.config.schema import AutoencoderConfig, LDMConfig, SchedulerConfig
+from monai_diffusion.config.schema import AutoencoderConfig, ControlNetConfig, LDMConfig, SchedulerConfig
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 
 # Config keys that fix the autoencoder's tensor shapes (what build_autoencoder reads, training options aside): a
@@ -46,6 +46,14 @@ LDM_SHAPE_KEYS = AUTOENCODER_SHAPE_KEYS + [
     "ldm.scheduler.beta_start",
     "ldm.scheduler.beta_end",
     "ldm.scheduler.prediction_type",
+    # What the UNet is conditioned on (with the vocabularies and statistics the checkpoint keeps).
+    "data.conditions",
+    "ldm.conditioning.categorical_via",
+]
+# A ControlNet mirrors its LDM's UNet and adds its own conditioning embedding for the label maps.
+CONTROLNET_SHAPE_KEYS = LDM_SHAPE_KEYS + [
+    "controlnet.num_labels",
+    "controlnet.conditioning_embedding_num_channels",
 ]
 
 
@@ -99,13 +107,9 @@ def build_discriminator(ae: AutoencoderConfig, spatial_dims: int = 3) -> PatchDi
     )
 
 
-def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3) -> DiffusionModelUNet:
-    """The diffusion UNet over latents with ``latent_channels`` channels."""
-    unet = ldm.unet
-    return DiffusionModelUNet(
-        spatial_dims=spatial_dims,
-        in_channels=latent_channels,
-        out_channels=latent_channels,
+def _unet_arguments(unet) -> dict:
+    """The arguments MONAI's DiffusionModelUNet and ControlNet share, from the ``ldm.unet`` section."""
+    return dict(
         channels=tuple(unet.num_channels),
         attention_levels=tuple(unet.attention_levels),
         num_res_blocks=unet.num_res_blocks if isinstance(unet.num_res_blocks, int) else tuple(unet.num_res_blocks),
@@ -117,6 +121,42 @@ def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3) -> D
         include_fc=unet.include_fc,
         use_combined_linear=unet.use_combined_linear,
         use_flash_attention=True,
+    )
+
+
+def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3,
+               conditioning: dict | None = None) -> DiffusionModelUNet:
+    """The diffusion UNet over latents with ``latent_channels`` channels.
+
+    Args:
+        ldm: the ``ldm`` section.
+        latent_channels: channels of the latent (in and out).
+        spatial_dims: 3 for volumes.
+        conditioning: MONAI's ``with_conditioning``, ``cross_attention_dim`` and ``num_class_embeds`` for a
+            conditional UNet (``ConditionEncoder.unet_arguments()``); None: unconditional.
+    """
+    return DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=latent_channels, out_channels=latent_channels,
+                              **_unet_arguments(ldm.unet), **(conditioning or {}))
+
+
+def build_controlnet(ldm: LDMConfig, controlnet: ControlNetConfig, latent_channels: int, spatial_dims: int = 3,
+                     conditioning: dict | None = None) -> ControlNet:
+    """MONAI's ControlNet for the UNet of ``ldm`` (same levels, blocks, attention and conditioning, so the UNet's
+    weights can start it), taking label maps with ``controlnet.num_labels - 1`` channels through a conditioning
+    embedding of ``controlnet.conditioning_embedding_num_channels``.
+
+    Args:
+        ldm: the LDM's ``ldm`` section (the frozen UNet's shape).
+        controlnet: the ``controlnet`` section.
+        latent_channels, spatial_dims, conditioning: as :func:`build_unet`.
+    """
+    return ControlNet(
+        spatial_dims=spatial_dims,
+        in_channels=latent_channels,
+        conditioning_embedding_in_channels=controlnet.num_labels - 1,
+        conditioning_embedding_num_channels=tuple(controlnet.conditioning_embedding_num_channels),
+        **_unet_arguments(ldm.unet),
+        **(conditioning or {}),
     )
 
 

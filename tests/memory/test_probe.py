@@ -218,3 +218,74 @@ def test_ldm_step_measured_is_the_step_trained(tmp_path, nifti_folder, monkeypat
     if options:
         assert measured_parts.precision.name == "bf16" and measured_parts.training.loss == "l1"
         assert measured_parts.scheduler.sample_method == "uniform"
+
+
+# ------------------------------------------------------------------ conditioning and ControlNet
+
+
+def conditional_config(tmp_path, categorical_via: str, *overrides: str):
+    from helpers import conditional_raw, write_conditional_data
+
+    datalist = write_conditional_data(tmp_path / "data", count=4)
+    raw = apply_overrides(conditional_raw(datalist, tmp_path / "runs", categorical_via), [
+        # The probe has no data: the vocabulary it measures with is the configured one.
+        "data.conditions=[{name: radius}, {name: shape, type: categorical, categories: [a, b]}]",
+        "ldm.training.gradient_accumulation_steps=2", "controlnet.training.gradient_accumulation_steps=2",
+        *overrides,
+    ])
+    config = config_from_dict(raw)
+    save_autoencoder(config, tmp_path / "runs" / "autoencoder-1" / "checkpoints" / "best.pt")
+    return config
+
+
+def condition_of(call) -> tuple:
+    args, kwargs, _ = call  # the recipes pass it last by position, the probe by name
+    condition = kwargs["condition"] if "condition" in kwargs else args[-1]
+    return tuple(None if t is None else (tuple(t.shape), t.dtype) for t in (condition.context, condition.class_labels))
+
+
+@pytest.mark.parametrize("categorical_via", ["cross_attention", "class_embedding"])
+def test_conditional_ldm_step_measured_is_the_step_trained(tmp_path, monkeypatch, categorical_via):
+    config = conditional_config(tmp_path, categorical_via)
+    micro = spy(monkeypatch, "ldm_micro_step", train_ldm, probe)
+    train_ldm.train(config)
+    record = probe.measure(config, Options(stage="ldm", device="cpu", steps=1, warmup=0))
+    trained, measured = micro[:2], micro[2:]
+    assert len(trained) == len(measured) == 2
+    assert [condition_of(c) for c in trained] == [condition_of(c) for c in measured]
+    assert condition_of(trained[0]) == ({"cross_attention": ((2, 1, 4), torch.float32),
+                                         "class_embedding": ((2, 1, 2), torch.float32)}[categorical_via],
+                                        None if categorical_via == "cross_attention" else ((2,), torch.int64))
+    trained_parts, measured_parts = trained[0][0][0], measured[0][0][0]
+    assert describe_ldm(measured_parts) == describe_ldm(trained_parts)
+    assert measured_parts.condition_dropout == trained_parts.condition_dropout == 0.5
+    assert record["params"] == sum(p.numel() for p in trained_parts.unet.parameters())
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_controlnet_step_measured_is_the_step_trained(tmp_path, monkeypatch, cache):
+    from monai_diffusion import train_controlnet
+
+    config = conditional_config(tmp_path, "cross_attention", f"controlnet.training.cache_latents={str(cache).lower()}")
+    train_ldm.train(config)
+    micro = spy(monkeypatch, "controlnet_micro_step", train_controlnet, probe)
+    updates = spy(monkeypatch, "controlnet_update", train_controlnet, probe)
+    train_controlnet.train(config)
+    record = probe.measure(config, Options(stage="controlnet", device="cpu", steps=1, warmup=0))
+    trained, measured = micro[:2], micro[2:]
+    assert len(trained) == len(measured) == 2 and len(updates) == 2
+    for trained_call, measured_call in zip(trained, measured):
+        assert trained_call[0][1].shape == measured_call[0][1].shape == (2, 2, 8, 8, 8)  # z
+        assert trained_call[0][2].shape == measured_call[0][2].shape == (2, 2, 16, 16, 16)  # control: 2 labels at 16^3
+        assert condition_of(trained_call) == condition_of(measured_call)
+
+    def describe(parts) -> dict:
+        return {"training": parts.training.model_dump(), "precision": parts.precision, "kind": parts.kind,
+                "networks": networks(parts.controlnet, parts.unet, parts.ema.module if parts.ema else None),
+                "optimizers": optimizers((parts.optimizer, parts.scaler, parts.lr_scheduler)),
+                "frozen": [p.requires_grad for p in parts.unet.parameters()][:1], "labels": parts.num_labels,
+                "control_size": parts.control_size, "dropout": parts.condition_dropout}
+
+    trained_parts, measured_parts = trained[0][0][0], measured[0][0][0]
+    assert describe(measured_parts) == describe(trained_parts)
+    assert record["params"] == sum(p.numel() for p in trained_parts.controlnet.parameters())
