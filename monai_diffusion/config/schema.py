@@ -323,9 +323,10 @@ class AutoencoderConfig(Section):
         "Changes what the weights compute, so it is part of the network's shape."
     )
     initial_sigma: float | None = Field(
-        None, gt=0, description="Posterior standard deviation the encoder starts with (None: PyTorch's default init, "
-        "about 1). Near 1 the decoder first sees mostly sampling noise, and Adam moves the log-variance only about "
-        "lr per step, so short runs stay blurry; a small value (e.g. 0.01) lets the latent carry detail at once."
+        0.01, gt=0, description="Posterior standard deviation the encoder starts with (None: PyTorch's default init, "
+        "about 1, as MONAI). Near 1 the decoder first sees mostly sampling noise, and Adam moves the log-variance only "
+        "about lr per step, so short runs stay blurry; 0.01 lets the latent carry detail at once (+1.9 dB PSNR after "
+        "300 steps on the demo brains, docs/autoencoder-recipe.md)."
     )
     training: AutoencoderTrainingConfig = Field(default_factory=AutoencoderTrainingConfig)
 
