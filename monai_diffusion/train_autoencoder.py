@@ -166,6 +166,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                     continue
 
                 result = autoencoder_update(parts, adversarial)
+                guard.check_update(result, step + 1)
                 step += 1
                 done_in_epoch = index + 1
                 count = index + 1 - skip_batches

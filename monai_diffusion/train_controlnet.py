@@ -204,6 +204,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                     continue
 
                 result = controlnet_update(parts)
+                guard.check_update(result, step + 1)
                 step += 1
                 done_in_epoch = index + 1
                 bar.set_postfix({"loss": f"{total / count:.4f}", "step": step})

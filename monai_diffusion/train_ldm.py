@@ -229,6 +229,7 @@ def train(config: Config, resume: str | None = None) -> Path:
                     continue
 
                 result = ldm_update(parts)
+                guard.check_update(result, step + 1)
                 step += 1
                 done_in_epoch = index + 1
                 bar.set_postfix({"loss": f"{total / count:.4f}", "step": step})

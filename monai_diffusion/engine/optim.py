@@ -187,6 +187,7 @@ class NonFiniteGuard:
             raise ValueError(f"NonFiniteGuard limit must be >= 1, got {limit}")
         self.limit = limit
         self.count = 0
+        self.skipped = 0
 
     def check(self, loss_value: float, step: int) -> bool:
         """Record one loss.
@@ -212,3 +213,23 @@ class NonFiniteGuard:
                 "or mixed_precision bf16/false."
             )
         return False
+
+    def check_update(self, result: StepResult, step: int) -> None:
+        """Record one optimizer update: a run whose updates are all skipped (non-finite gradients from finite
+        losses) would otherwise finish "successfully" with its initial weights.
+
+        Args:
+            result: what :func:`optimizer_step` returned.
+            step: the optimizer step just attempted, named in the error.
+
+        Raises:
+            RuntimeError: on the ``limit``-th consecutive skipped update.
+        """
+        self.skipped = 0 if result.stepped else self.skipped + 1
+        if self.skipped >= self.limit:
+            raise RuntimeError(
+                f"Stopping: {self.limit} optimizer steps in a row had non-finite gradients (from finite losses), "
+                f"the last at step {step}, so none of them trained. bf16 autocast on CPU produces such gradients in "
+                "some networks (MONAI's diffusion UNet among them): set this stage's mixed_precision to false "
+                "(e.g. ldm.training.mixed_precision: false); otherwise lower the learning rate or clip gradients."
+            )

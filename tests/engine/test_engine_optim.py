@@ -7,7 +7,13 @@ import math
 import pytest
 import torch
 
-from monai_diffusion.engine.optim import NonFiniteGuard, build_lr_scheduler, build_optimizer, optimizer_step
+from monai_diffusion.engine.optim import (
+    NonFiniteGuard,
+    StepResult,
+    build_lr_scheduler,
+    build_optimizer,
+    optimizer_step,
+)
 
 
 def _lrs(warmup: int, schedule: str, max_steps: int | None, n: int, lr: float = 1.0) -> list[float]:
@@ -167,6 +173,19 @@ def test_non_finite_guard_accepts_tensors():
     assert guard.check(torch.tensor(2.0), step=0)
     with pytest.raises(RuntimeError, match="step 9"):
         guard.check(torch.tensor(float("nan")), step=9)
+
+
+def test_non_finite_guard_stops_a_run_whose_updates_are_all_skipped():
+    """Finite losses, non-finite gradients (bf16 autocast on CPU in MONAI's UNet): every update is skipped, and a
+    run that never trains must not end as if it had."""
+    guard = NonFiniteGuard(limit=3)
+    guard.check_update(StepResult(stepped=False, grad_norm=float("nan")), step=1)
+    guard.check_update(StepResult(stepped=True, grad_norm=1.0), step=2)  # resets the count
+    guard.check_update(StepResult(stepped=False, grad_norm=float("inf")), step=3)
+    guard.check_update(StepResult(stepped=False, grad_norm=float("nan")), step=4)
+    with pytest.raises(RuntimeError, match=r"3 optimizer steps in a row had non-finite gradients .* step 5.*"
+                                           r"mixed_precision"):
+        guard.check_update(StepResult(stepped=False, grad_norm=float("nan")), step=5)
 
 
 def test_multistep_and_polynomial_are_pytorchs_own():
