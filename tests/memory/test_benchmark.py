@@ -132,7 +132,7 @@ def test_loader_suite_covers_both_sizes_both_paths_and_patches():
 
 
 def test_gpu_frontier_suites_measure_the_targets_of_speed_and_scale():
-    """What benchmarks/gpu_frontier.sh runs: valid configs, the issue's sizes, offload and compile where named."""
+    """What benchmarks/gpu_suite.sh frontier runs: valid configs, the issue's sizes, offload and compile where named."""
     frontier, whole, compiled = suite("gpu-frontier"), suite("gpu-whole"), suite("gpu-compile")
     for case in frontier + whole + compiled:
         config, shown = case.config(), setting(case, "cuda")
@@ -142,6 +142,6 @@ def test_gpu_frontier_suites_measure_the_targets_of_speed_and_scale():
     assert {tuple(c.config().data.voxel_size) for c in whole} == {(512, 512, 256), (512, 512, 512)}
     assert {setting(c, "cuda")["factors"] for c in frontier if "ours" in c.label} >= {"[4,2]", "[8,2]"}
     assert {c.options.network for c in compiled if "compiled" in c.label} == {"ours", "monai"}
-    script = (Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_frontier.sh").read_text()
+    script = (Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.sh").read_text()
     assert all(f"--suite \"$name\"" in script and f" {name} " in script
                for name in ("gpu-frontier", "gpu-whole", "gpu-compile"))
