@@ -1,7 +1,7 @@
 """Does conditioning work? Measured on the conditional demo brains, whose size is a known covariate (brain_scale) and
 which come with tissue label maps. Writes the figures docs/conditioning.md reports, as JSON and a markdown table.
 
-Run from the repository root (CPU, about a quarter of an hour with the defaults):
+Run from the repository root (CPU, about half an hour with the defaults):
 
     python benchmarks/conditioning_study.py --workdir runs/conditioning-study --out docs/conditioning-study.json
 
@@ -94,6 +94,51 @@ def covariate_summary(conditions: list[float], volumes_ml: list[float]) -> dict:
     }
 
 
+# ------------------------------------------------------------------------------------------------- panels
+
+
+def write_panels(samples: Path, panels: Path, held_out: list[dict], mask_chain, mask_key: str,
+                 guidance: float) -> list[Path]:
+    """Two PNGs from the study's samples: the first seed at the lowest, middle and highest brain_scale with guidance
+    (and the null condition), and for the first two held-out brains their label map beside the ControlNet's sample
+    and the null-condition LDM's sample of the same seed."""
+    import csv
+
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from monai_diffusion.conditioning import MASK_KEY
+    from monai_diffusion.engine.logging import save_png, volume_panel
+
+    def read(path: Path) -> np.ndarray:
+        return np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+
+    panels.mkdir(parents=True, exist_ok=True)
+    guided = samples / f"guidance-{guidance:g}"
+    with open(guided / "samples.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    levels = sorted({float(row[COVARIATE]) for row in rows})
+    first = {}  # level -> its first sample
+    for row in rows:
+        first.setdefault(float(row[COVARIATE]), guided / row["file"])
+    chosen = [levels[0], levels[len(levels) // 2], levels[-1]]
+    covariate = [(f"{COVARIATE} {level:g}, guidance {guidance:g}", read(first[level])) for level in chosen]
+    covariate.append(("null condition", read(sorted((samples / "null-condition").glob("sample-000*.nii.gz"))[0])))
+    written = [panels / "covariate.png"]
+    save_png(volume_panel(covariate, value_range=(0.0, 1.0)), written[0])
+
+    masks = []
+    for number, item in enumerate(held_out[:2]):
+        label = torch.as_tensor(mask_chain({MASK_KEY: item[mask_key]})[MASK_KEY])[0].numpy()
+        masks += [(f"held-out label map {number + 1}", label / max(float(label.max()), 1.0)),
+                  ("ControlNet sample", read(sorted((samples / f"ControlNet-(mask)-{number}").glob("*.nii.gz"))[0])),
+                  ("LDM, null condition", read(sorted((samples / f"LDM-null-condition-{number}").glob("*.nii.gz"))[0]))]
+    written.append(panels / "masks.png")
+    save_png(volume_panel(masks, value_range=(0.0, 1.0)), written[1])
+    return written
+
+
 # ------------------------------------------------------------------------------------------------- the study
 
 
@@ -123,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inference-steps", type=int, default=50)
     parser.add_argument("--threshold", type=float, default=0.2, help="brain: intensity above this (range [0, 1])")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
+    parser.add_argument("--panels", type=Path, default=None,
+                        help="folder for the PNG panels of docs/conditioning.md (default: <workdir>/panels)")
+    parser.add_argument("--panels-only", action="store_true",
+                        help="only draw the panels from the samples a finished study left in --workdir")
     args = parser.parse_args(argv)
 
     import nibabel as nib
@@ -151,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 1. train the three stages, each a real run of the command
     cli = [sys.executable, "-m", "monai_diffusion.cli"]
-    for stage in ("train-autoencoder", "train-ldm", "train-controlnet"):
+    for stage in () if args.panels_only else ("train-autoencoder", "train-ldm", "train-controlnet"):
         print(f"{stage} ...", flush=True)
         results["wall_time_s"][stage] = round(timed_run([*cli, stage, "--config", str(CONFIG), *sets], log), 1)
     ldm_run = max(workdir.glob("ldm-*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
@@ -174,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. the covariate: real volumes, then samples at evenly spaced brain_scale
     train_items, held_out = list_volumes(config.data, config.seed)
+    panels = args.panels or workdir / "panels"
+    if args.panels_only:
+        for path in write_panels(workdir / "samples", panels, held_out, mask_chain, config.data.mask_key, args.guidance):
+            print(f"wrote {path}")
+        return 0
     real = [(float(item[COVARIATE]), int(brain(image_chain(dict(item))["image"]).sum()) * voxel_ml)
             for item in train_items]
     results["covariate"] = {"real training volumes": covariate_summary(*map(list, zip(*real)))}
@@ -221,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     results["masks"]["ControlNet (mask)"]["beats null condition"] = f"{wins} of {len(scores['LDM, null condition'])}"
     results["wall_time_s"]["mask sampling"] = round(time.perf_counter() - start, 1)
 
+    for path in write_panels(workdir / "samples", panels, held_out, mask_chain, config.data.mask_key, args.guidance):
+        print(f"wrote {path}")
     out = args.out or workdir / "study.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")

@@ -40,7 +40,7 @@ def test_the_studys_measures():
 
 @pytest.mark.slow
 def test_the_covariate_guidance_and_label_maps_measurably_steer_the_samples(tmp_path):
-    """The study of docs/conditioning.md, with its default settings (about a quarter of an hour on 2 CPU cores)."""
+    """The study of docs/conditioning.md, with its default settings (about half an hour on 2 CPU cores)."""
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--workdir", str(tmp_path / "study"),
          "--set", f"data.demo.cache_dir={tmp_path / 'demo'}"],
