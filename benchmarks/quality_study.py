@@ -2,9 +2,9 @@
 budget, several factor settings, each scored by ``monai-diffusion evaluate`` beside trilinear resampling at the
 same number of values. Writes a markdown report (docs/quality.md by default) with one panel per setting.
 
-Run from the repository root (``bash benchmarks/quality_study.sh`` does exactly this):
+Run from the repository root:
 
-    python benchmarks/quality_study.py                       # the CPU study of docs/quality.md (about an hour)
+    python benchmarks/quality_study.py                       # the CPU study of docs/quality.md (about 45 min)
     python benchmarks/quality_study.py --size 256 256 64 --spacing 1 1 2 --device cuda --steps 2000 \\
         --out docs/quality-gpu.md                            # the same table at 256x256x64 on a GPU
 
@@ -137,7 +137,8 @@ def render(rows: list[dict], args: argparse.Namespace, device_name: str, panels_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=1000, help="optimizer steps per setting (default 1000)")
+    parser.add_argument("--steps", type=int, default=700, help="optimizer steps per setting (default 700, the "
+                        "quickstart's)")
     parser.add_argument("--size", type=int, nargs=3, default=[64, 64, 64], help="data.voxel_size (default 64 64 64)")
     parser.add_argument("--spacing", type=float, nargs=3, default=[3.0, 3.0, 3.0], help="data.spacing in mm")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
