@@ -70,15 +70,20 @@ def study_setting(name: str, options: list[str], args: argparse.Namespace, work:
     for option in options + args.set:
         common += ["--set", option]
     run_dir = work / run_name
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
     log = work / f"{run_name}.log"
-    log.unlink(missing_ok=True)
-    started = time.time()
-    run([sys.executable, "-m", "monai_diffusion.cli", "train-autoencoder", "--config", str(CONFIG), *common], log)
-    trained = time.time() - started
-    run([sys.executable, "-m", "monai_diffusion.cli", "evaluate", str(run_dir), "--set",
-         f"device.device={args.device}"], log)
+    timing = run_dir / "study-train-seconds.txt"
+    if args.reuse and (run_dir / "evaluation" / "summary.json").is_file() and timing.is_file():
+        trained = float(timing.read_text())  # evaluated by an earlier call with the same --work
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+        log.unlink(missing_ok=True)
+        started = time.time()
+        run([sys.executable, "-m", "monai_diffusion.cli", "train-autoencoder", "--config", str(CONFIG), *common], log)
+        trained = time.time() - started
+        run([sys.executable, "-m", "monai_diffusion.cli", "evaluate", str(run_dir), "--set",
+             f"device.device={args.device}"], log)
+        timing.write_text(f"{trained:.1f}\n")
     report = json.loads((run_dir / "evaluation" / "summary.json").read_text())
     step_times = scalars(run_dir, "train/step_time_s")
     memory = scalars(run_dir, "train/peak_memory_mb")
@@ -144,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--only", nargs="+", default=None, choices=list(SETTINGS), help="run these settings only")
     parser.add_argument("--set", action="append", default=[], help="extra --set option for every run (repeatable)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep settings an earlier call already trained and evaluated in --work (same options)")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "quality-study", help="run folders")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "quality.md", help="the report")
     args = parser.parse_args(argv)
