@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 import yaml
 
 from helpers import tiny_config_dict, write_volumes
+
+
+@pytest.fixture(autouse=True, scope="session")
+def ctrl_c_as_in_a_terminal():
+    """Python's own SIGINT handler for the whole run: a shell starts background jobs (``cmd &``, nohup) with SIGINT
+    ignored, and the stop-signal tests (and the commands they start, which inherit an ignored signal) need Ctrl-C
+    to behave as in a terminal."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture
