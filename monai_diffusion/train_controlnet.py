@@ -241,7 +241,7 @@ def train(config: Config, resume: str | None = None) -> Path:
     finally:
         stop.release()
         writer.close()
-        cleanup_distributed()
+        cleanup_distributed(model)
     if dist.is_main:
         log.info("done: %d optimizer steps; run folder %s", step, run_dir)
     return run_dir

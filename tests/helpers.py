@@ -2,10 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root, output captured. On a timeout the whole process tree is killed
+    (torchrun's workers too, which would otherwise outlive it) and the test fails with the output's end, so a hang
+    shows where it stopped."""
+    env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env_extra or {})
+    process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(args[:4])} ... did not finish in {timeout:.0f} s; its output ended with:\n"
+                    f"{stdout[-1500:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def write_volumes(folder: Path, count: int, shape=(20, 20, 20), seed: int = 0) -> list[Path]:

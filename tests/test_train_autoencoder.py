@@ -25,7 +25,7 @@ from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 from monai_diffusion.networks.builders import build_autoencoder
 
-from helpers import differences, record_compiles, tiny_config_dict, write_hub, write_volumes
+from helpers import differences, record_compiles, run_python, tiny_config_dict, write_hub, write_volumes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,7 @@ def make_config(data_dir: Path, output_dir: Path, *overrides: str):
 
 
 def run_cli(*args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env_extra or {})
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    return run_python(*args, env_extra=env_extra)
 
 
 def test_cli_fast_dev_run_writes_checkpoint_logs_and_panel(tiny_config_file, tmp_path):

@@ -5,18 +5,15 @@ volumes in the mask's space; label maps and configs that do not fit are refused 
 from __future__ import annotations
 
 import csv
-import os
 import shutil
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import conditional_raw, differences, save_autoencoder, write_conditional_data
+from helpers import conditional_raw, differences, run_python, save_autoencoder, write_conditional_data
 
 from monai_diffusion import train_controlnet as recipe
 from monai_diffusion.conditioning import Denoiser, control_size, read_control
@@ -29,7 +26,6 @@ from monai_diffusion.networks.builders import build_scheduler
 from monai_diffusion.steps import build_controlnet_training
 from monai_diffusion.train_ldm import train as train_ldm
 
-ROOT = Path(__file__).resolve().parents[1]
 CONTROLNET_KEYS = {
     "kind", "controlnet", "ema", "optimizer", "scaler", "lr_scheduler", "step", "epoch", "batches_in_epoch", "rng",
     "weights_sha256", "config", "ldm_checkpoint", "ldm_hash", "latent_shape", "format_version",
@@ -160,11 +156,10 @@ def test_torchrun_two_cpu_processes(setup, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-         "-m", "monai_diffusion.train_controlnet", "--config", str(config_file), "--set", "output.run_name=ddp"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    result = run_python(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+        "-m", "monai_diffusion.train_controlnet", "--config", str(config_file), "--set", "output.run_name=ddp",
+        env_extra={"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch size 2 (batch 1 x accumulation 1 x 2 process(es))" in result.stderr

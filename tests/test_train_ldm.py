@@ -13,7 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import differences, old_layout, record_compiles, save_autoencoder
+from helpers import differences, old_layout, record_compiles, run_python, save_autoencoder
 import torch
 
 from monai_diffusion import latents
@@ -298,11 +298,10 @@ def test_torchrun_two_cpu_processes_share_the_encoding(setup, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-         "-m", "monai_diffusion.train_ldm", "--config", str(config_file), "--set", "output.run_name=ddp"],
-        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
-        env=os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+    result = run_python(
+        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+        "-m", "monai_diffusion.train_ldm", "--config", str(config_file), "--set", "output.run_name=ddp",
+        env_extra={"OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "encoding 2 of 4 volume(s) on rank 0" in result.stderr

@@ -117,6 +117,11 @@ def _worker(rank: int, world_size: int, port: int) -> None:
         assert all(torch.equal(gathered[0], w) for w in gathered)  # identical after one step
         assert not torch.equal(weights, torch.cat([p.flatten() for p in initial.parameters()]))
         barrier()
+
+        # The reducer goes before the group: released after it, it would destroy the group with the GIL held
+        # while a gloo thread may wait for the GIL to free the last gather's tensors (a deadlock at exit).
+        cleanup_distributed(ddp, model, None)
+        assert not is_distributed() and not hasattr(ddp, "reducer") and not hasattr(ddp, "logger")
     finally:
         cleanup_distributed()
 
