@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,19 @@ def run_python(*args: str, env_extra: dict | None = None, timeout: float = 300) 
         pytest.fail(f"{' '.join(args[:4])} ... did not finish in {timeout:.0f} s; its output ended with:\n"
                     f"{stdout[-1500:]}\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a torchrun rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_torchrun(module: str, *args: str, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node=2 -m module *args`` on CPU: two gloo processes, one thread each."""
+    return run_python("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                      "-m", module, *args, env_extra={"OMP_NUM_THREADS": "1"} | (env_extra or {}))
 
 
 def write_volumes(folder: Path, count: int, shape=(20, 20, 20), seed: int = 0) -> list[Path]:

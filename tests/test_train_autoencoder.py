@@ -25,7 +25,8 @@ from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 from monai_diffusion.networks.builders import build_autoencoder
 
-from helpers import differences, record_compiles, run_python, tiny_config_dict, write_hub, write_volumes
+from helpers import (differences, free_port, record_compiles, run_python, run_torchrun, tiny_config_dict, write_hub,
+                     write_volumes)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -152,20 +153,11 @@ def test_consecutive_nonfinite_losses_stop_the_run_naming_the_step(tmp_path, nif
         train_autoencoder.train(config)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_cpu_processes_gloo(tiny_config_file, tmp_path):
-    result = run_cli(
-        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        "-m", "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
+    result = run_torchrun(
+        "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
         "--set", "autoencoder.training.max_steps=2", "--set", "autoencoder.training.max_epochs=3",
-        "--set", "autoencoder.training.gradient_accumulation_steps=2",
-        "--set", "output.run_name=ddp",
-        env_extra={"OMP_NUM_THREADS": "1"},
+        "--set", "autoencoder.training.gradient_accumulation_steps=2", "--set", "output.run_name=ddp",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch size 4 (batch 1 x accumulation 2 x 2 process(es))" in result.stderr
@@ -224,13 +216,12 @@ def test_patch_training_validates_whole_volumes_window_by_window(tmp_path, nifti
 def test_torchrun_compiled_over_ddp_with_accumulation_keeps_the_replicas_equal(tiny_config_file, tmp_path):
     """torch.compile over DDP, two micro-batches per step (the first under DDP's no_sync), the memory-saving path and
     the adversarial step: both ranks end with the same weights, and the checkpoint holds the plain networks."""
-    result = run_cli(
-        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        "-m", "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
+    result = run_torchrun(
+        "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
         "--set", "autoencoder.training.max_steps=2", "--set", "autoencoder.training.max_epochs=3",
         "--set", "autoencoder.training.gradient_accumulation_steps=2", "--set", "device.compile=true",
         "--set", "autoencoder.training.use_gradient_checkpointing=true", "--set", "autoencoder.training.adv_weight=0.1",
-        "--set", "output.run_name=ddp-compiled", env_extra={"OMP_NUM_THREADS": "1"},
+        "--set", "output.run_name=ddp-compiled",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_checkpoint(tmp_path / "runs" / "ddp-compiled" / "checkpoints" / "last.pt")
@@ -437,11 +428,10 @@ def test_ctrl_c_on_the_command_line_then_resume_auto_matches_a_straight_run(tmp_
 
 def test_torchrun_ranks_stop_at_the_same_step(tiny_config_file, tmp_path):
     """SIGTERM reaches rank 1 only: both ranks stop after the same step, and last.pt keeps each rank's RNG."""
-    result = run_cli(
-        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-        "-m", "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
+    result = run_torchrun(
+        "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file),
         *(f"--set={setting}" for setting in STOP_SETTINGS), "--set", "output.run_name=ddp",
-        env_extra={"OMP_NUM_THREADS": "1", TEST_SIGNAL_ENV: "SIGTERM:0:1"},
+        env_extra={TEST_SIGNAL_ENV: "SIGTERM:0:1"},
     )
     # 4 training volumes on 2 ranks: 2 micro-batches per rank and epoch, one optimizer step.
     assert result.returncode != 0
@@ -460,10 +450,9 @@ def test_torchrun_resume_after_a_stop_is_bit_exact(tiny_config_file, tmp_path):
     settings = [f"--set={s}" for s in STOP_SETTINGS] + ["--set=autoencoder.training.gradient_accumulation_steps=1"]
 
     def torchrun(run_name: str, *extra: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
-        return run_cli("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-                       "-m", "monai_diffusion.train_autoencoder", "--config", str(tiny_config_file), *settings,
-                       f"--set=output.run_name={run_name}", *extra,
-                       env_extra={"OMP_NUM_THREADS": "1"} | ({TEST_SIGNAL_ENV: signal_at} if signal_at else {}))
+        return run_torchrun("monai_diffusion.train_autoencoder", "--config", str(tiny_config_file), *settings,
+                            f"--set=output.run_name={run_name}", *extra,
+                            env_extra={TEST_SIGNAL_ENV: signal_at} if signal_at else None)
 
     stopped = torchrun("r", signal_at="SIGTERM:2:0")  # rank 0, before epoch 2's first micro-batch
     assert "[rank 1] stopped by SIGTERM after optimizer step 3:" in stopped.stderr, stopped.stderr[-3000:]

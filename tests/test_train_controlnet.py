@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import csv
 import shutil
-import socket
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import conditional_raw, differences, run_python, save_autoencoder, write_conditional_data
+from helpers import conditional_raw, differences, run_torchrun, save_autoencoder, write_conditional_data
 
 from monai_diffusion import train_controlnet as recipe
 from monai_diffusion.conditioning import Denoiser, control_size, read_control
@@ -153,14 +152,7 @@ def test_a_stop_signal_then_resume_is_bit_exact(setup, tmp_path, monkeypatch):
 def test_torchrun_two_cpu_processes(setup, tmp_path):
     config_file = tmp_path / "controlnet.yaml"
     save_config(setup("controlnet.training.max_steps=2", "controlnet.training.batch_size=1"), config_file)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = run_python(
-        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-        "-m", "monai_diffusion.train_controlnet", "--config", str(config_file), "--set", "output.run_name=ddp",
-        env_extra={"OMP_NUM_THREADS": "1"},
-    )
+    result = run_torchrun("monai_diffusion.train_controlnet", "--config", str(config_file), "--set", "output.run_name=ddp")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "effective batch size 2 (batch 1 x accumulation 1 x 2 process(es))" in result.stderr
     state = load_checkpoint(tmp_path / "out" / "ddp" / "checkpoints" / "last.pt")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import differences, old_layout, record_compiles, run_python, save_autoencoder
+from helpers import differences, old_layout, record_compiles, run_torchrun, save_autoencoder
 import torch
 
 from monai_diffusion import latents
@@ -295,14 +294,7 @@ def test_torchrun_two_cpu_processes_share_the_encoding(setup, tmp_path):
     """Each rank encodes its half of the volumes, waits at the barrier, then both train from the whole cache."""
     config_file = tmp_path / "ldm.yaml"
     save_config(setup(max_steps=2), config_file)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    result = run_python(
-        "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-        "-m", "monai_diffusion.train_ldm", "--config", str(config_file), "--set", "output.run_name=ddp",
-        env_extra={"OMP_NUM_THREADS": "1"},
-    )
+    result = run_torchrun("monai_diffusion.train_ldm", "--config", str(config_file), "--set", "output.run_name=ddp")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "encoding 2 of 4 volume(s) on rank 0" in result.stderr
     assert "effective batch size 2 (batch 1 x accumulation 1 x 2 process(es))" in result.stderr
