@@ -141,8 +141,8 @@ def cleanup_distributed(*models: nn.Module | None) -> None:
             last collective: a deadlock at exit (about one CPU run in five hung that way).
     """
     for model in models:
-        ddp = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model
-        if isinstance(ddp, DistributedDataParallel):
+        ddp = _ddp_module(model)
+        if ddp is not None:
             # The logger holds the reducer too; dropping both frees it here, with the group still alive.
             for attribute in ("logger", "reducer"):
                 if hasattr(ddp, attribute):
@@ -262,11 +262,16 @@ def gradient_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextMan
         model: the model the forward runs through (DDP-wrapped or not, possibly compiled over DDP).
         sync: whether this backward ends an optimizer step.
     """
-    # torch.compile's wrapper holds the DDP module as _orig_mod: no_sync is DDP's.
-    ddp = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model
-    if sync or not isinstance(ddp, DistributedDataParallel):
+    ddp = _ddp_module(model)
+    if sync or ddp is None:
         return contextlib.nullcontext()
     return ddp.no_sync()
+
+
+def _ddp_module(model: nn.Module | None) -> DistributedDataParallel | None:
+    """The DDP module a training model runs through (torch.compile's wrapper holds it as ``_orig_mod``), or None."""
+    ddp = model._orig_mod if isinstance(getattr(model, "_orig_mod", None), nn.Module) else model
+    return ddp if isinstance(ddp, DistributedDataParallel) else None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

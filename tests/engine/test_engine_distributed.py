@@ -5,13 +5,13 @@ from __future__ import annotations
 import copy
 import datetime
 import os
-import socket
 import time
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import free_port
 from torch.nn.parallel import DistributedDataParallel
 
 from monai_diffusion.engine.distributed import (
@@ -62,12 +62,6 @@ def test_cuda_without_cuda_is_an_error(single_process, monkeypatch):
         init_distributed("cuda")
     with pytest.raises(ValueError, match="device.device"):
         init_distributed("gpu")
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int) -> None:
@@ -128,7 +122,7 @@ def _worker(rank: int, world_size: int, port: int) -> None:
 
 def test_two_process_gloo():
     world_size = 2
-    context = mp.spawn(_worker, args=(world_size, _free_port()), nprocs=world_size, join=False)
+    context = mp.spawn(_worker, args=(world_size, free_port()), nprocs=world_size, join=False)
     deadline = time.monotonic() + 90
     try:
         while not context.join(timeout=1):  # re-raises a worker's exception with its traceback
