@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from monai.inferers import sliding_window_inference
@@ -45,6 +46,7 @@ __all__ = [
     "CACHE_VERSION",
     "CacheResult",
     "LatentDataset",
+    "LatentRecord",
     "build_latent_cache",
     "cache_key",
     "compute_scale_factor",
@@ -535,3 +537,53 @@ def decode_latents(
         else:
             image = autoencoder.decode(z)
     return image.float()
+
+
+# ------------------------------------------------------------------------------------------- the record
+
+
+@dataclass(frozen=True)
+class LatentRecord:
+    """What an LDM checkpoint keeps beside its networks: which frozen autoencoder made the latents (its file and
+    the digest of its weights), the latent scale factor (computed once), the latents' shape, the data's affine
+    (samples are written with it) and the conditions' statistics. A resumed run, ``train-controlnet``, ``sample`` and
+    ``evaluate`` read it back with :meth:`from_checkpoint`.
+
+    Attributes:
+        autoencoder_checkpoint: the autoencoder's checkpoint file.
+        autoencoder_hash: the digest of its weights (``latents.load_autoencoder``).
+        scale_factor: the latent scale factor.
+        latent_shape: (channels, then per axis).
+        affine: the training data's affine (4x4, float64).
+        conditioning: ``ConditionEncoder.state()``, None when unconditional.
+    """
+
+    autoencoder_checkpoint: Path
+    autoencoder_hash: str
+    scale_factor: float
+    latent_shape: tuple[int, ...]
+    affine: torch.Tensor
+    conditioning: dict | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scale_factor": self.scale_factor,
+            "autoencoder_checkpoint": str(self.autoencoder_checkpoint),
+            "autoencoder_hash": self.autoencoder_hash,
+            "latent_shape": list(self.latent_shape),
+            "affine": self.affine,
+            **({"conditioning": self.conditioning} if self.conditioning is not None else {}),
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> LatentRecord:
+        """The record of an LDM checkpoint (a dict :func:`~monai_diffusion.engine.checkpoint.load_checkpoint`
+        read)."""
+        return cls(
+            autoencoder_checkpoint=Path(state["autoencoder_checkpoint"]),
+            autoencoder_hash=state["autoencoder_hash"],
+            scale_factor=float(state["scale_factor"]),
+            latent_shape=tuple(int(size) for size in state["latent_shape"]),
+            affine=torch.as_tensor(state["affine"], dtype=torch.float64),
+            conditioning=state.get("conditioning") or None,
+        )

@@ -1,18 +1,24 @@
-"""The training step of each stage, defined once: train-autoencoder and train-ldm run it, benchmark and plan measure it.
+"""The training step of each stage, defined once: the three training commands run it, benchmark and plan measure it.
 
-A stage's step is built from the config by one function (the networks, the loss with its weights, optimizers,
-scalers, LR schedules, EMA) and run by two: the forward and backward of one micro-batch under the run's precision
-and gradient accumulation, then the optimizer update that ends an optimizer step. A recipe calls them from its
-loop with real data; the memory harness (:mod:`monai_diffusion.memory.probe`) calls them with random data of the
-same shape. What is planned and benchmarked is therefore what trains.
+A stage (autoencoder, LDM, ControlNet) is built from the config by one function (the networks, the loss with its
+weights, optimizers, scalers, LR schedules, EMA) and answers the same few calls: ``micro_step`` (forward and
+backward of one batch under the run's precision and gradient accumulation), ``update`` (the optimizer step after
+the last micro-batch), ``epoch_end``, and ``state_dict`` / ``load_state_dict`` for what its checkpoint holds.
+:func:`train_step` runs k micro-batches, then the update: the engine's loop
+(:func:`monai_diffusion.engine.loop.train_epochs`) calls it with real data, the memory harness
+(:mod:`monai_diffusion.memory.probe`) with random data of the same shape. What is planned and benchmarked is
+therefore what trains.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +27,7 @@ from monai.networks.nets import ControlNet, DiffusionModelUNet, PatchDiscriminat
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
-from monai_diffusion.conditioning import Conditioning, control_input, control_size, unet_output
+from monai_diffusion.conditioning import ConditionEncoder, Conditioning, control_input, control_size, unet_output
 from monai_diffusion.config.schema import (
     AutoencoderTrainingConfig,
     Config,
@@ -34,7 +40,14 @@ from monai_diffusion.engine.distributed import DistInfo, gradient_sync, wrap_ddp
 from monai_diffusion.engine.ema import build_ema
 from monai_diffusion.engine.optim import StepResult, build_lr_scheduler, build_optimizer, optimizer_step
 from monai_diffusion.engine.precision import Precision
-from monai_diffusion.losses import StructuralLoss, build_adversarial_loss, build_perceptual_loss, kl_loss
+from monai_diffusion.latents import LatentRecord
+from monai_diffusion.losses import (
+    StructuralLoss,
+    adversarial_active,
+    build_adversarial_loss,
+    build_perceptual_loss,
+    kl_loss,
+)
 from monai_diffusion.networks.builders import (
     build_autoencoder,
     build_controlnet,
@@ -47,6 +60,7 @@ from monai_diffusion.networks.memory_saving import offload_saved_maps
 __all__ = [
     "AutoencoderTraining",
     "ControlNetTraining",
+    "ControlRecord",
     "LDMTraining",
     "autoencoder_epoch_end",
     "autoencoder_micro_step",
@@ -65,6 +79,8 @@ __all__ = [
     "ldm_update",
     "training_model",
 ]
+
+logger = logging.getLogger("monai_diffusion")
 
 
 @contextlib.contextmanager
@@ -134,8 +150,11 @@ class AutoencoderTraining:
         adversarial_loss: the least-squares patch criterion.
         optimizer_g, scaler_g, lr_scheduler_g: the generator's (autoencoder's) optimizer, scaler and LR schedule.
         optimizer_d, scaler_d, lr_scheduler_d: the discriminator's, None without one.
+        device: where the networks are (batches are moved there).
         discriminator_batch: (the discriminator module to run, reconstruction, images) of the last micro-batch,
             kept for the extra discriminator steps of ``disc_steps_per_generator_step`` > 1 until the update.
+        model, disc_model: what the forwards run through (:meth:`wrap`; None: the networks themselves).
+        best_val_l1: the lowest validation L1 so far (``best.pt``'s), kept in the checkpoint.
     """
 
     training: AutoencoderTrainingConfig
@@ -148,14 +167,90 @@ class AutoencoderTraining:
     optimizer_g: torch.optim.Optimizer
     scaler_g: torch.amp.GradScaler
     lr_scheduler_g: LRScheduler
+    device: torch.device
     optimizer_d: torch.optim.Optimizer | None = None
     scaler_d: torch.amp.GradScaler | None = None
     lr_scheduler_d: LRScheduler | None = None
     discriminator_batch: tuple[torch.nn.Module, torch.Tensor, torch.Tensor] | None = None
+    model: torch.nn.Module | None = None
+    disc_model: torch.nn.Module | None = None
+    best_val_l1: float = math.inf
+
+    kind: ClassVar[str] = "autoencoder"
+
+    @property
+    def lr_scheduler(self) -> LRScheduler:
+        """The generator's LR schedule (the one ``train/lr`` logs)."""
+        return self.lr_scheduler_g
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler:
+        """The generator's gradient scaler (the one ``train/grad_scale`` logs)."""
+        return self.scaler_g
+
+    def wrap(self, device: DeviceConfig, dist: DistInfo | None = None) -> list[torch.nn.Module]:
+        """Run forwards through :func:`training_model` of the autoencoder and the discriminator (DDP, compile);
+        returns those modules (``cleanup_distributed`` releases them)."""
+        self.model = training_model(self.autoencoder, device, dist)
+        if self.discriminator is not None:
+            self.disc_model = training_model(self.discriminator, device, dist)
+        return [m for m in (self.model, self.disc_model) if m is not None]
+
+    def networks(self) -> list[torch.nn.Module]:
+        """The trained networks (their weights' digest goes into each checkpoint)."""
+        return [m for m in (self.autoencoder, self.discriminator) if m is not None]
+
+    def train(self) -> None:
+        (self.model if self.model is not None else self.autoencoder).train()
+
+    def micro_step(self, batch: dict, *, step: int, sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:func:`autoencoder_micro_step` on a batch of the loader (``batch["image"]``), adversarial from
+        ``adv_start_step`` on. Returns the generator's loss and each term by name."""
+        # A plain tensor: MetaTensor's metadata is not needed here, costs time per op and stops torch.compile.
+        images = batch["image"].as_subclass(torch.Tensor).to(self.device, non_blocking=True)
+        return autoencoder_micro_step(self, images, self._adversarial(step), sync, self.model, self.disc_model)
+
+    def update(self, step: int) -> StepResult:
+        return autoencoder_update(self, self._adversarial(step))
+
+    def epoch_end(self) -> None:
+        autoencoder_epoch_end(self)
+
+    def _adversarial(self, step: int) -> bool:
+        return self.discriminator is not None and adversarial_active(step, self.training)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The networks, optimizers, scalers and LR schedules (the discriminator's None without one) and the best
+        validation L1 so far."""
+        disc = self.discriminator is not None
+        return {
+            "autoencoder": self.autoencoder.state_dict(),
+            "discriminator": self.discriminator.state_dict() if disc else None,
+            "optimizer_g": self.optimizer_g.state_dict(),
+            "optimizer_d": self.optimizer_d.state_dict() if disc else None,
+            "scaler_g": self.scaler_g.state_dict(),
+            "scaler_d": self.scaler_d.state_dict() if disc else None,
+            "lr_scheduler_g": self.lr_scheduler_g.state_dict(),
+            "lr_scheduler_d": self.lr_scheduler_d.state_dict() if disc else None,
+            "best_val_l1": self.best_val_l1,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """What :meth:`state_dict` saved; a checkpoint without a discriminator leaves this one's fresh."""
+        self.autoencoder.load_state_dict(state["autoencoder"])
+        self.optimizer_g.load_state_dict(state["optimizer_g"])
+        self.lr_scheduler_g.load_state_dict(state["lr_scheduler_g"])
+        self.scaler_g.load_state_dict(state["scaler_g"])
+        if self.discriminator is not None and state.get("discriminator") is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            self.optimizer_d.load_state_dict(state["optimizer_d"])
+            self.lr_scheduler_d.load_state_dict(state["lr_scheduler_d"])
+            self.scaler_d.load_state_dict(state["scaler_d"])
+        self.best_val_l1 = state.get("best_val_l1", self.best_val_l1)
 
 
 def build_autoencoder_training(
-    config: Config, device: torch.device, precision: Precision, max_steps: int | None,
+    config: Config, device: torch.device, precision: Precision, *, max_steps: int | None,
     autoencoder: torch.nn.Module | None = None, max_epochs: int | None = None, world_size: int = 1,
 ) -> AutoencoderTraining:
     """The autoencoder, discriminator, losses and optimizers of the config's autoencoder stage, on ``device``.
@@ -188,7 +283,7 @@ def build_autoencoder_training(
     parts = AutoencoderTraining(
         training=t, precision=precision, autoencoder=autoencoder, discriminator=discriminator, perceptual=perceptual,
         structural=structural, adversarial_loss=build_adversarial_loss(), optimizer_g=optimizer_g,
-        scaler_g=precision.make_scaler(), lr_scheduler_g=lr_scheduler_g,
+        scaler_g=precision.make_scaler(), lr_scheduler_g=lr_scheduler_g, device=device,
     )
     if discriminator is not None:
         parts.optimizer_d, parts.lr_scheduler_d = _optimizer_and_schedule(
@@ -310,7 +405,13 @@ class LDMTraining:
         kind: ``ldm.scheduler.type`` (ddpm, ddim or rflow).
         optimizer, scaler, lr_scheduler: the UNet's optimizer, gradient scaler and LR schedule.
         ema: the EMA of the UNet's weights, None when ``ema_decay`` is None.
+        device: where the UNet is (latents are made there).
+        autoencoder: the frozen autoencoder that encodes image batches (None: batches hold cached posteriors).
+        scale_factor: the latent scale factor.
+        encoder: the conditions' encoder (None: unconditional).
+        record: what the checkpoint keeps beside the networks (None: a step that is only measured).
         condition_dropout: ``ldm.conditioning.dropout``, the share of samples trained on the null condition.
+        model: what the forward runs through (:meth:`wrap`; None: the UNet itself).
     """
 
     training: LDMTrainingConfig
@@ -322,27 +423,83 @@ class LDMTraining:
     scaler: torch.amp.GradScaler
     lr_scheduler: LRScheduler
     ema: AveragedModel | None
+    device: torch.device
+    autoencoder: torch.nn.Module | None = None
+    scale_factor: float = 1.0
+    encoder: ConditionEncoder | None = None
+    record: LatentRecord | None = None
     condition_dropout: float = 0.0
+    model: torch.nn.Module | None = None
+
+    def wrap(self, device: DeviceConfig, dist: DistInfo | None = None) -> list[torch.nn.Module]:
+        """Run the forward through :func:`training_model` of the UNet (DDP, compile); returns it."""
+        self.model = training_model(self.unet, device, dist)
+        return [self.model]
+
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.unet]
+
+    def train(self) -> None:
+        (self.model if self.model is not None else self.unet).train()
+
+    def micro_step(self, batch: dict, *, step: int, sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:func:`ldm_micro_step` on a batch of the loader: a fresh latent per volume (:func:`ldm_latents`) and the
+        batch's conditions. Returns the loss, also as the one term ``loss``."""
+        z = ldm_latents(batch, self.autoencoder, self.scale_factor, self.precision, self.device)
+        condition = self.encoder.encode_batch(batch) if self.encoder is not None else None
+        loss = ldm_micro_step(self, z, sync, self.model, condition)
+        return loss, {"loss": loss}
+
+    def update(self, step: int) -> StepResult:
+        return ldm_update(self)
+
+    def epoch_end(self) -> None:
+        ldm_epoch_end(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The UNet, its EMA, optimizer, scaler and LR schedule, and the :class:`LatentRecord`."""
+        return {
+            "unet": self.unet.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            **self.record.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """What :meth:`state_dict` saved (the record is read before the stage is built:
+        :meth:`LatentRecord.from_checkpoint`); a checkpoint without EMA weights starts the EMA afresh."""
+        self.unet.load_state_dict(state["unet"])
+        _load_optimization(self, state)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+        elif self.ema is not None:
+            logger.warning("the checkpoint has no EMA weights: the EMA starts from the current weights")
 
 
 def build_ldm_training(
-    config: Config, latent_shape: tuple[int, ...], device: torch.device, precision: Precision, max_steps: int | None,
-    max_epochs: int | None = None, world_size: int = 1, conditioning: dict | None = None,
+    config: Config, latent_shape: tuple[int, ...], device: torch.device, precision: Precision, *,
+    max_steps: int | None, max_epochs: int | None = None, world_size: int = 1,
+    autoencoder: torch.nn.Module | None = None, scale_factor: float = 1.0, encoder: ConditionEncoder | None = None,
+    record: LatentRecord | None = None,
 ) -> LDMTraining:
     """The UNet, noise scheduler, optimizer and EMA of the config's LDM stage, for latents of ``latent_shape``
     (channels, then per axis), on ``device``. ``max_steps``, ``max_epochs`` and ``world_size`` as in
-    :func:`build_autoencoder_training`; ``conditioning`` the conditional UNet's arguments
-    (``ConditionEncoder.unet_arguments()``, None: unconditional)."""
+    :func:`build_autoencoder_training`; ``autoencoder`` (frozen) encodes image batches, ``scale_factor`` scales
+    the latents, ``encoder`` gives the conditional UNet its inputs (None: unconditional) and ``record`` is what the
+    checkpoint keeps beside the networks."""
     t = config.ldm.training
-    spatial_dims = len(latent_shape) - 1
     kind = config.ldm.scheduler.type
-    unet = build_unet(config.ldm, latent_shape[0], spatial_dims, conditioning).to(device)
-    scheduler = build_scheduler(config.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
+    conditioning = encoder.unet_arguments() if encoder is not None else None
+    unet = build_unet(config.ldm, latent_shape[0], len(latent_shape) - 1, conditioning).to(device)
+    scheduler = build_scheduler(config.ldm.scheduler, kind, latent_shape)
     optimizer, lr_scheduler = _optimizer_and_schedule(unet.parameters(), t.lr, t, max_steps, max_epochs, world_size)
     return LDMTraining(
         training=t, precision=precision, unet=unet, scheduler=scheduler, kind=kind, optimizer=optimizer,
         scaler=precision.make_scaler(), lr_scheduler=lr_scheduler,
-        ema=build_ema(unet, t.ema_decay) if t.ema_decay is not None else None,
+        ema=build_ema(unet, t.ema_decay) if t.ema_decay is not None else None, device=device,
+        autoencoder=autoencoder, scale_factor=scale_factor, encoder=encoder, record=record,
         condition_dropout=config.ldm.conditioning.dropout if conditioning is not None else 0.0,
     )
 
@@ -399,6 +556,13 @@ def _epoch_end(lr_scheduler: LRScheduler, training: LDMTrainingConfig) -> None:
         lr_scheduler.step()
 
 
+def _load_optimization(parts: LDMTraining | ControlNetTraining, state: dict[str, Any]) -> None:
+    """The optimizer, scaler and LR schedule of a stage with one network, from its checkpoint."""
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    parts.scaler.load_state_dict(state["scaler"])
+
+
 def _update(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
             lr_scheduler: LRScheduler, ema: AveragedModel | None, training: LDMTrainingConfig) -> StepResult:
     """The optimizer step of ``network`` after its last micro-batch, then its EMA (only when the step was taken)."""
@@ -426,8 +590,14 @@ class ControlNetTraining:
         ema: the EMA of the ControlNet's weights, None when ``ema_decay`` is None.
         num_labels: label values of the masks (``controlnet.num_labels``).
         control_size: the spatial size the ControlNet takes the masks at (:func:`control_size`).
+        device: where the networks are.
+        autoencoder, scale_factor, encoder: the LDM's frozen autoencoder, latent scale factor and conditions'
+            encoder (as :class:`LDMTraining`'s).
+        mask_key: the batch entry holding the label maps (``data.mask_key``).
+        record: what the checkpoint keeps beside the networks (None: a step that is only measured).
         condition_dropout: the LDM's ``ldm.conditioning.dropout`` (the covariates keep their guidance; the mask is
             never dropped).
+        model: what the forward runs through (:meth:`wrap`; None: the ControlNet itself).
     """
 
     training: ControlNetTrainingConfig
@@ -442,13 +612,91 @@ class ControlNetTraining:
     ema: AveragedModel | None
     num_labels: int
     control_size: tuple[int, ...]
+    device: torch.device
+    autoencoder: torch.nn.Module | None = None
+    scale_factor: float = 1.0
+    encoder: ConditionEncoder | None = None
+    mask_key: str = "mask"
+    record: ControlRecord | None = None
     condition_dropout: float = 0.0
+    model: torch.nn.Module | None = None
+
+    def wrap(self, device: DeviceConfig, dist: DistInfo | None = None) -> list[torch.nn.Module]:
+        """Run the forward through :func:`training_model` of the ControlNet (DDP, compile); returns it."""
+        self.model = training_model(self.controlnet, device, dist)
+        return [self.model]
+
+    def networks(self) -> list[torch.nn.Module]:
+        return [self.controlnet]
+
+    def train(self) -> None:
+        (self.model if self.model is not None else self.controlnet).train()
+
+    def micro_step(self, batch: dict, *, step: int, sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """:func:`controlnet_micro_step` on a batch of the loader: its latents, control input
+        (:func:`controlnet_control`) and conditions. Returns the loss, also as the one term ``loss``."""
+        z = ldm_latents(batch, self.autoencoder, self.scale_factor, self.precision, self.device)
+        control = controlnet_control(self, batch, self.device, self.mask_key)
+        condition = self.encoder.encode_batch(batch) if self.encoder is not None else None
+        loss = controlnet_micro_step(self, z, control, sync, self.model, condition)
+        return loss, {"loss": loss}
+
+    def update(self, step: int) -> StepResult:
+        return controlnet_update(self)
+
+    def epoch_end(self) -> None:
+        controlnet_epoch_end(self)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The ControlNet, its EMA, optimizer, scaler and LR schedule, and the :class:`ControlRecord`."""
+        return {
+            "controlnet": self.controlnet.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            **self.record.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """What :meth:`state_dict` saved (the record is read before the stage is built:
+        :meth:`ControlRecord.from_checkpoint`)."""
+        self.controlnet.load_state_dict(state["controlnet"])
+        _load_optimization(self, state)
+        if self.ema is not None and state.get("ema") is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+@dataclass(frozen=True)
+class ControlRecord:
+    """What a ControlNet checkpoint keeps beside its networks: the LDM it steers (its checkpoint file and the digest
+    of the weights it samples with) and the latents' shape.
+
+    Attributes:
+        ldm_checkpoint: the LDM's checkpoint file.
+        ldm_hash: the digest of the LDM's sampling weights (``generation.load_ldm``).
+        latent_shape: (channels, then per axis).
+    """
+
+    ldm_checkpoint: Path
+    ldm_hash: str
+    latent_shape: tuple[int, ...]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ldm_checkpoint": str(self.ldm_checkpoint), "ldm_hash": self.ldm_hash,
+                "latent_shape": list(self.latent_shape)}
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any]) -> ControlRecord:
+        return cls(ldm_checkpoint=Path(state["ldm_checkpoint"]), ldm_hash=state["ldm_hash"],
+                   latent_shape=tuple(int(size) for size in state["latent_shape"]))
 
 
 def build_controlnet_training(
-    config: Config, trained: Config, unet: DiffusionModelUNet, latent_shape: tuple[int, ...], device: torch.device,
-    precision: Precision, max_steps: int | None, max_epochs: int | None = None, world_size: int = 1,
-    conditioning: dict | None = None,
+    config: Config, trained: Config, unet: DiffusionModelUNet, latent_shape: tuple[int, ...], *,
+    device: torch.device, precision: Precision, max_steps: int | None, max_epochs: int | None = None,
+    world_size: int = 1, autoencoder: torch.nn.Module | None = None, scale_factor: float = 1.0,
+    encoder: ConditionEncoder | None = None, mask_key: str = "mask", record: ControlRecord | None = None,
 ) -> ControlNetTraining:
     """The ControlNet of the config's ControlNet stage beside the trained ``unet`` (frozen here), with its
     optimizer and EMA, on ``device``.
@@ -462,16 +710,20 @@ def build_controlnet_training(
         unet: the LDM's UNet on ``device`` (its EMA weights when it kept them).
         latent_shape: (channels, then per axis).
         device, precision, max_steps, max_epochs, world_size: as :func:`build_autoencoder_training`.
-        conditioning: the UNet's conditioning arguments (None: unconditional).
+        autoencoder, scale_factor, encoder: the LDM's frozen autoencoder, latent scale factor and conditions'
+            encoder (None: unconditional).
+        mask_key: the batch entry holding the label maps.
+        record: what the checkpoint keeps beside the networks.
     """
     t = config.controlnet.training
-    spatial_dims = len(latent_shape) - 1
     kind = trained.ldm.scheduler.type
+    conditioning = encoder.unet_arguments() if encoder is not None else None
     unet.eval().requires_grad_(False)
-    controlnet = build_controlnet(trained.ldm, config.controlnet, latent_shape[0], spatial_dims, conditioning)
+    controlnet = build_controlnet(trained.ldm, config.controlnet, latent_shape[0], len(latent_shape) - 1,
+                                  conditioning)
     controlnet.load_state_dict(unet.state_dict(), strict=False)
     controlnet = controlnet.to(device)
-    scheduler = build_scheduler(trained.ldm.scheduler, kind, spatial_dims, math.prod(latent_shape[1:]))
+    scheduler = build_scheduler(trained.ldm.scheduler, kind, latent_shape)
     optimizer, lr_scheduler = _optimizer_and_schedule(controlnet.parameters(), t.lr, t, max_steps, max_epochs,
                                                       world_size)
     return ControlNetTraining(
@@ -480,7 +732,8 @@ def build_controlnet_training(
         ema=build_ema(controlnet, t.ema_decay) if t.ema_decay is not None else None,
         num_labels=config.controlnet.num_labels,
         control_size=control_size(latent_shape[1:], config.controlnet.conditioning_embedding_num_channels),
-        condition_dropout=trained.ldm.conditioning.dropout if conditioning is not None else 0.0,
+        device=device, autoencoder=autoencoder, scale_factor=scale_factor, encoder=encoder, mask_key=mask_key,
+        record=record, condition_dropout=trained.ldm.conditioning.dropout if conditioning is not None else 0.0,
     )
 
 

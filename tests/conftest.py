@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import signal_hook
 from helpers import tiny_config_dict, write_volumes
 
 
@@ -19,6 +20,13 @@ def ctrl_c_as_in_a_terminal():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def stop_signal_hook():
+    """Runs in this process honour ``MONAI_DIFFUSION_TEST_SIGNAL`` (signal_hook.py); the commands the tests start
+    get it from ``helpers.run_python``."""
+    signal_hook.install()
 
 
 @pytest.fixture

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# On the PYTHONPATH of the commands the tests start: installs the stop-signal fixture (signal_hook.py) there.
+SUBPROCESS_HOOKS = Path(__file__).resolve().parent / "subprocess_hooks"
 
 
 def run_python(*args: str, env_extra: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -21,6 +23,7 @@ def run_python(*args: str, env_extra: dict | None = None, timeout: float = 300) 
     (torchrun's workers too, which would otherwise outlive it) and the test fails with the output's end, so a hang
     shows where it stopped."""
     env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env_extra or {})
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SUBPROCESS_HOOKS), env.get("PYTHONPATH")]))
     process = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env, start_new_session=True)
     try:

@@ -66,7 +66,7 @@ def test_the_discriminator_loss_weight_defaults_to_adv_weight_and_can_be_one(tmp
 
 @pytest.mark.parametrize("loss", ["mse", "l1"])
 def test_the_diffusion_loss_is_the_configured_regression(tmp_path, loss):
-    parts = steps.build_ldm_training(config(tmp_path, f"ldm.training.loss={loss}"), (2, 8, 8, 8), CPU, FP32, None)
+    parts = steps.build_ldm_training(config(tmp_path, f"ldm.training.loss={loss}"), (2, 8, 8, 8), CPU, FP32, max_steps=None)
     torch.nn.init.zeros_(parts.unet.out[-1].conv.weight)  # a zero prediction: the loss is the target's own size
     torch.nn.init.zeros_(parts.unet.out[-1].conv.bias)
     z = torch.randn(2, 2, 8, 8, 8)
@@ -102,13 +102,14 @@ def test_learning_rates_scale_with_the_process_count_when_asked(tmp_path):
     def lrs(*overrides: str) -> list[float]:
         parts = steps.build_autoencoder_training(
             config(tmp_path, "autoencoder.training.adv_weight=0.1", "autoencoder.training.lr=1e-5",
-                   "autoencoder.training.disc_lr=2e-5", *overrides), CPU, FP32, None, world_size=4)
+                   "autoencoder.training.disc_lr=2e-5", *overrides), CPU, FP32, max_steps=None, world_size=4)
         return [parts.optimizer_g.param_groups[0]["lr"], parts.optimizer_d.param_groups[0]["lr"]]
 
     assert lrs() == pytest.approx([1e-5, 2e-5])
     assert lrs("autoencoder.training.scale_lr_by_world_size=true") == pytest.approx([4e-5, 8e-5])
     assert lrs("autoencoder.training.adam_eps=1e-6") == pytest.approx([1e-5, 2e-5])
-    parts = steps.build_autoencoder_training(config(tmp_path, "autoencoder.training.adam_eps=1e-6"), CPU, FP32, None)
+    parts = steps.build_autoencoder_training(config(tmp_path, "autoencoder.training.adam_eps=1e-6"), CPU, FP32,
+                                             max_steps=None)
     assert parts.optimizer_g.defaults["eps"] == 1e-6
 
 

@@ -21,10 +21,11 @@ import yaml
 from monai_diffusion import latents, steps, train_autoencoder
 from monai_diffusion.config import apply_overrides, config_from_dict
 from monai_diffusion.engine.checkpoint import load_checkpoint, weights_digest
-from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
+from monai_diffusion.engine.loop import TrainingStopped
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 from monai_diffusion.networks.builders import build_autoencoder
 
+from signal_hook import TEST_SIGNAL_ENV
 from helpers import (differences, free_port, record_compiles, run_python, run_torchrun, tiny_config_dict, write_hub,
                      write_volumes)
 
@@ -193,7 +194,7 @@ def test_patch_training_validates_whole_volumes_window_by_window(tmp_path, nifti
     """Foreground-weighted 8^3 patches of the 16^3 volumes for training; validation reconstructs the whole volumes
     through MONAI's sliding window at the patch size (evaluate does the same by default)."""
     micro, windows = [], []
-    original_step, original_window = train_autoencoder.autoencoder_micro_step, latents.sliding_window_inference
+    original_step, original_window = steps.autoencoder_micro_step, latents.sliding_window_inference
 
     def step(parts, images, *args, **kwargs):
         micro.append(tuple(images.shape))
@@ -203,7 +204,7 @@ def test_patch_training_validates_whole_volumes_window_by_window(tmp_path, nifti
         windows.append((tuple(inputs.shape), list(roi_size)))
         return original_window(inputs, roi_size, *args, **kwargs)
 
-    monkeypatch.setattr(train_autoencoder, "autoencoder_micro_step", step)
+    monkeypatch.setattr(steps, "autoencoder_micro_step", step)
     monkeypatch.setattr(latents, "sliding_window_inference", window)
     run = train_autoencoder.train(make_config(
         nifti_folder, tmp_path, "autoencoder.training.patch_size=[8,8,8]", "autoencoder.training.max_steps=2",

@@ -12,13 +12,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from signal_hook import TEST_SIGNAL_ENV
 from helpers import conditional_raw, differences, run_torchrun, save_autoencoder, write_conditional_data
 
 from monai_diffusion import train_controlnet as recipe
 from monai_diffusion.conditioning import Denoiser, control_size, read_control
 from monai_diffusion.config import apply_overrides, config_from_dict, save_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
-from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
+from monai_diffusion.engine.loop import TrainingStopped
 from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.generation import generate_volume, load_ldm, load_ldm_checkpoint, sample
 from monai_diffusion.networks.builders import build_scheduler
@@ -61,8 +62,8 @@ def test_the_untrained_controlnet_leaves_the_ldms_predictions_as_they_are(setup)
     config = setup()
     device, precision = torch.device("cpu"), resolve_precision(False, torch.device("cpu"))
     ldm = load_ldm(load_ldm_checkpoint(config.controlnet.ldm_checkpoint), config, device)
-    parts = build_controlnet_training(config, ldm.trained, ldm.unet, ldm.latent_shape, device, precision, 1,
-                                      conditioning=ldm.encoder.unet_arguments())
+    parts = build_controlnet_training(config, ldm.trained, ldm.unet, ldm.latent_shape, device=device,
+                                      precision=precision, max_steps=1, encoder=ldm.encoder)
     unet_weights = ldm.unet.state_dict()
     shared = [key for key in parts.controlnet.state_dict() if key in unet_weights]
     assert any(key.startswith("down_blocks.") for key in shared) and "time_embed.0.weight" in shared
@@ -71,11 +72,13 @@ def test_the_untrained_controlnet_leaves_the_ldms_predictions_as_they_are(setup)
     size = control_size(ldm.latent_shape[1:], config.controlnet.conditioning_embedding_num_channels)
     control, _ = read_control(Path(config.data.datalist).parent / "v0_seg.nii.gz", config.data, 3, size)
     condition = ldm.encoder.encode([{"radius": 0.5, "shape": "a"}])
-    scheduler = build_scheduler(ldm.trained.ldm.scheduler, "ddpm", 3, 512)
+    scheduler = build_scheduler(ldm.trained.ldm.scheduler, "ddpm", (2, 8, 8, 8))
 
     def generate(denoiser) -> torch.Tensor:
-        return generate_volume(denoiser, ldm.autoencoder, scheduler, "ddpm", ldm.latent_shape, ldm.scale_factor,
-                               config.ldm.sampling, 2, None, device, torch.Generator().manual_seed(0))
+        return generate_volume(denoiser, ldm.autoencoder, scheduler=scheduler, kind="ddpm",
+                               latent_shape=ldm.latent_shape, scale_factor=ldm.scale_factor,
+                               sampling=config.ldm.sampling, num_steps=2, value_range=None, device=device,
+                               generator=torch.Generator().manual_seed(0))
 
     plain = generate(Denoiser(ldm.unet, condition, 2.0))
     steered = generate(Denoiser(ldm.unet, condition, 2.0, parts.controlnet.eval(), control[None]))

@@ -12,7 +12,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import differences, old_layout, record_compiles, run_torchrun, save_autoencoder
+from signal_hook import TEST_SIGNAL_ENV
+from helpers import SUBPROCESS_HOOKS, differences, old_layout, record_compiles, run_torchrun, save_autoencoder
 import torch
 
 from monai_diffusion import latents
@@ -21,7 +22,7 @@ from monai_diffusion.diffusion import diffusion_loss
 from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.config import config_from_dict, save_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
-from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
+from monai_diffusion.engine.loop import TrainingStopped
 from monai_diffusion.generation import sample
 from monai_diffusion.networks.builders import build_autoencoder, build_scheduler
 
@@ -259,7 +260,7 @@ def test_diffusion_loss_targets(setup, kind, prediction):
     config = setup(kind)
     if prediction:
         config.ldm.scheduler.prediction_type = prediction
-    scheduler = build_scheduler(config.ldm.scheduler, kind, 3, 512)
+    scheduler = build_scheduler(config.ldm.scheduler, kind, (2, 8, 8, 8))
     precision = resolve_precision(False, torch.device("cpu"))
     z = torch.randn(2, 2, 8, 8, 8)
     model = Recorder()
@@ -281,7 +282,7 @@ def test_diffusion_loss_targets(setup, kind, prediction):
 def test_rflow_velocity_target_is_monai_convention(setup):
     # With the exact velocity z - noise, one RFlowScheduler.step from t to 0 lands on the data: the target we
     # train on is the one MONAI's sampler integrates.
-    scheduler = build_scheduler(setup("rflow").ldm.scheduler, "rflow", 3, 512)
+    scheduler = build_scheduler(setup("rflow").ldm.scheduler, "rflow", (2, 8, 8, 8))
     scheduler.set_timesteps(10, input_img_size_numel=512)
     z, noise = torch.randn(1, 2, 8, 8, 8), torch.randn(1, 2, 8, 8, 8)
     t = scheduler.timesteps[3]
@@ -350,7 +351,7 @@ def test_sigterm_on_the_command_line_then_resume_auto_matches_a_straight_run(set
     config_file = tmp_path / "ldm.yaml"
     save_config(setup(**STOP_TRAINING), config_file)
     command = [sys.executable, "-m", "monai_diffusion.cli", "train-ldm", "--config", str(config_file)]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(SUBPROCESS_HOOKS)}
 
     def run(name: str, *extra: str, signal_at: str | None = None) -> subprocess.CompletedProcess:
         return subprocess.run([*command, "--set", f"output.run_name={name}", *extra], cwd=ROOT, capture_output=True,

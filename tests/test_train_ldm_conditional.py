@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from signal_hook import TEST_SIGNAL_ENV
 from helpers import conditional_raw, differences, save_autoencoder, write_conditional_data
 
 from monai_diffusion import latents
 from monai_diffusion import train_ldm as recipe
 from monai_diffusion.config import apply_overrides, config_from_dict
 from monai_diffusion.engine.checkpoint import load_checkpoint
-from monai_diffusion.engine.loop import TEST_SIGNAL_ENV, TrainingStopped
+from monai_diffusion.engine.loop import TrainingStopped
 
 
 @pytest.fixture

@@ -1,13 +1,18 @@
-"""The parts of a training loop both recipes share, as small functions they call in order.
+"""The one training loop of the three training commands, and the pieces around it.
 
 Starting a run (devices, seeds, precision), what to resume and where the run folder is, the step budget (how many
-micro-batches an epoch trains, which one ends an optimizer step, when the run stops), the scalars every optimizer
-step logs, the checkpoints written at the end of an epoch, and stopping at a step boundary on SIGINT / SIGTERM.
-What a checkpoint holds stays the recipe's choice: it passes its own ``save(name, epoch, batches_in_epoch)``.
+micro-batches an epoch trains, which one ends an optimizer step, when the run stops), then :func:`train_epochs`:
+the epochs and optimizer steps of any stage (``steps.AutoencoderTraining``, ``LDMTraining``,
+``ControlNetTraining``, which answer ``micro_step``, ``update``, ``epoch_end`` and ``state_dict``), with the
+progress bar, the non-finite guard, the scalars every optimizer step logs, the checkpoints written at the end of an
+epoch, stopping at a step boundary on SIGINT / SIGTERM, and removing the folder of a run that failed to start. It
+yields at each epoch's end, so a command keeps its validation and ``best.pt`` rule in its own body.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -17,7 +22,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -25,46 +30,57 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from monai_diffusion.config.loading import save_config
 from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, LDMTrainingConfig
 from monai_diffusion.engine.checkpoint import (
     capture_rng_state,
+    check_shape_keys,
+    load_checkpoint,
     prune_checkpoints,
     remove_temp_files,
     resolve_resume,
     restore_rng_state,
+    save_checkpoint,
     weights_digest,
 )
 from monai_diffusion.engine.distributed import (
     DistInfo,
     all_gather_object,
     all_reduce_max,
+    all_reduce_mean,
     broadcast_object,
+    cleanup_distributed,
     init_distributed,
 )
-from monai_diffusion.engine.logging import get_logger, peak_memory_mb
-from monai_diffusion.engine.optim import StepResult
+from monai_diffusion.engine.logging import RunLogger, get_logger, peak_memory_mb
+from monai_diffusion.engine.optim import NonFiniteGuard, StepResult
 from monai_diffusion.engine.precision import Precision, resolve_precision
 
 __all__ = [
     "FAST_DEV_RUN_BATCHES",
-    "TEST_SIGNAL_ENV",
+    "EpochEnd",
+    "Position",
     "StepBudget",
     "StopSignals",
+    "TrainingRun",
     "TrainingStopped",
     "discard_failed_start",
     "epoch_batches",
     "find_resume",
     "open_run_dir",
+    "open_training_run",
     "rank_states",
+    "restore_position",
     "restore_rank_rng",
+    "resume_checkpoint",
     "run_training",
-    "save_epoch_end",
-    "save_stopped",
     "start_run",
     "step_budget",
     "step_scalars",
+    "train_epochs",
+    "train_step",
 ]
 
 logger = logging.getLogger("monai_diffusion")
@@ -72,6 +88,8 @@ logger = logging.getLogger("monai_diffusion")
 # fast_dev_run trains this many micro-batches.
 FAST_DEV_RUN_BATCHES = 2
 SaveFn = Callable[[str, int, int], None]
+# How an error names a checkpoint of each command.
+KIND_NAMES = {"autoencoder": "an autoencoder", "ldm": "an LDM", "controlnet": "a ControlNet"}
 
 
 def start_run(config: Config) -> tuple[DistInfo, Precision]:
@@ -220,13 +238,10 @@ def step_budget(loader_length: int, training: AutoencoderTrainingConfig | LDMTra
 def epoch_batches(loader: Iterable, budget: StepBudget, skip: int, epoch: int) -> Iterator[tuple[int, Any]]:
     """``(index, batch)`` for this epoch's micro-batches, from ``skip`` on: a run resumed mid-epoch passes the
     micro-batches it already trained on (they are still drawn, so the data order is the straight run's)."""
-    test_signal = _test_signal()
     for index, batch in enumerate(loader):
         if index >= budget.micro_batches:
             return
         if index >= skip:
-            if test_signal is not None and epoch * budget.micro_batches + index == test_signal[1]:
-                os.kill(os.getpid(), test_signal[0])
             yield index, batch
 
 
@@ -288,23 +303,6 @@ def restore_rank_rng(saved: list | dict, dist: DistInfo) -> None:
 
 
 # ------------------------------------------------------------------------------------------- stopping
-
-# Test hook: MONAI_DIFFUSION_TEST_SIGNAL="SIGTERM:5" makes the process send itself SIGTERM just before it trains
-# micro-batch 5 of the run (counted from 0 over all epochs); "SIGTERM:5:1" does so on rank 1 only. The tests use it
-# to interrupt a run at a chosen point; unset, it costs one dictionary look-up per epoch.
-TEST_SIGNAL_ENV = "MONAI_DIFFUSION_TEST_SIGNAL"
-
-
-def _test_signal() -> tuple[int, int] | None:
-    """(signal, micro-batch) of the test hook for this rank, or None."""
-    value = os.environ.get(TEST_SIGNAL_ENV)
-    if not value:
-        return None
-    name, micro_batch, *rank = value.split(":")
-    if rank and int(rank[0]) != int(os.environ.get("RANK", "0")):
-        return None
-    return int(signal.Signals[name]), int(micro_batch)
-
 
 class TrainingStopped(Exception):
     """The run stopped on SIGINT / SIGTERM at an optimizer-step boundary; ``last.pt`` holds the state after that
@@ -395,3 +393,221 @@ def run_training(train: Callable[..., Path], config: Config, resume: str | None)
         log.error("%s", exc)
         return 1
     return 0
+
+
+# ------------------------------------------------------------------------------------------- the one loop
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a run stands: optimizer steps taken, the epoch it is in and the micro-batches done in that epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+def resume_checkpoint(config: Config, command: str, resume: str | None,
+                      shape_keys: Sequence[str]) -> tuple[Path | None, dict | None]:
+    """The checkpoint ``--resume`` names among this command's runs (:func:`find_resume`) and its contents, or
+    ``(None, None)`` to start fresh.
+
+    Raises:
+        ValueError: it is not a checkpoint of ``command``, or a shape-defining key (``shape_keys``) differs from
+            ``config``'s (both values listed).
+    """
+    path = find_resume(config, command, resume)
+    if path is None:
+        return None, None
+    state = load_checkpoint(path)
+    if state.get("kind") != command:
+        raise ValueError(f"{path}: not {KIND_NAMES[command]} checkpoint (kind={state.get('kind')!r})")
+    check_shape_keys(state["config"], config.model_dump(mode="json"), shape_keys, path)
+    return path, state
+
+
+def restore_position(stage, state: dict | None, dist: DistInfo) -> Position:
+    """A resumed run's stage (``stage.load_state_dict``: networks, optimizers, scalers, schedules, EMA) and this
+    rank's RNG from ``state``; returns where it stopped. A fresh run (``state`` None) starts at the beginning."""
+    if state is None:
+        return Position()
+    stage.load_state_dict(state)
+    restore_rank_rng(state["rng"], dist)
+    return Position(state["step"], state["epoch"], state["batches_in_epoch"])
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """A training run's folder and what writes into it (:func:`open_training_run`).
+
+    Attributes:
+        dir: the run folder.
+        command: ``autoencoder``, ``ldm`` or ``controlnet``: the folder's prefix and its checkpoints' ``kind``.
+        config: the stage's config, kept in each checkpoint.
+        dist: this process's place in the run.
+        writer: TensorBoard scalars and images (rank 0 writes).
+        resumed: whether the run continues a checkpoint (a new run's folder goes when it ends before its first
+            optimizer step).
+    """
+
+    dir: Path
+    command: str
+    config: Config
+    dist: DistInfo
+    writer: RunLogger
+    resumed: bool
+
+
+def open_training_run(run_config: Config, config: Config, command: str, dist: DistInfo, *,
+                      resume_path: Path | None, state: dict | None) -> TrainingRun:
+    """The run folder (:func:`open_run_dir`: the resumed checkpoint's or a new one, ``run_config`` saved in it) and
+    its TensorBoard writer. Call it once setup has succeeded: a start that fails earlier leaves no folder."""
+    run_dir = open_run_dir(run_config, command, dist, resume_path, state)
+    return TrainingRun(dir=run_dir, command=command, config=config, dist=dist,
+                       writer=RunLogger(run_dir / "tensorboard", enabled=dist.is_main), resumed=state is not None)
+
+
+def train_step(stage, batches: Sequence, *, step: int,
+               after_micro_batch: Callable[[torch.Tensor, dict[str, torch.Tensor]], None] | None = None) -> StepResult:
+    """One optimizer step of ``stage``: ``stage.micro_step`` on each batch (DDP all-reduces the gradients with the
+    last one only), then ``stage.update``. ``after_micro_batch(total, terms)`` sees each micro-batch's losses.
+    The training loop and the memory probe (``plan``, ``benchmark``) both run this function."""
+    for index, batch in enumerate(batches):
+        total, terms = stage.micro_step(batch, step=step, sync=index == len(batches) - 1)
+        if after_micro_batch is not None:
+            after_micro_batch(total, terms)
+    return stage.update(step)
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """What :func:`train_epochs` yields at the end of each epoch.
+
+    Attributes:
+        epoch: the epoch that ended (from 0).
+        step: the optimizer steps taken so far.
+        validate: whether validation is due (every ``val_every_n_epochs`` epochs, and at the run's end).
+        save: ``save(name)`` writes checkpoint ``name`` (``best.pt``) of the state now, from which a resume starts
+            the next epoch; every rank calls it (it gathers the ranks' RNG states).
+    """
+
+    epoch: int
+    step: int
+    validate: bool
+    save: Callable[[str], None]
+
+
+def train_epochs(stage, loader: Iterable, *, sampler, budget: StepBudget, run: TrainingRun,
+                 position: Position) -> contextlib.closing[Iterator[EpochEnd]]:
+    """The training loop of ``stage`` over ``loader``, from ``position``; use it as
+    ``with train_epochs(...) as epochs: for end in epochs: ...``.
+
+    Each epoch: the sampler's epoch, the progress bar, :func:`train_step` over the micro-batches of each optimizer
+    step (a resumed run passes the ones it trained on), the non-finite guard (``max_nonfinite_steps``), the loss
+    terms and :func:`step_scalars` every ``log_every_n_steps`` steps, then ``stage.epoch_end`` after a whole
+    epoch, an :class:`EpochEnd` for the command (validation, ``best.pt``), and ``step-<N>.pt`` / ``last.pt``.
+    SIGINT / SIGTERM stop it at the next optimizer-step boundary with ``last.pt`` saved. The stage's networks run
+    wrapped (``stage.wrap``: DDP under torchrun, compiled with ``device.compile``); when the loop ends the process
+    group's hold on them is released, and a new run that ends before its first optimizer step leaves no folder.
+
+    Raises (while iterating):
+        TrainingStopped: a stop signal ended the run at a step boundary (``last.pt`` saved).
+        RuntimeError: too many non-finite losses or skipped updates (``NonFiniteGuard``).
+    """
+    return contextlib.closing(_epochs(stage, loader, sampler, budget, run, position))
+
+
+def _step_groups(batches: Iterable[tuple[int, Any]], budget: StepBudget) -> Iterator[list[tuple[int, Any]]]:
+    """The ``(index, batch)`` micro-batches of each optimizer step, in order (an epoch's last step may take fewer)."""
+    group = []
+    for index, batch in batches:
+        group.append((index, batch))
+        if budget.ends_step(index):
+            yield group
+            group = []
+
+
+def _epochs(stage, loader: Iterable, sampler, budget: StepBudget, run: TrainingRun,
+            position: Position) -> Iterator[EpochEnd]:
+    t, dist, writer = stage.training, run.dist, run.writer
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
+    step, skip = position.step, position.batches_in_epoch
+
+    def save(name: str, epoch: int, batches_in_epoch: int) -> None:  # every rank calls it
+        ranks = rank_states(*stage.networks())
+        if dist.is_main:
+            save_checkpoint(run.dir / "checkpoints" / name, {
+                "kind": run.command, **stage.state_dict(), "step": step, "epoch": epoch,
+                "batches_in_epoch": batches_in_epoch, **ranks, "config": run.config.model_dump(mode="json"),
+            })
+
+    models: list[torch.nn.Module] = []
+    stop = StopSignals().install()  # from here on SIGINT / SIGTERM stop at the next step boundary
+    try:
+        models = stage.wrap(run.config.device, dist)
+        for epoch in range(position.epoch, budget.max_epochs):
+            if step >= budget.max_steps:
+                break
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+            stage.train()
+            totals: dict[str, float] = {}
+            last: dict[str, float] = {}
+            bar = tqdm(total=budget.micro_batches, desc=f"epoch {epoch + 1}/{budget.max_epochs}",
+                       disable=not dist.is_main, initial=skip, dynamic_ncols=True)
+
+            def after_micro_batch(total: torch.Tensor, terms: dict[str, torch.Tensor]) -> None:
+                # One device-to-host copy per micro-batch for the non-finite check and every logged value.
+                value, *values = torch.stack([total.detach(), *(v.detach() for v in terms.values())]).tolist()
+                # All ranks judge the same (averaged) loss, so they stop together.
+                guard.check(all_reduce_mean(value) if dist.world_size > 1 else value, step)
+                last.clear()
+                last.update(zip(terms, values))
+                for key, term in last.items():
+                    totals[key] = totals.get(key, 0.0) + term
+                bar.update(1)
+
+            step_start = time.perf_counter()
+            done_in_epoch = skip
+            for group in _step_groups(epoch_batches(loader, budget, skip, epoch), budget):
+                result = train_step(stage, [batch for _, batch in group], step=step,
+                                    after_micro_batch=after_micro_batch)
+                guard.check_update(result, step + 1)
+                step += 1
+                done_in_epoch = group[-1][0] + 1
+                bar.set_postfix({k: f"{v / (done_in_epoch - skip):.4f}" for k, v in totals.items()} | {"step": step})
+                if step % run.config.output.log_every_n_steps == 0 or step == budget.max_steps:
+                    writer.scalars({f"train/{k}": v for k, v in last.items()} | step_scalars(
+                        result, stage.lr_scheduler, stage.scaler, step_start, dist.device), step)
+                step_start = time.perf_counter()
+                if step >= budget.max_steps:
+                    break
+                # A stop signal: save this step's state and end (the epoch's last step stops after the epoch).
+                if done_in_epoch < budget.micro_batches and (signum := stop.agreed()):
+                    bar.close()
+                    raise save_stopped(save, run.dir, budget, step, epoch, done_in_epoch, signum)
+            bar.close()
+            trained, skip = done_in_epoch - skip, 0
+            if done_in_epoch == budget.micro_batches:
+                stage.epoch_end()
+            if dist.is_main and trained:
+                logger.info("epoch %d step %d train %s", epoch + 1, step,
+                            " ".join(f"{k} {v / trained:.4f}" for k, v in totals.items()))
+
+            due = (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == budget.max_epochs or step >= budget.max_steps
+            yield EpochEnd(epoch=epoch, step=step, validate=due,
+                           save=functools.partial(save, epoch=epoch + 1, batches_in_epoch=0))
+            save_epoch_end(save, run.dir, budget, step, epoch, done_in_epoch, t.keep_last_checkpoints, dist)
+            if step < budget.max_steps and epoch + 1 < budget.max_epochs and (signum := stop.agreed()):
+                raise TrainingStopped(signum, step, run.dir / "checkpoints" / "last.pt")
+    except BaseException:
+        writer.close()
+        if not run.resumed and step == 0:
+            discard_failed_start(run.dir, dist)
+        raise
+    finally:
+        stop.release()
+        writer.close()
+        cleanup_distributed(*models)
+    if dist.is_main:
+        logger.info("done: %d optimizer steps; run folder %s", step, run.dir)

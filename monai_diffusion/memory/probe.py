@@ -57,22 +57,15 @@ import torch
 from monai_diffusion.conditioning import ConditionEncoder
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import step_config
+from monai_diffusion.engine.loop import train_step
 from monai_diffusion.engine.precision import Precision, resolve_precision
 from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
 from monai_diffusion.networks.builders import build_autoencoder, build_unet
 from monai_diffusion.steps import (
-    autoencoder_micro_step,
-    autoencoder_update,
     build_autoencoder_training,
     build_controlnet_training,
     build_ldm_training,
-    controlnet_control,
-    controlnet_micro_step,
-    controlnet_update,
     ldm_latents,
-    ldm_micro_step,
-    ldm_update,
-    training_model,
 )
 
 __all__ = [
@@ -290,9 +283,9 @@ def _frozen_autoencoder(config: Config, device: torch.device) -> torch.nn.Module
 
 
 def build_step(config: Config, options: Options, device: torch.device, precision: Precision) -> Step:
-    """The config's step of ``options.stage`` on ``device``, on random data of the training batch's shape.
-
-    Batches are made on the CPU and moved, as a DataLoader's are.
+    """The config's step of ``options.stage`` on ``device``: the stage the training command builds, run by the
+    training loop's own :func:`~monai_diffusion.engine.loop.train_step` on random batches of the training batch's
+    shape (made on the CPU and moved, as a DataLoader's are; the adversarial terms on when the config has them).
     """
     size = tuple(config.data.voxel_size)
     images_shape = (config.autoencoder.in_channels, *size)
@@ -300,41 +293,36 @@ def build_step(config: Config, options: Options, device: torch.device, precision
 
     if options.stage == "autoencoder":
         t = config.autoencoder.training
-        parts = build_autoencoder_training(config, device, precision, _schedule_steps(t),
-                                           _autoencoder_network(config, options), max_epochs=t.max_epochs)
+        stage = build_autoencoder_training(config, device, precision, max_steps=_schedule_steps(t),
+                                           autoencoder=_autoencoder_network(config, options), max_epochs=t.max_epochs)
         if options.channels_last:
-            parts.autoencoder.to(memory_format=memory_format)
-        # What the forward runs through, compiled with device.compile as in training (no DDP: one process).
-        model = training_model(parts.autoencoder, config.device)
-        adversarial = parts.discriminator is not None
-        disc_model = training_model(parts.discriminator, config.device) if adversarial else None
+            stage.autoencoder.to(memory_format=memory_format)
+        stage.wrap(config.device)  # compiled with device.compile as in training (no DDP: one process)
+
+        def images() -> dict[str, torch.Tensor]:
+            return {"image": torch.rand(t.batch_size, *images_shape).to(device).contiguous(memory_format=memory_format)}
 
         def run() -> None:
-            for index in range(t.gradient_accumulation_steps):
-                images = torch.rand(t.batch_size, *images_shape).to(device).contiguous(memory_format=memory_format)
-                autoencoder_micro_step(parts, images, adversarial, model=model, disc_model=disc_model)
-            autoencoder_update(parts, adversarial)
+            train_step(stage, [images() for _ in range(t.gradient_accumulation_steps)], step=t.adv_start_step)
 
-        modules = [m for m in (parts.autoencoder, parts.discriminator, parts.perceptual) if m is not None]
-        optimizers = [o for o in (parts.optimizer_g, parts.optimizer_d) if o is not None]
+        modules = [m for m in (stage.autoencoder, stage.discriminator, stage.perceptual) if m is not None]
+        optimizers = [o for o in (stage.optimizer_g, stage.optimizer_d) if o is not None]
         return Step(run, modules, optimizers, _trained_params(optimizers))
 
     autoencoder = _frozen_autoencoder(config, device)
     latent = (config.autoencoder.latent_channels, *autoencoder.latent_shape(size))
     t = config.controlnet.training if options.stage == "controlnet" else config.ldm.training
     encoder = ConditionEncoder.placeholder(config)
-    conditioning = encoder.unet_arguments() if encoder is not None else None
 
-    def batch() -> dict[str, torch.Tensor]:
+    def batch() -> dict:
+        """A batch as the latent loader gives it: cached posteriors or images, and each condition's values."""
         if options.stage in ("ldm", "controlnet") and t.cache_latents:
-            return {"mu": torch.randn(t.batch_size, *latent), "sigma": torch.rand(t.batch_size, *latent) * 0.1}
-        return {"image": torch.rand(t.batch_size, *images_shape)}
-
-    def conditions():
-        if encoder is None:
-            return None
-        first = {c["name"]: 0.0 if c["type"] == "continuous" else c["categories"][0] for c in encoder.conditions}
-        return encoder.encode([first] * t.batch_size)
+            data = {"mu": torch.randn(t.batch_size, *latent), "sigma": torch.rand(t.batch_size, *latent) * 0.1}
+        else:
+            data = {"image": torch.rand(t.batch_size, *images_shape)}
+        for spec in encoder.conditions if encoder is not None else ():
+            data[spec["name"]] = [0.0 if spec["type"] == "continuous" else spec["categories"][0]] * t.batch_size
+        return data
 
     if options.stage == "encode":
         def run() -> None:
@@ -343,36 +331,36 @@ def build_step(config: Config, options: Options, device: torch.device, precision
         return Step(run, [autoencoder], [], 0)
 
     if options.stage == "controlnet":
-        unet = build_unet(config.ldm, latent[0], len(size), conditioning).to(device)
-        parts = build_controlnet_training(config, config, unet, latent, device, precision, _schedule_steps(t),
-                                          max_epochs=t.max_epochs, conditioning=conditioning)
+        unet = build_unet(config.ldm, latent[0], len(size),
+                          encoder.unet_arguments() if encoder is not None else None).to(device)
+        stage = build_controlnet_training(config, config, unet, latent, device=device, precision=precision,
+                                          max_steps=_schedule_steps(t), max_epochs=t.max_epochs,
+                                          autoencoder=autoencoder, encoder=encoder)
+        stage.wrap(config.device)
+
+        def controlled() -> dict:
+            data = batch()
+            if t.cache_latents:
+                data["control"] = torch.rand(t.batch_size, config.controlnet.num_labels - 1, *stage.control_size)
+            else:
+                data["mask"] = torch.randint(0, config.controlnet.num_labels, (t.batch_size, 1, *size))
+            return data
 
         def run() -> None:
-            for index in range(t.gradient_accumulation_steps):
-                data = batch()
-                if t.cache_latents:
-                    data["control"] = torch.rand(t.batch_size, config.controlnet.num_labels - 1, *parts.control_size)
-                else:
-                    data["mask"] = torch.randint(0, config.controlnet.num_labels, (t.batch_size, 1, *size))
-                z = ldm_latents(data, autoencoder, 1.0, precision, device)
-                controlnet_micro_step(parts, z, controlnet_control(parts, data, device, "mask"), condition=conditions())
-            controlnet_update(parts)
+            train_step(stage, [controlled() for _ in range(t.gradient_accumulation_steps)], step=0)
 
-        modules = [m for m in (parts.controlnet, parts.ema, parts.unet, autoencoder) if m is not None]
-        return Step(run, modules, [parts.optimizer], _trained_params([parts.optimizer]))
+        modules = [m for m in (stage.controlnet, stage.ema, stage.unet, autoencoder) if m is not None]
+        return Step(run, modules, [stage.optimizer], _trained_params([stage.optimizer]))
 
-    parts = build_ldm_training(config, latent, device, precision, _schedule_steps(t), max_epochs=t.max_epochs,
-                               conditioning=conditioning)
-    model = training_model(parts.unet, config.device)
+    stage = build_ldm_training(config, latent, device, precision, max_steps=_schedule_steps(t),
+                               max_epochs=t.max_epochs, autoencoder=autoencoder, encoder=encoder)
+    stage.wrap(config.device)
 
     def run() -> None:
-        for index in range(t.gradient_accumulation_steps):
-            ldm_micro_step(parts, ldm_latents(batch(), autoencoder, 1.0, precision, device), model=model,
-                           condition=conditions())
-        ldm_update(parts)
+        train_step(stage, [batch() for _ in range(t.gradient_accumulation_steps)], step=0)
 
-    modules = [m for m in (parts.unet, parts.ema, autoencoder) if m is not None]
-    return Step(run, modules, [parts.optimizer], _trained_params([parts.optimizer]))
+    modules = [m for m in (stage.unet, stage.ema, autoencoder) if m is not None]
+    return Step(run, modules, [stage.optimizer], _trained_params([stage.optimizer]))
 
 
 def _schedule_steps(t) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from monai.networks.nets import ControlNet, DiffusionModelUNet, PatchDiscriminator
@@ -161,18 +162,20 @@ def build_controlnet(ldm: LDMConfig, controlnet: ControlNetConfig, latent_channe
 
 
 def build_scheduler(
-    sched: SchedulerConfig, kind: str | None = None, spatial_dims: int = 3, latent_numel: int | None = None
+    sched: SchedulerConfig, kind: str | None = None, latent_shape: Sequence[int] | None = None
 ) -> DDPMScheduler | DDIMScheduler | RFlowScheduler:
     """The noise scheduler: ``kind`` (ddpm|ddim|rflow) or the configured training type.
 
     Args:
         sched: the ``ldm.scheduler`` section (timesteps, beta schedule, prediction type).
         kind: override of ``sched.type`` (sampling with DDIM from a DDPM-trained model).
-        spatial_dims: latent dimensionality (rectified flow's timestep transform needs it).
-        latent_numel: voxels of one latent: where rectified flow's resolution-aware timestep shift is neutral unless
-            ``sched.base_img_size_numel`` says otherwise.
+        latent_shape: (channels, then per axis) of one latent. Rectified flow's timestep transform takes its
+            dimensionality and its voxel count (where the resolution-aware timestep shift is neutral unless
+            ``sched.base_img_size_numel`` says otherwise); None: 3D, and 32^3 voxels as the neutral point.
     """
     kind = kind or sched.type
+    spatial_dims = len(latent_shape) - 1 if latent_shape is not None else 3
+    latent_numel = math.prod(latent_shape[1:]) if latent_shape is not None else None
     if kind == "rflow":
         return RFlowScheduler(
             num_train_timesteps=sched.num_train_timesteps,

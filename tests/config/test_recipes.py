@@ -23,7 +23,7 @@ from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import Diff
 from monai.networks.nets import AutoencoderKL as MonaiAutoencoderKL
 from monai.networks.nets import DiffusionModelUNet
 
-from monai_diffusion import train_autoencoder, train_ldm
+from monai_diffusion import steps, train_autoencoder, train_ldm
 from monai_diffusion.config import load_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.networks.builders import build_autoencoder, build_unet
@@ -175,8 +175,8 @@ def test_each_recipe_trains_both_stages_on_data_shaped_like_its_own(recipe, tmp_
         seen.append((tuple(images.shape), adversarial, parts.precision.name))
         return original(parts, images, adversarial, *args, **kwargs)
 
-    original = train_autoencoder.autoencoder_micro_step
-    monkeypatch.setattr(train_autoencoder, "autoencoder_micro_step", record)
+    original = steps.autoencoder_micro_step
+    monkeypatch.setattr(steps, "autoencoder_micro_step", record)
     assert train_autoencoder.main(argv) == 0
     (ae_run,) = (tmp_path / "runs").glob("autoencoder-*")
     t = config.autoencoder.training

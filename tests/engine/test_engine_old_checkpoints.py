@@ -4,11 +4,11 @@ older code's straight three-step run."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
-from fixtures.pre_one_loop.make import STAGE_OVERRIDES
 from helpers import conditional_raw, write_conditional_data
 
 from monai_diffusion import train_autoencoder, train_controlnet, train_ldm
@@ -18,6 +18,7 @@ from monai_diffusion.engine.checkpoint import load_checkpoint
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "pre_one_loop"
 RECIPES = {"autoencoder": train_autoencoder, "ldm": train_ldm, "controlnet": train_controlnet}
 NETWORK = {"autoencoder": "autoencoder", "ldm": "unet", "controlnet": "controlnet"}
+STAGE_OVERRIDES = json.loads((FIXTURES / "overrides.json").read_text())
 UPSTREAM = {"ldm": ("autoencoder", "autoencoder_checkpoint"), "controlnet": ("ldm", "ldm_checkpoint")}
 
 

@@ -18,8 +18,9 @@ from monai_diffusion.memory import probe
 from monai_diffusion.memory.probe import Options
 
 
-def spy(monkeypatch, name: str, *modules) -> list[tuple[tuple, dict, object]]:
-    """Record every call of ``steps.<name>`` made from ``modules`` (arguments and result)."""
+def spy(monkeypatch, name: str) -> list[tuple[tuple, dict, object]]:
+    """Record every call of ``steps.<name>`` (arguments and result): the stages' ``micro_step`` and ``update`` call
+    them, whether the training loop or the probe drives the stage."""
     calls = []
     original = getattr(steps, name)
 
@@ -28,8 +29,7 @@ def spy(monkeypatch, name: str, *modules) -> list[tuple[tuple, dict, object]]:
         calls.append((args, kwargs, result))
         return result
 
-    for module in modules:
-        monkeypatch.setattr(module, name, recorder)
+    monkeypatch.setattr(steps, name, recorder)
     return calls
 
 
@@ -76,8 +76,8 @@ def test_autoencoder_step_measured_is_the_step_trained(tmp_path, nifti_folder, m
         "autoencoder.training.warmup_steps=2", "autoencoder.training.use_gradient_checkpointing=true",
     ])
     config = config_from_dict(raw)
-    micro = spy(monkeypatch, "autoencoder_micro_step", train_autoencoder, probe)
-    updates = spy(monkeypatch, "autoencoder_update", train_autoencoder, probe)
+    micro = spy(monkeypatch, "autoencoder_micro_step")
+    updates = spy(monkeypatch, "autoencoder_update")
 
     train_autoencoder.train(config)
     trained_micro, trained_updates = list(micro), list(updates)
@@ -112,8 +112,8 @@ def test_autoencoder_recipe_options_measured_are_trained(tmp_path, nifti_folder,
         "autoencoder.training.adam_eps=1e-6", "autoencoder.training.disc_num_layers=1",
     ])
     config = config_from_dict(raw)
-    micro = spy(monkeypatch, "autoencoder_micro_step", train_autoencoder, probe)
-    updates = spy(monkeypatch, "autoencoder_update", train_autoencoder, probe)
+    micro = spy(monkeypatch, "autoencoder_micro_step")
+    updates = spy(monkeypatch, "autoencoder_update")
 
     train_autoencoder.train(config)
     record = probe.measure(config, Options(stage="autoencoder", device="cpu", steps=1, warmup=0))
@@ -149,7 +149,7 @@ def test_compiled_and_offloading_steps_are_measured_as_trained(tmp_path, nifti_f
         "autoencoder.training.offload_activations=true",
     ])
     config = config_from_dict(raw)
-    micro = spy(monkeypatch, "autoencoder_micro_step", train_autoencoder, probe)
+    micro = spy(monkeypatch, "autoencoder_micro_step")
 
     train_autoencoder.train(config)
     probe.measure(config, Options(stage="autoencoder", device="cpu", steps=1, warmup=0))
@@ -196,9 +196,9 @@ def test_ldm_step_measured_is_the_step_trained(tmp_path, nifti_folder, monkeypat
     ])
     config = config_from_dict(raw)
     save_autoencoder(config, tmp_path / "runs" / "autoencoder-1" / "checkpoints" / "best.pt")
-    latents = spy(monkeypatch, "ldm_latents", train_ldm, probe)
-    micro = spy(monkeypatch, "ldm_micro_step", train_ldm, probe)
-    updates = spy(monkeypatch, "ldm_update", train_ldm, probe)
+    latents = spy(monkeypatch, "ldm_latents")
+    micro = spy(monkeypatch, "ldm_micro_step")
+    updates = spy(monkeypatch, "ldm_update")
 
     train_ldm.train(config)
     trained = len(latents), len(micro), len(updates)
@@ -247,7 +247,7 @@ def condition_of(call) -> tuple:
 @pytest.mark.parametrize("categorical_via", ["cross_attention", "class_embedding"])
 def test_conditional_ldm_step_measured_is_the_step_trained(tmp_path, monkeypatch, categorical_via):
     config = conditional_config(tmp_path, categorical_via)
-    micro = spy(monkeypatch, "ldm_micro_step", train_ldm, probe)
+    micro = spy(monkeypatch, "ldm_micro_step")
     train_ldm.train(config)
     record = probe.measure(config, Options(stage="ldm", device="cpu", steps=1, warmup=0))
     trained, measured = micro[:2], micro[2:]
@@ -268,8 +268,8 @@ def test_controlnet_step_measured_is_the_step_trained(tmp_path, monkeypatch, cac
 
     config = conditional_config(tmp_path, "cross_attention", f"controlnet.training.cache_latents={str(cache).lower()}")
     train_ldm.train(config)
-    micro = spy(monkeypatch, "controlnet_micro_step", train_controlnet, probe)
-    updates = spy(monkeypatch, "controlnet_update", train_controlnet, probe)
+    micro = spy(monkeypatch, "controlnet_micro_step")
+    updates = spy(monkeypatch, "controlnet_update")
     train_controlnet.train(config)
     record = probe.measure(config, Options(stage="controlnet", device="cpu", steps=1, warmup=0))
     trained, measured = micro[:2], micro[2:]

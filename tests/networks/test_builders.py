@@ -44,7 +44,7 @@ def test_scheduler_defaults_are_what_they_were():
     """Before these settings: rectified flow with discrete logit-normal timesteps shifted relative to the training
     latent, DDPM/DDIM without clipping."""
     config = config_from_dict({"ldm": {"scheduler": {"type": "rflow"}}})
-    rflow = build_scheduler(config.ldm.scheduler, spatial_dims=3, latent_numel=16**3)
+    rflow = build_scheduler(config.ldm.scheduler, latent_shape=(4, 16, 16, 16))
     assert isinstance(rflow, RFlowScheduler)
     assert (rflow.use_discrete_timesteps, rflow.sample_method, rflow.use_timestep_transform) == (True, "logit-normal",
                                                                                                   True)
@@ -57,7 +57,7 @@ def test_maisis_rectified_flow_settings_reach_monais_scheduler():
     config = config_from_dict({"ldm": {"scheduler": {
         "type": "rflow", "use_discrete_timesteps": False, "sample_method": "uniform", "scale": 1.4,
         "base_img_size_numel": 32768, "transform_scale": 2.0}}})
-    rflow = build_scheduler(config.ldm.scheduler, spatial_dims=3, latent_numel=64**3)
+    rflow = build_scheduler(config.ldm.scheduler, latent_shape=(4, 64, 64, 64))
     assert (rflow.use_discrete_timesteps, rflow.sample_method) == (False, "uniform")
     assert (rflow.base_img_size_numel, rflow.transform_scale) == (32768, 2.0)
     torch.manual_seed(0)
@@ -66,7 +66,7 @@ def test_maisis_rectified_flow_settings_reach_monais_scheduler():
     # logit-normal's location and scale are MONAI's LogisticNormal parameters.
     skewed = config_from_dict({"ldm": {"scheduler": {"type": "rflow", "loc": 2.0, "scale": 0.5,
                                                      "use_timestep_transform": False}}})
-    scheduler = build_scheduler(skewed.ldm.scheduler, spatial_dims=3, latent_numel=8**3)
+    scheduler = build_scheduler(skewed.ldm.scheduler, latent_shape=(4, 8, 8, 8))
     torch.manual_seed(0)
     late = scheduler.sample_timesteps(torch.zeros(2000, 1, 2, 2, 2)).float().mean()
     assert late > 0.8 * scheduler.num_train_timesteps  # sigmoid(N(2, 0.5)) is mostly near 1
