@@ -34,7 +34,7 @@ from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_transforms, list_volumes
 from monai_diffusion.data.sources import list_folder, read_csv_datalist, read_json_datalist
-from monai_diffusion.engine.checkpoint import load_checkpoint
+from monai_diffusion.engine.checkpoint import find_checkpoint, load_checkpoint
 from monai_diffusion.engine.distributed import init_distributed
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_png, volume_panel
 from monai_diffusion.engine.precision import resolve_precision
@@ -48,17 +48,6 @@ METRICS = ("l1", "psnr", "ssim", "ms_ssim")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def find_checkpoint(run: Path) -> Path:
-    """A checkpoint file, or a run folder's ``checkpoints/best.pt`` (else ``last.pt``)."""
-    run = Path(run)
-    if run.is_file():
-        return run
-    for inside in ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt"):
-        if (run / inside).is_file():
-            return run / inside
-    raise FileNotFoundError(f"{run}: no checkpoint file, and no checkpoints/best.pt or checkpoints/last.pt inside")
 
 
 def held_out_items(config: Config, data: Path | None) -> list[dict]:
