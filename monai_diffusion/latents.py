@@ -494,12 +494,14 @@ def tiled_decode(
     )
 
 
+@torch.no_grad()
 def reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, tile_size: Sequence[int] | None = None,
                 overlap: float = 0.25) -> torch.Tensor:
     """Encode ``images`` to the latent mean and decode it: whole, or window by window when ``tile_size`` (image
     voxels per axis, divisible by the total factor) is given, with MONAI's ``sliding_window_inference`` blending the
     windows' overlaps with a Gaussian importance map. An autoencoder trained on patches reconstructs whole volumes
-    this way at its patch size: it sees what it trained on, and only one window's maps exist at a time."""
+    this way at its patch size: it sees what it trained on, and only one window's maps exist at a time. Runs in
+    the caller's autocast, if any (train-autoencoder's validation and evaluate call it under the run's precision)."""
     if tile_size is None:
         return autoencoder.reconstruct(images)
     return sliding_window_inference(images, roi_size=list(tile_size), sw_batch_size=1,
