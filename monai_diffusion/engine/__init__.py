@@ -3,8 +3,8 @@
 ``precision`` (autocast, grad scalers), ``optim`` (AdamW, LR schedule, guarded step),
 ``checkpoint`` (atomic save, checked load, finding a run's checkpoint, resume), ``distributed`` (torchrun/DDP),
 ``ema`` (weight averaging), ``logging`` (console, TensorBoard, slice panels, NIfTI outputs) and
-``loop`` (run folder, step budget, end-of-epoch checkpoints, stopping on SIGINT / SIGTERM: the loop both
-recipes share).
+``loop`` (run folder, step budget, end-of-epoch checkpoints, stopping on SIGINT / SIGTERM: the loop the
+three recipes share).
 """
 
 from monai_diffusion.engine.checkpoint import (
