@@ -101,8 +101,10 @@ def newest_ldm_checkpoint(output_dir: Path, command: str = "ldm") -> Path:
     Raises:
         FileNotFoundError: there is none.
     """
+    # train-controlnet looks for its LDM here too, where the setting is controlnet.ldm_checkpoint.
+    elsewhere = " (train-controlnet: set controlnet.ldm_checkpoint)" if command == "ldm" else ""
     return newest_checkpoint(output_dir, command, noun="LDM" if command == "ldm" else "ControlNet",
-                             remedy=f"train one (monai-diffusion train-{command}) or pass --checkpoint")
+                             remedy=f"train one (monai-diffusion train-{command}) or pass --checkpoint{elsewhere}")
 
 
 def load_ldm_checkpoint(path: Path, kinds: Sequence[str] = ("ldm",)) -> dict:
