@@ -25,7 +25,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.inferers import sliding_window_inference
 from monai.metrics import FIDMetric, MMDMetric, PSNRMetric, SSIMMetric
 from tqdm import tqdm
 
@@ -34,11 +33,12 @@ from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_transforms, list_volumes
 from monai_diffusion.data.sources import list_folder, read_csv_datalist, read_json_datalist
-from monai_diffusion.engine.checkpoint import load_checkpoint
+from monai_diffusion.engine.checkpoint import find_checkpoint, load_checkpoint
 from monai_diffusion.engine.distributed import init_distributed
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_png, volume_panel
 from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.generation import sample
+from monai_diffusion.latents import reconstruct
 from monai_diffusion.metrics import SSIM_WINDOW, ms_ssim, ms_ssim_scales, resampling_baseline
 from monai_diffusion.networks.builders import build_autoencoder
 
@@ -48,17 +48,6 @@ METRICS = ("l1", "psnr", "ssim", "ms_ssim")
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-
-
-def find_checkpoint(run: Path) -> Path:
-    """A checkpoint file, or a run folder's ``checkpoints/best.pt`` (else ``last.pt``)."""
-    run = Path(run)
-    if run.is_file():
-        return run
-    for inside in ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt"):
-        if (run / inside).is_file():
-            return run / inside
-    raise FileNotFoundError(f"{run}: no checkpoint file, and no checkpoints/best.pt or checkpoints/last.pt inside")
 
 
 def held_out_items(config: Config, data: Path | None) -> list[dict]:
@@ -152,17 +141,6 @@ def write_csv(rows: list[dict], path: Path) -> None:
 # ------------------------------------------------------------------------------------------- autoencoder
 
 
-@torch.no_grad()
-def reconstruct(autoencoder, image: torch.Tensor, precision, tile_size: list[int] | None) -> torch.Tensor:
-    """Encode to the latent mean and decode; window by window (MONAI sliding window) when ``tile_size`` is set,
-    so a volume too large for the device at once is still reconstructed."""
-    with precision.autocast():
-        if tile_size is None:
-            return autoencoder.reconstruct(image).float()
-        return sliding_window_inference(image, roi_size=tile_size, sw_batch_size=1, predictor=autoencoder.reconstruct,
-                                        overlap=0.25, mode="gaussian").float()
-
-
 def evaluate_autoencoder(state: dict, config: Config, run_dir: Path, items: list[dict], out: Path,
                          device: torch.device, tile_size: list[int] | None = None) -> dict:
     """Score the autoencoder and the trilinear baseline on ``items``; write CSV, summary and panels to ``out``."""
@@ -186,7 +164,8 @@ def evaluate_autoencoder(state: dict, config: Config, run_dir: Path, items: list
     rows, panels = [], {}
     for path, image in tqdm(load_volumes(items, config), desc="reconstructing", unit="volume", dynamic_ncols=True):
         x = image[None].to(device)
-        reconstruction = reconstruct(autoencoder, x, precision, tile_size).cpu()
+        with precision.autocast():  # window by window at tile_size when set: a volume too large at once still fits
+            reconstruction = reconstruct(autoencoder, x, tile_size).float().cpu()
         baseline, grid = resampling_baseline(x.cpu(), baseline_values)
         row = {"volume": path}
         row |= {f"autoencoder_{k}": v for k, v in scorer(reconstruction, x.cpu()).items()}

@@ -30,7 +30,7 @@ from monai_diffusion.config.loading import config_from_dict
 from monai_diffusion.config.schema import Config, SamplingConfig
 from monai_diffusion.config.stages import stage_config
 from monai_diffusion.diffusion import check_sampler, sample_latents
-from monai_diffusion.engine.checkpoint import check_shape_keys, load_checkpoint
+from monai_diffusion.engine.checkpoint import check_shape_keys, find_checkpoint, load_checkpoint, newest_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier, cleanup_distributed, init_distributed
 from monai_diffusion.engine.logging import RunLogger, get_logger, save_sample
 from monai_diffusion.engine.precision import Precision, resolve_precision
@@ -150,31 +150,28 @@ def ema_weights(ema_state: dict) -> dict:
 
 
 def newest_ldm_checkpoint(output_dir: Path, command: str = "ldm") -> Path:
-    """The most recently written ``<output_dir>/<command>-*/checkpoints/last.pt`` (``command``: ldm or controlnet).
+    """The checkpoint of the newest ``<output_dir>/<command>-*`` run (``command``: ldm or controlnet), as
+    :func:`~monai_diffusion.engine.checkpoint.newest_checkpoint` finds it.
 
     Raises:
         FileNotFoundError: there is none.
     """
-    found = [p for p in Path(output_dir).glob(f"{command}-*/checkpoints/last.pt") if p.is_file()]
-    if not found:
-        raise FileNotFoundError(
-            f"No {'LDM' if command == 'ldm' else 'ControlNet'} checkpoint in {output_dir}/{command}-*/checkpoints/"
-            f"last.pt; train one (monai-diffusion train-{command}) or pass --checkpoint"
-        )
-    return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
+    # train-controlnet looks for its LDM here too, where the setting is controlnet.ldm_checkpoint.
+    elsewhere = " (train-controlnet: set controlnet.ldm_checkpoint)" if command == "ldm" else ""
+    return newest_checkpoint(output_dir, command, noun="LDM" if command == "ldm" else "ControlNet",
+                             remedy=f"train one (monai-diffusion train-{command}) or pass --checkpoint{elsewhere}")
 
 
 def load_ldm_checkpoint(path: Path, kinds: Sequence[str] = ("ldm",)) -> dict:
-    """An LDM checkpoint (a file, or a run folder: its ``checkpoints/last.pt``), with ``"path"`` set to the file;
-    ``kinds`` may admit a ControlNet checkpoint (``"controlnet"``) too.
+    """An LDM checkpoint (a file, or a run folder: its checkpoint as
+    :func:`~monai_diffusion.engine.checkpoint.find_checkpoint` finds it), with ``"path"`` set to the file; ``kinds``
+    may admit a ControlNet checkpoint (``"controlnet"``) too.
 
     Raises:
         FileNotFoundError: no such checkpoint.
         ValueError: the file is not a checkpoint of those kinds.
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt" if (path / "checkpoints" / "last.pt").is_file() else path / "last.pt"
+    path = find_checkpoint(path)
     state = load_checkpoint(path)
     if state.get("kind") not in kinds:
         raise ValueError(f"{path}: not an LDM checkpoint (kind={state.get('kind')!r}); pass --checkpoint LDM_CKPT")

@@ -38,7 +38,13 @@ from monai_diffusion.config.schema import Config, LDMTrainingConfig
 from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, loader_worker_init, screen_volumes
 from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
 from monai_diffusion.data.transforms import CLASS_KEY, deterministic_settings, selected_channels
-from monai_diffusion.engine.checkpoint import CheckpointError, check_shape_keys, load_checkpoint
+from monai_diffusion.engine.checkpoint import (
+    CheckpointError,
+    check_shape_keys,
+    find_checkpoint,
+    load_checkpoint,
+    newest_checkpoint,
+)
 from monai_diffusion.engine.distributed import DistInfo, barrier
 from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS, build_autoencoder
 
@@ -80,30 +86,15 @@ def resolve_autoencoder_checkpoint(config: Config) -> Path:
     newest ``<output_dir>/autoencoder-*/checkpoints/best.pt``, else the newest ``.../last.pt``.
 
     Raises:
-        FileNotFoundError: naming the path (or the places searched) when there is no checkpoint.
+        FileNotFoundError: naming the key and the path (or the places searched) when there is no checkpoint.
     """
     given = config.ldm.autoencoder_checkpoint
     if given is not None:
-        path = Path(given).expanduser()
-        if path.is_dir():
-            for inside in ("checkpoints/best.pt", "checkpoints/last.pt", "best.pt", "last.pt"):
-                if (path / inside).is_file():
-                    return path / inside
-            raise FileNotFoundError(
-                f"ldm.autoencoder_checkpoint: folder {path} has no checkpoints/best.pt or checkpoints/last.pt"
-            )
-        if not path.is_file():
-            raise FileNotFoundError(f"ldm.autoencoder_checkpoint: no such file: {path}")
-        return path
-    output_dir = Path(config.output.output_dir)
-    for name in ("best.pt", "last.pt"):
-        found = [p for p in output_dir.glob(f"autoencoder-*/checkpoints/{name}") if p.is_file()]
-        if found:
-            return max(found, key=lambda p: (p.stat().st_mtime, str(p)))
-    raise FileNotFoundError(
-        f"No autoencoder checkpoint: ldm.autoencoder_checkpoint is not set and there is no "
-        f"{output_dir}/autoencoder-*/checkpoints/best.pt (or last.pt). Train one first "
-        f"(monai-diffusion train-autoencoder) or set ldm.autoencoder_checkpoint."
+        return find_checkpoint(given, what="ldm.autoencoder_checkpoint")
+    return newest_checkpoint(
+        config.output.output_dir, "autoencoder",
+        remedy="ldm.autoencoder_checkpoint is not set: train an autoencoder first (monai-diffusion train-autoencoder) "
+        "or set it to a checkpoint file or run folder",
     )
 
 
@@ -505,12 +496,14 @@ def tiled_decode(
     )
 
 
+@torch.no_grad()
 def reconstruct(autoencoder: torch.nn.Module, images: torch.Tensor, tile_size: Sequence[int] | None = None,
                 overlap: float = 0.25) -> torch.Tensor:
     """Encode ``images`` to the latent mean and decode it: whole, or window by window when ``tile_size`` (image
     voxels per axis, divisible by the total factor) is given, with MONAI's ``sliding_window_inference`` blending the
     windows' overlaps with a Gaussian importance map. An autoencoder trained on patches reconstructs whole volumes
-    this way at its patch size: it sees what it trained on, and only one window's maps exist at a time."""
+    this way at its patch size: it sees what it trained on, and only one window's maps exist at a time. Runs in
+    the caller's autocast, if any (train-autoencoder's validation and evaluate call it under the run's precision)."""
     if tile_size is None:
         return autoencoder.reconstruct(images)
     return sliding_window_inference(images, roi_size=list(tile_size), sw_batch_size=1,

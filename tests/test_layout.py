@@ -1,5 +1,6 @@
 """The package's layering (README, Layout): shared modules at the bottom, the commands side by side above them, the
-CLI on top. Imports are read with ``ast``, so an import inside a function counts too."""
+CLI on top, and no import circle anywhere (a module never needs itself through others). Imports are read with
+``ast``, so an import inside a function counts too."""
 
 from __future__ import annotations
 
@@ -40,6 +41,31 @@ def package_modules() -> dict[str, Path]:
     return {module_name(path): path for path in PACKAGE.rglob("*.py")}
 
 
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the package's modules it imports."""
+    modules = package_modules()
+    return {name: (imported_modules(path, name) & set(modules)) - {name} for name, path in modules.items()}
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Circles of imports in ``graph``, each as the path that closes it (``[a, b, a]``); empty when there is none."""
+    circles, done = [], set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            circles.append(path[path.index(name):] + [name])
+            return
+        if name in done:
+            return
+        for imported in sorted(graph.get(name, ())):
+            visit(imported, path + [name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+    return circles
+
+
 def test_every_command_is_a_module_of_the_package():
     assert COMMAND_MODULES <= set(package_modules())
 
@@ -69,3 +95,14 @@ def test_the_check_sees_imports_inside_functions_and_relative_ones(tmp_path):
                       "from monai_diffusion import sample\nfrom . import train_ldm\n")
     found = imported_modules(sneaky, "monai_diffusion.sneaky")
     assert {"monai_diffusion.train_autoencoder", "monai_diffusion.sample", "monai_diffusion.train_ldm"} <= found
+
+
+def test_no_import_circle():
+    # data/ had one (datasets <-> preprocessed, dodged by an import inside a function); none may come back anywhere.
+    assert import_circles(import_graph()) == []
+
+
+def test_the_circle_check_finds_a_circle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
+    assert import_circles(graph) == [["a", "b", "c", "a"]]
+    assert import_circles({"a": {"b"}, "b": {"c"}, "c": set()}) == []

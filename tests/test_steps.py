@@ -206,11 +206,11 @@ def test_a_compiled_ldm_step_under_bf16_equals_the_eager_step(tmp_path, inductor
 @pytest.mark.parametrize("offload", [False, True])
 def test_offload_activations_keeps_the_fused_units_inputs_in_host_memory(tmp_path, monkeypatch, offload):
     """On a GPU the fused units keep host copies of their inputs; here they are made to offload on the CPU too."""
-    from monai_diffusion.networks import memory_saving
+    from monai_diffusion.networks import fused_units, memory_saving
 
     copies = []
-    original = memory_saving._Map.offloaded
-    monkeypatch.setattr(memory_saving._Map, "offloaded",
+    original = fused_units._Map.offloaded
+    monkeypatch.setattr(fused_units._Map, "offloaded",
                         staticmethod(lambda x, depth: copies.append(x.shape) or original(x, depth)))
     monkeypatch.setattr(memory_saving, "_offloads", lambda x: memory_saving._OFFLOAD.get())
     parts = steps.build_autoencoder_training(

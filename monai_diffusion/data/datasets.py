@@ -7,12 +7,10 @@ import hashlib
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 
 import torch
 from monai.data import CacheDataset, DataLoader, Dataset, PersistentDataset
-from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from monai.transforms import Compose
 from torch.utils.data import DistributedSampler
 
@@ -20,6 +18,7 @@ from monai_diffusion.config.schema import Config, DataConfig
 from monai_diffusion.data.preprocessed import PREPROCESSED_VERSION, PreprocessedDataset, build_preprocessed, split_chain
 from monai_diffusion.data.sources import list_volumes, screen_volumes
 from monai_diffusion.data.transforms import CLASS_KEY, build_transforms, deterministic_settings, selected_channels
+from monai_diffusion.data.workers import loader_worker_init
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +49,6 @@ def file_state_hash(item: dict, settings_key: str) -> bytes:
     identity = [os.fspath(path), state, settings_key] + ([str(item[CLASS_KEY])] if CLASS_KEY in item else [])
     digest = hashlib.sha256(json.dumps(identity).encode())
     return digest.hexdigest().encode()
-
-
-def loader_worker_init(worker_id: int) -> None:
-    """Start a DataLoader worker: it ignores SIGINT and SIGTERM, which reach the whole process group (Ctrl-C,
-    torchrun's agent, a scheduler) but are the training process's to act on (it stops at a step boundary and then
-    ends its workers); then it seeds MONAI's random transforms per worker, as ``monai.data.DataLoader`` does."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    monai_worker_init_fn(worker_id)
 
 
 def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_dir: Path, settings_key: str,

@@ -35,6 +35,7 @@ from monai.transforms import Compose
 from tqdm import tqdm
 
 from monai_diffusion.data.transforms import IMAGE_KEY
+from monai_diffusion.data.workers import loader_worker_init
 
 __all__ = ["PREPROCESSED_VERSION", "PreprocessedDataset", "build_preprocessed", "load_entry", "split_chain"]
 
@@ -117,8 +118,6 @@ def build_preprocessed(items: Sequence[dict], deterministic: Compose, folder: Pa
         RuntimeError: an entry is missing after every rank has written its share (an output folder not shared by
             all ranks).
     """
-    from monai_diffusion.data.datasets import loader_worker_init
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     files = [folder / entry_name(item) for item in items]

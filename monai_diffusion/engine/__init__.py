@@ -1,10 +1,10 @@
 """Training engine: small functions the recipes call top to bottom.
 
 ``precision`` (autocast, grad scalers), ``optim`` (AdamW, LR schedule, guarded step),
-``checkpoint`` (atomic save, checked load, resume), ``distributed`` (torchrun/DDP),
+``checkpoint`` (atomic save, checked load, finding a run's checkpoint, resume), ``distributed`` (torchrun/DDP),
 ``ema`` (weight averaging), ``logging`` (console, TensorBoard, slice panels, NIfTI outputs) and
-``loop`` (run folder, step budget, end-of-epoch checkpoints, stopping on SIGINT / SIGTERM: the loop both
-recipes share).
+``loop`` (run folder, step budget, end-of-epoch checkpoints, stopping on SIGINT / SIGTERM: the loop the
+three recipes share).
 """
 
 from monai_diffusion.engine.checkpoint import (
@@ -12,7 +12,9 @@ from monai_diffusion.engine.checkpoint import (
     CheckpointError,
     capture_rng_state,
     check_shape_keys,
+    find_checkpoint,
     load_checkpoint,
+    newest_checkpoint,
     prune_checkpoints,
     resolve_resume,
     restore_rng_state,
@@ -58,11 +60,13 @@ __all__ = [
     "capture_rng_state",
     "check_shape_keys",
     "cleanup_distributed",
+    "find_checkpoint",
     "get_logger",
     "gradient_sync",
     "init_distributed",
     "is_distributed",
     "load_checkpoint",
+    "newest_checkpoint",
     "optimizer_step",
     "peak_memory_mb",
     "precision_name",

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic save, checked load, RNG state, pruning, resume resolution, shape-key checks.
+"""Checkpoints: atomic save, checked load, RNG state, pruning, finding a run's checkpoint, resume resolution,
+shape-key checks.
 
 A checkpoint is one ``torch.save``'d dict with a ``"format_version"``; what else it holds
 (model/optimizer/scaler/scheduler state dicts, step, config, RNG state) is the recipe's choice.
@@ -35,6 +36,9 @@ __all__ = [
     "restore_rng_state",
     "prune_checkpoints",
     "remove_temp_files",
+    "BEST_THEN_LAST",
+    "find_checkpoint",
+    "newest_checkpoint",
     "resolve_resume",
     "check_shape_keys",
     "weights_digest",
@@ -293,6 +297,77 @@ def remove_temp_files(folder: Path, only_gone_writers: bool) -> list[Path]:
     return removed
 
 
+# ------------------------------------------------------------------- finding
+
+# Which checkpoint of a run to use: the one its validation judged best, else the last one written.
+BEST_THEN_LAST = ("best.pt", "last.pt")
+
+
+def _newest(paths: Sequence[Path]) -> Path:
+    """The most recently written of ``paths`` (ties: the greatest path, so the choice is repeatable)."""
+    return max(paths, key=lambda p: (p.stat().st_mtime, str(p)))
+
+
+def _either(names: Sequence[str]) -> str:
+    return " or ".join(names)
+
+
+def find_checkpoint(path: Path | str, *, names: Sequence[str] = BEST_THEN_LAST, what: str | None = None) -> Path:
+    """A checkpoint file as given, or the checkpoint a run folder holds: its ``checkpoints/<name>`` for the first of
+    ``names`` it has (by default ``best.pt``, else ``last.pt``), or a checkpoints folder's ``<name>``.
+
+    Args:
+        path: a checkpoint file, a run folder or a run's ``checkpoints`` folder (``~`` is expanded).
+        names: file names to look for in a folder, in order of preference.
+        what: the config key or command-line argument ``path`` came from (e.g. ``"ldm.autoencoder_checkpoint"``),
+            named first in the errors.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``, or a folder that holds none of ``names``; the message names ``what``,
+            the path and every name looked for.
+    """
+    prefix = f"{what}: " if what else ""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{prefix}no checkpoint file or run folder at {path}")
+    inside = [path / "checkpoints" / name for name in names] + [path / name for name in names]
+    for candidate in inside:
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{prefix}folder {path} holds no checkpoint: no {_either([f'checkpoints/{n}' for n in names])} "
+        f"(nor {_either(names)})"
+    )
+
+
+def newest_checkpoint(output_dir: Path | str, command: str, *, names: Sequence[str] = BEST_THEN_LAST,
+                      noun: str | None = None, remedy: str | None = None) -> Path:
+    """The checkpoint of the newest run of ``command``: the most recently written
+    ``<output_dir>/<command>-*/checkpoints/<name>`` for the first of ``names`` any run has (by default the newest
+    ``best.pt``; when no run has one, the newest ``last.pt``).
+
+    Args:
+        output_dir: the folder the runs were written to (``output.output_dir``).
+        command: the runs' prefix: ``autoencoder``, ``ldm`` or ``controlnet``.
+        names: checkpoint file names, in order of preference.
+        noun: what the checkpoint is, for the error (default ``command``), e.g. ``"LDM"``.
+        remedy: what to do when there is none, the error's last part, e.g. ``"train one (monai-diffusion
+            train-ldm) or pass --checkpoint"``.
+
+    Raises:
+        FileNotFoundError: no run has any of ``names``; the message lists every pattern searched.
+    """
+    output_dir = Path(output_dir)
+    for name in names:
+        found = [p for p in output_dir.glob(f"{command}-*/checkpoints/{name}") if p.is_file()]
+        if found:
+            return _newest(found)
+    searched = _either([f"{output_dir}/{command}-*/checkpoints/{name}" for name in names])
+    raise FileNotFoundError(f"No {noun or command} checkpoint: there is no {searched}" + (f"; {remedy}" if remedy else ""))
+
+
 def resolve_resume(
     resume: str | bool | None, candidates: Sequence[Path], where: str | None = None
 ) -> Path | None:
@@ -329,7 +404,7 @@ def resolve_resume(
     if text.strip().lower() in ("true", "auto"):
         existing = [Path(p) for p in candidates if Path(p).is_file()]
         if existing:
-            newest = max(existing, key=lambda p: (p.stat().st_mtime, str(p)))
+            newest = _newest(existing)
             logger.info("Resuming from %s", newest)
             return newest
         searched = where or (", ".join(str(p) for p in candidates) or "(no candidate checkpoints)")
@@ -337,18 +412,8 @@ def resolve_resume(
             raise ValueError(f"--resume true but no checkpoint found in {searched}")
         logger.info("--resume auto: no checkpoint found, starting fresh (looked in %s)", searched)
         return None
-
-    path = Path(text).expanduser()
-    if path.is_file():
-        return path
-    if path.is_dir():
-        for inside in (path / "checkpoints" / "last.pt", path / "last.pt"):
-            if inside.is_file():
-                return inside
-        raise FileNotFoundError(
-            f"--resume {text}: folder has no checkpoints/last.pt (nor last.pt); pass a checkpoint file"
-        )
-    raise FileNotFoundError(f"--resume {text}: no such checkpoint file or run folder")
+    # A run resumes from where it stopped: its last checkpoint, never its best.
+    return find_checkpoint(text, names=("last.pt",), what="--resume")
 
 
 # ------------------------------------------------------------- config check

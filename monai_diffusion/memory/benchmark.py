@@ -17,8 +17,8 @@ Examples::
     monai-diffusion benchmark --suite tiny --output none        # seconds: does it run and report
     monai-diffusion benchmark --suite loader --workers 0 1 2    # volumes/s through the data pipeline
 
-The ``loader`` suite measures the data pipeline instead of a step (:mod:`monai_diffusion.data.throughput`): CT-like
-NIfTI.gz volumes it writes itself, through the training transform chain of each cache and worker count.
+The ``loader`` suite measures the data pipeline instead of a step (:mod:`monai_diffusion.memory.throughput`):
+CT-like NIfTI.gz volumes it writes itself, through the training transform chain of each cache and worker count.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def run_loader_suite(cases: list[LoaderCase], volumes: int, folder: Path | None,
     in this process (workers are processes of their own), saving after each."""
     import torch
 
-    from monai_diffusion.data.throughput import measure_loader, write_ct_volumes
+    from monai_diffusion.memory.throughput import measure_loader, write_ct_volumes
     from monai_diffusion.memory.probe import device_name
 
     device = device_name(torch.device("cpu"))

@@ -1,4 +1,5 @@
-"""Checkpoint save/load, crash safety, pruning, resume resolution, shape checks, RNG state."""
+"""Checkpoint save/load, crash safety, pruning, finding a run's checkpoint, resume resolution, shape checks, RNG
+state."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from monai_diffusion.engine.checkpoint import (
     CheckpointError,
     capture_rng_state,
     check_shape_keys,
+    find_checkpoint,
     load_checkpoint,
+    newest_checkpoint,
     prune_checkpoints,
     remove_temp_files,
     resolve_resume,
@@ -128,6 +131,43 @@ def test_prune_keeps_newest_by_step_number(tmp_path):
     assert names == [".step-999.pt.abc.tmp", "last.pt", "step-100.pt", "step-55.pt", "step-latest.pt"]
     prune_checkpoints(tmp_path, "step-*.pt", keep=5)  # fewer than keep: nothing happens
     assert len(list(tmp_path.iterdir())) == 5
+
+
+def test_find_checkpoint_takes_a_file_or_a_runs_best_else_last(tmp_path):
+    now = time.time()
+    run = tmp_path / "autoencoder-1"
+    last = _touch(run / "checkpoints" / "last.pt", now)
+    assert find_checkpoint(last) == last  # a file as given
+    assert find_checkpoint(run) == last  # a run folder without best.pt: its last.pt
+    best = _touch(run / "checkpoints" / "best.pt", now - 100)  # older, still preferred
+    assert find_checkpoint(run) == best
+    assert find_checkpoint(run / "checkpoints") == best  # its checkpoints folder
+    assert find_checkpoint(run, names=("last.pt",)) == last
+
+    with pytest.raises(FileNotFoundError) as info:
+        find_checkpoint(tmp_path / "nowhere.pt", what="ldm.autoencoder_checkpoint")
+    assert str(info.value) == f"ldm.autoencoder_checkpoint: no checkpoint file or run folder at {tmp_path / 'nowhere.pt'}"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as info:
+        find_checkpoint(tmp_path / "empty", what="--checkpoint")
+    assert str(info.value) == (f"--checkpoint: folder {tmp_path / 'empty'} holds no checkpoint: no checkpoints/best.pt "
+                               "or checkpoints/last.pt (nor best.pt or last.pt)")
+
+
+def test_newest_checkpoint_prefers_the_newest_best_then_the_newest_last(tmp_path):
+    now = time.time()
+    with pytest.raises(FileNotFoundError) as info:
+        newest_checkpoint(tmp_path, "ldm", noun="LDM", remedy="train one (monai-diffusion train-ldm)")
+    assert str(info.value) == (f"No LDM checkpoint: there is no {tmp_path}/ldm-*/checkpoints/best.pt or "
+                               f"{tmp_path}/ldm-*/checkpoints/last.pt; train one (monai-diffusion train-ldm)")
+    old_last = _touch(tmp_path / "ldm-1" / "checkpoints" / "last.pt", now - 100)
+    assert newest_checkpoint(tmp_path, "ldm") == old_last
+    new_last = _touch(tmp_path / "ldm-2" / "checkpoints" / "last.pt", now)
+    _touch(tmp_path / "controlnet-1" / "checkpoints" / "last.pt", now + 100)  # another command's run
+    assert newest_checkpoint(tmp_path, "ldm") == new_last
+    best = _touch(tmp_path / "ldm-1" / "checkpoints" / "best.pt", now - 50)  # any run's best.pt beats every last.pt
+    assert newest_checkpoint(tmp_path, "ldm") == best
+    assert newest_checkpoint(tmp_path, "ldm", names=("last.pt",)) == new_last
 
 
 def test_resolve_resume_table(tmp_path, caplog):

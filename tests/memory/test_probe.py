@@ -1,9 +1,9 @@
 """The harness measures the step that trains.
 
-train-autoencoder / train-ldm and the probe behind ``plan`` and ``benchmark`` run the same step functions; here
-both run one optimizer step of the same config and the test compares what reached those functions: the loss
-terms, the adversarial switch, the networks, optimizers, scalers, LR schedules, EMA, scheduler and prediction
-type, the precision and the batch shapes.
+train-autoencoder / train-ldm / train-controlnet and the probe behind ``plan`` and ``benchmark`` run the same step
+functions; here both run one optimizer step of the same config and the test compares what reached those functions:
+the loss terms, the adversarial switch, the networks, optimizers, scalers, LR schedules, EMA, scheduler and
+prediction type, the precision and the batch shapes.
 """
 
 from __future__ import annotations

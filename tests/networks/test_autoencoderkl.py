@@ -11,6 +11,7 @@ from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 from helpers import old_layout
 
 import monai_diffusion.networks.autoencoderkl as aekl_module
+import monai_diffusion.networks.fused_units as fused_units
 import monai_diffusion.networks.memory_saving as memory_saving
 from monai_diffusion.networks import AutoencoderKL, FactorDownsample
 
@@ -377,7 +378,7 @@ def test_fused_units_match_the_modules_under_autocast():
     x = torch.randn(2, 8, 6, 5, 4, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reference = conv(torch.nn.functional.silu(norm(x)))
-        fused = memory_saving.norm_act_conv(x, norm, conv, True, chunk_elements=80)
+        fused = fused_units.norm_act_conv(x, norm, conv, True, chunk_elements=80)
     # The norm hands the convolution the autocast dtype: the unit's output (next unit's saved input) is bf16.
     assert fused.dtype == reference.dtype == torch.bfloat16
     torch.testing.assert_close(fused.float(), reference.float(), atol=0.05, rtol=0.05)
@@ -398,7 +399,7 @@ def test_fused_upsample_matches_the_block(factors, shape, chunk_elements):
     assert memory_saving._fusable_upsample(block)
     x = torch.randn(shape, requires_grad=True)
     reference = block(x)
-    fused = memory_saving.upsample_conv(x, block, chunk_elements)
+    fused = fused_units.upsample_conv(x, block, chunk_elements)
     torch.testing.assert_close(fused, reference)
     g = torch.randn_like(reference)
     params = [x, post.conv.weight, post.conv.bias]
@@ -445,8 +446,8 @@ def test_the_shortcut_gradient_accumulated_in_the_unit_lowers_the_peak():
     x = torch.randn(1, 32, 128, 128, 64, requires_grad=True)
 
     def two_units_and_the_module_shortcut(x):  # the memory-saving path before the shortcut joined the unit
-        h = memory_saving.norm_act_conv(x, block.norm1, block.conv1, True)
-        return block.nin_shortcut(x) + memory_saving.norm_act_conv(h, block.norm2, block.conv2, True)
+        h = fused_units.norm_act_conv(x, block.norm1, block.conv1, True)
+        return block.nin_shortcut(x) + fused_units.norm_act_conv(h, block.norm2, block.conv2, True)
 
     def backward_peak(forward) -> float:
         y = forward(x)
@@ -468,13 +469,13 @@ def _offloaded_copies(monkeypatch) -> list[tuple[int, ...]]:
     """Make the fused units offload on the CPU too (a host copy read back slab by slab, as on a GPU); returns the
     shapes of the maps they copied."""
     copies = []
-    original = memory_saving._Map.offloaded
+    original = fused_units._Map.offloaded
 
     def offloaded(x, depth):
         copies.append(tuple(x.shape))
         return original(x, depth)
 
-    monkeypatch.setattr(memory_saving._Map, "offloaded", staticmethod(offloaded))
+    monkeypatch.setattr(fused_units._Map, "offloaded", staticmethod(offloaded))
     monkeypatch.setattr(memory_saving, "_offloads", lambda x: memory_saving._OFFLOAD.get())
     return copies
 

@@ -29,8 +29,9 @@ import numpy as np
 from monai.data import DataLoader
 
 from monai_diffusion.config.schema import Config
-from monai_diffusion.data.datasets import loader_worker_init, make_dataset
+from monai_diffusion.data.datasets import make_dataset
 from monai_diffusion.data.transforms import build_transforms, deterministic_settings
+from monai_diffusion.data.workers import loader_worker_init
 
 __all__ = ["measure_loader", "write_ct_volumes"]
 
