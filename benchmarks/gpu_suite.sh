@@ -5,7 +5,8 @@
 #     OUT=gpu-results bash benchmarks/gpu_suite.sh            # memory and speed (about 5 minutes on an H100)
 #     OUT=gpu-results bash benchmarks/gpu_suite.sh frontier   # speed and scale (about 7 minutes on an H100 or H200)
 # Writes to $OUT: benchmarks.md (one section per suite), <suite>.json per suite, gpu.log, nvidia-smi.txt. Put a
-# suite into docs/benchmarks.md with: monai-diffusion benchmark --from-json $OUT/<suite>.json --section <suite>
+# suite into docs/benchmarks.md with:
+#     monai-diffusion benchmark --from-json $OUT/<suite>.json --section <suite> --output docs/benchmarks.md
 #
 # memory and speed: gpu (256x256x64: ours vs MONAI stock, factors, checkpointing, adversarial, LDM), gpu-large
 # (512x512x128), gpu-options (cudnn.benchmark, channels-last, torch.compile).

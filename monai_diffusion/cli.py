@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import platform
 import sys
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from pathlib import Path
+
+from monai_diffusion import __version__
 
 # command -> (module, one-line help). Modules are imported only when their command runs: keeps --help fast.
 COMMANDS = {
@@ -18,21 +23,56 @@ COMMANDS = {
     "plan": ("monai_diffusion.memory.plan", "predict memory for a config and propose a fitting change"),
 }
 
+DESCRIPTION = "Train 3D latent diffusion models on medical volumes (NIfTI) from a YAML config."
+
+EPILOG = """\
+pipeline:
+  validate -> train-autoencoder -> train-ldm -> [train-controlnet] -> sample / evaluate
+  plan and benchmark answer memory questions at any point.
+
+Run 'monai-diffusion COMMAND --help' for a command's options. 'python -m monai_diffusion' is the same
+tool, and each command is also a module: 'python -m monai_diffusion.train_ldm' is 'monai-diffusion train-ldm'."""
+
+
+def installed_version(module: str) -> str:
+    """The version of the distribution that provides ``module`` (read from its metadata: no import of torch)."""
+    for distribution in packages_distributions().get(module, []):
+        try:
+            return version(distribution)
+        except PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def version_text() -> str:
+    location = Path(__file__).resolve().parent
+    return (f"monai-diffusion {__version__} from {location} (torch {installed_version('torch')}, "
+            f"MONAI {installed_version('monai')}, Python {platform.python_version()})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="monai-diffusion", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=lambda prog: argparse.RawDescriptionHelpFormatter(prog, max_help_position=30),
+    )
+    parser.add_argument("--version", action="version", version=version_text(),
+                        help="print the versions of monai-diffusion, torch, MONAI and Python, and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    return parser
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="monai-diffusion", description=__doc__)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (module_name, help_text) in COMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        parser.print_help() if not argv or argv[0] in ("-h", "--help") else parser.error(
-            f"unknown command {argv[0]!r}; choose from {', '.join(COMMANDS)}"
-        )
-        return 0
-    name, rest = argv[0], argv[1:]
-    module = importlib.import_module(COMMANDS[name][0])
-    return module.main(rest)
+    if argv and argv[0] in COMMANDS:
+        module = importlib.import_module(COMMANDS[argv[0]][0])
+        return module.main(argv[1:])
+    # No command: --help and --version exit here, an unknown command is a usage error (exit 2), nothing prints help.
+    parser = build_parser()
+    parser.parse_args(argv)
+    parser.print_help()
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""The package's layering (README, Layout): shared modules at the bottom, the commands side by side above them, the
+"""The package's layering (docs/layout.md): shared modules at the bottom, the commands side by side above them, the
 CLI on top, and no import circle anywhere (a module never needs itself through others). Imports are read with
 ``ast``, so an import inside a function counts too."""
 

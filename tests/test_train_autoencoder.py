@@ -466,8 +466,8 @@ def test_torchrun_resume_after_a_stop_is_bit_exact(tiny_config_file, tmp_path):
 
 
 def test_two_nodes_of_one_process_each_finish_with_identical_weights(tiny_config_file, tmp_path):
-    """The README's two-node launch, both "nodes" on this machine: torchrun --nnodes=2 --node_rank=0|1 meeting at
-    node 0's address and port, one process each, gloo."""
+    """The two-node launch of docs/training.md, both "nodes" on this machine: torchrun --nnodes=2 --node_rank=0|1
+    meeting at node 0's address and port, one process each, gloo."""
     port = free_port()
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     nodes = []

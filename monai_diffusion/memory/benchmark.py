@@ -8,7 +8,8 @@ Every case runs in a fresh subprocess (``--in-process`` on the GPU), so one case
 never colour the next. What a case reports is described in :mod:`monai_diffusion.memory.probe`.
 
 Results go to a markdown table and a JSON block, with the device name, torch version and date, into a marked
-section of ``docs/benchmarks.md`` (other sections are left as they are), and optionally a JSON file.
+section of a markdown file (``--output``, default ``benchmark-results/benchmarks.md``; other sections are left as they
+are; the project's figures are ``--output docs/benchmarks.md``), and optionally a JSON file.
 
 Examples::
 
@@ -37,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from monai_diffusion import command_description
 from monai_diffusion.config.loading import apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
 from monai_diffusion.engine.precision import precision_name
@@ -446,8 +448,11 @@ def run_case(case: Case, timeout: float | None = None, in_process: bool = False)
     return record | run_measurement(case.config(), case.options, timeout, in_process=in_process)
 
 
+DEFAULT_OUTPUT = "benchmark-results/benchmarks.md"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="monai-diffusion benchmark", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="monai-diffusion benchmark", description=command_description(__doc__))
     parser.add_argument("--suite", default="cpu", choices=SUITES, help="which list of cases (default: cpu)")
     parser.add_argument("--size", type=int, nargs="+", default=None, help="override the suite's volume size")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per case (default: 3)")
@@ -457,7 +462,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads per case")
     parser.add_argument("--timeout", type=float, default=None, help="seconds per case before it counts as failed")
     parser.add_argument(
-        "--output", default="docs/benchmarks.md", help="markdown file to write the section into ('none': do not)"
+        "--output", default=DEFAULT_OUTPUT, metavar="FILE",
+        help=f"markdown file the section is written into, its other sections kept (default: {DEFAULT_OUTPUT} in "
+        "the current folder; 'none': no file). This repository's figures are --output docs/benchmarks.md",
     )
     parser.add_argument("--section", default=None, help="section name in the markdown file (default: the suite)")
     parser.add_argument("--json", default=None, help="also write the records to this JSON file")

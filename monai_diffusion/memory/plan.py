@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from monai_diffusion import command_description
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.config.loading import ConfigError, apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
@@ -422,10 +423,28 @@ def describe(config: Config, plan: Plan, source: str) -> str:
     return "\n".join(lines)
 
 
+EXIT_STATUSES = """\
+exit status:
+  0  the prediction is printed; with --gpu-memory, it fits or the change that fits is printed
+  1  a training step could not be measured (the error names it): no verdict
+  2  the config or the command line is invalid
+  3  it does not fit, and no single change tried fits"""
+
+
+def memory_budget(text: str) -> float:
+    """``--gpu-memory``: a memory size in MiB; an unreadable one is a usage error (exit 2), not a traceback."""
+    try:
+        return parse_memory(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion plan", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="monai-diffusion plan", description=command_description(__doc__),
+                                     epilog=EXIT_STATUSES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser)
-    parser.add_argument("--gpu-memory", default=None, help="memory budget, e.g. 24GB (a GPU's, or RAM with --target cpu)")
+    parser.add_argument("--gpu-memory", type=memory_budget, default=None, metavar="SIZE",
+                        help="memory budget, e.g. 24GB (a GPU's, or RAM with --target cpu)")
     parser.add_argument("--target", choices=("auto", "cpu", "cuda"), default="auto",
                         help="device the training will run on (auto: cuda when --gpu-memory is given, else where this runs)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where to run the probes")
@@ -438,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     target = args.target
     if target == "auto":
         target = "cuda" if args.gpu_memory or device == "cuda" else "cpu"
-    budget = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    budget = args.gpu_memory
     planner = Planner(device, target, args.probe_voxels, timeout=args.timeout, verbose=not args.json)
     plan = make_plan(config, budget, planner)
     if args.json:
