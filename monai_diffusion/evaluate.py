@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from monai.metrics import FIDMetric, MMDMetric, PSNRMetric, SSIMMetric
 from tqdm import tqdm
 
+from monai_diffusion import command_description
 from monai_diffusion.config.loading import apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
@@ -406,7 +407,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="monai-diffusion evaluate", description=command_description(__doc__))
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -18,6 +18,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from monai_diffusion import command_description
 from monai_diffusion.conditioning import parse_condition_args, read_condition_table
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.engine.logging import get_logger
@@ -72,7 +73,7 @@ def condition_rows(args: argparse.Namespace, num_samples: int) -> tuple[list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion sample", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="monai-diffusion sample", description=command_description(__doc__))
     add_arguments(parser)
     args = parser.parse_args(argv)
     for name in ("num_samples", "steps"):

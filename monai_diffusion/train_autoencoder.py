@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import PSNRMetric, SSIMMetric
 
+from monai_diffusion import command_description
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
@@ -125,7 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion train-autoencoder", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="monai-diffusion train-autoencoder", description=command_description(__doc__))
     add_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)

@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from monai_diffusion import command_description
 from monai_diffusion.conditioning import Denoiser, control_size, read_control
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
@@ -135,7 +136,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion train-controlnet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="monai-diffusion train-controlnet", description=command_description(__doc__))
     add_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)

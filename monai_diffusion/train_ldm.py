@@ -22,6 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from monai_diffusion import command_description
 from monai_diffusion.conditioning import ConditionEncoder, Denoiser
 from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
@@ -159,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion train-ldm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="monai-diffusion train-ldm", description=command_description(__doc__))
     add_arguments(parser)
     args = parser.parse_args(argv)
     config = config_from_args(args)

@@ -12,6 +12,7 @@ import sys
 
 import torch
 
+from monai_diffusion import command_description
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion validate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="monai-diffusion validate", description=command_description(__doc__))
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -94,3 +94,10 @@ def test_plan_refuses_an_unreadable_budget_as_a_usage_error(capsys):
         plan.main(["--gpu-memory", "12XB"])
     assert exit_info.value.code == 2
     assert "cannot read a memory size from '12XB'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_each_commands_help_is_plain_text(name, capsys):
+    text = help_text(main, [name, "--help"], capsys)
+    assert not RST_MARKUP.search(text), text
+    assert text.startswith(f"usage: monai-diffusion {name}")
