@@ -36,7 +36,7 @@ from monai_diffusion.data import build_transforms, list_volumes
 from monai_diffusion.data.sources import list_folder, read_csv_datalist, read_json_datalist
 from monai_diffusion.engine.checkpoint import find_checkpoint, load_checkpoint
 from monai_diffusion.engine.distributed import init_distributed
-from monai_diffusion.engine.logging import RunLogger, get_logger, save_png, volume_panel
+from monai_diffusion.engine.logging import RunLogger, exit_status, get_logger, save_png, volume_panel
 from monai_diffusion.engine.precision import resolve_precision
 from monai_diffusion.generation import sample
 from monai_diffusion.latents import reconstruct
@@ -410,13 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="monai-diffusion evaluate", description=command_description(__doc__))
     add_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        evaluate(args.run, args.data, args.overrides, args.num_samples, args.seed, args.steps, args.fid_network,
-                 args.tile_size, args.out)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        get_logger().error("%s", exc)
-        return 1
-    return 0
+    return exit_status(lambda: evaluate(args.run, args.data, args.overrides, args.num_samples, args.seed, args.steps,
+                                        args.fid_network, args.tile_size, args.out))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 from monai_diffusion import command_description
 from monai_diffusion.conditioning import parse_condition_args, read_condition_table
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
-from monai_diffusion.engine.logging import get_logger
+from monai_diffusion.engine.logging import exit_status
 from monai_diffusion.generation import sample
 from monai_diffusion.networks.builders import CONTROLNET_SHAPE_KEYS, LDM_SHAPE_KEYS
 
@@ -82,15 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.guidance is not None and args.guidance < 0:
         parser.error("--guidance must be >= 0")
     config = config_from_args(args)
-    try:
+
+    def generate() -> None:
         rows, where = condition_rows(args, args.num_samples or config.ldm.sampling.num_samples)
         sample(config, args.num_samples, args.steps, args.scheduler, args.seed, args.out, args.checkpoint,
                keys_to_match(args.config, args.overrides, CONTROLNET_SHAPE_KEYS if args.mask else LDM_SHAPE_KEYS),
                rows, where, args.guidance, args.mask)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        get_logger().error("%s", exc)
-        return 1
-    return 0
+
+    return exit_status(generate)
 
 
 if __name__ == "__main__":

@@ -16,53 +16,37 @@ the label map (``controlnet.conditioning_embedding_num_channels`` sets the resol
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 from pathlib import Path
 
-from monai_diffusion import command_description
 from monai_diffusion.conditioning import Denoiser, control_size, read_control
-from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
-from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data.sources import check_label_maps
-from monai_diffusion.engine.checkpoint import check_shape_keys
-from monai_diffusion.engine.distributed import barrier
-from monai_diffusion.engine.logging import get_logger
-from monai_diffusion.engine.loop import (
-    open_training_run,
-    restore_position,
-    resume_checkpoint,
-    run_training,
-    start_run,
-    step_budget,
-    train_epochs,
-)
+from monai_diffusion.engine import loop
 from monai_diffusion.generation import load_ldm, load_ldm_checkpoint, newest_ldm_checkpoint, validation_sample
 from monai_diffusion.latents import latent_loader, training_items
 from monai_diffusion.networks.builders import CONTROLNET_SHAPE_KEYS, LDM_SHAPE_KEYS
 from monai_diffusion.steps import ControlRecord, build_controlnet_training
 
+logger = logging.getLogger("monai_diffusion")
 
-def train(config: Config, resume: str | None = None) -> Path:
-    """Train the ControlNet described by ``config`` on top of its trained LDM; returns the run folder.
+def train(run_config: Config, resume: str | None = None) -> Path:
+    """Train the ControlNet that ``run_config`` describes on top of its trained LDM; returns the run folder.
 
     Raises:
         ValueError: no ``data.mask_key``, a config that does not describe the LDM, or an LDM that changed since a
             resumed run started.
         TrainingStopped: SIGINT / SIGTERM stopped the run at a step boundary (``last.pt`` saved).
     """
-    # The run folder keeps the whole config; the stage works with its own precision.
-    run_config, config = config, stage_config(config, "controlnet")
-    dist, precision = start_run(config)
-    log = get_logger()
+    config, dist, precision = loop.start_stage(run_config, "controlnet")  # the stage's own precision
     device = dist.device
     t = config.controlnet.training
     mask_key = config.data.mask_key
     if mask_key is None:
         raise ValueError("data.mask_key: train-controlnet learns from label maps; name the datalist field that holds "
                          "each volume's label map (e.g. label)")
-    resume_path, state = resume_checkpoint(config, "controlnet", resume, CONTROLNET_SHAPE_KEYS)
+    resume_path, state = loop.resume_checkpoint(config, "controlnet", resume, CONTROLNET_SHAPE_KEYS)
     resumed = ControlRecord.from_checkpoint(state) if state is not None else None
 
     # ---- the frozen LDM (a resumed run keeps the one it started with, and checks it is unchanged), its autoencoder
@@ -70,19 +54,16 @@ def train(config: Config, resume: str | None = None) -> Path:
         ldm_path = resumed.ldm_checkpoint
     else:
         ldm_path = Path(config.controlnet.ldm_checkpoint or newest_ldm_checkpoint(Path(config.output.output_dir)))
-    ldm_state = load_ldm_checkpoint(ldm_path)
-    ldm_path = Path(ldm_state["path"])
-    check_shape_keys(ldm_state["config"], config.model_dump(mode="json"), LDM_SHAPE_KEYS, ldm_path,
-                     remedy="The config must describe the LDM the ControlNet steers (use that run's config.yaml).")
-    ldm = load_ldm(ldm_state, config, device)
+    ldm = load_ldm(load_ldm_checkpoint(ldm_path), config, device, shape_keys=LDM_SHAPE_KEYS,
+                   remedy="The config must describe the LDM the ControlNet steers (use that run's config.yaml).")
     if resumed is not None and ldm.weights_hash != resumed.ldm_hash:
         raise ValueError(
-            f"LDM {ldm_path} has weights {ldm.weights_hash}, but {resume_path} was trained to steer "
+            f"LDM {ldm.path} has weights {ldm.weights_hash}, but {resume_path} was trained to steer "
             f"{resumed.ldm_hash} ({resumed.ldm_checkpoint}); resume with that LDM or start a new ControlNet run"
         )
     encoder, latent_shape = ldm.encoder, ldm.latent_shape
-    log.info("LDM %s (step %d, %s weights %s); latent shape %s", ldm_path, ldm_state["step"], ldm.weights,
-             ldm.weights_hash, list(latent_shape))
+    logger.info("LDM %s (step %d, %s weights %s); latent shape %s", ldm.path, ldm.step, ldm.weights, ldm.weights_hash,
+             list(latent_shape))
 
     # ---- the (image, label map) pairs, their conditions and latents
     items = training_items(config)
@@ -96,25 +77,22 @@ def train(config: Config, resume: str | None = None) -> Path:
     ae_path, ae_hash = ldm.record.autoencoder_checkpoint, ldm.record.autoencoder_hash
     train_loader, train_sampler, _ = latent_loader(config, t, ldm.autoencoder, items, ae_path, ae_hash, precision,
                                                    dist, fields, mask_key=mask_key)
-    budget = step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
+    budget = loop.step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
     # ---- ControlNet, optimizer, EMA: the step benchmark and plan measure; a resumed run's state
     stage = build_controlnet_training(
         config, ldm.trained, ldm.unet, latent_shape, device=device, precision=precision, max_steps=budget.max_steps,
         max_epochs=budget.max_epochs, world_size=dist.world_size, autoencoder=ldm.autoencoder,
         scale_factor=ldm.scale_factor, encoder=encoder, mask_key=mask_key,
-        record=ControlRecord(ldm_checkpoint=ldm_path, ldm_hash=ldm.weights_hash, latent_shape=latent_shape))
-    position = restore_position(stage, state, dist)
+        record=ControlRecord(ldm_checkpoint=ldm.path, ldm_hash=ldm.weights_hash, latent_shape=latent_shape))
+    position = loop.restore_position(stage, state, dist)
 
     # ---- the run folder, once setup has succeeded: a failed start leaves nothing behind
-    run = open_training_run(run_config, config, "controlnet", dist, resume_path=resume_path, state=state)
-    with train_epochs(stage, train_loader, sampler=train_sampler, budget=budget, run=run,
-                      position=position) as epochs:
+    run = loop.open_training_run(run_config, config, "controlnet", dist, resume_path=resume_path, state=state)
+    with loop.train_epochs(stage, train_loader, sampler=train_sampler, budget=budget, run=run,
+                           position=position) as epochs:
         for end in epochs:
-            if not end.validate:
-                continue
-            if dist.is_main:
-                # A sample that follows the first training volume's label map (and its conditions), in the map's space.
+            if end.validate:  # a sample that follows the first training volume's label map, in the map's space
                 controlnet = stage.ema.module if stage.ema is not None else stage.controlnet
                 mask = Path(items[0][mask_key])
                 control, affine = read_control(mask, config.data, config.controlnet.num_labels, size)
@@ -123,24 +101,13 @@ def train(config: Config, resume: str | None = None) -> Path:
                                     config.ldm.sampling.guidance_scale if condition is not None else 1.0, controlnet,
                                     control[None].to(device), config.controlnet.conditioning_scale)
                 validation_sample(denoiser, controlnet, ldm.autoencoder, config=config, trained=ldm.trained,
-                                  latent_shape=latent_shape, scale_factor=ldm.scale_factor, affine=affine,
-                                  precision=precision, device=device, run_dir=run.dir, step=end.step,
-                                  writer=run.writer, title=f"step {end.step} mask {mask.name}")
-            barrier()  # the other ranks wait here while rank 0 samples
+                                  record=ldm.record, affine=affine, precision=precision, run=run, step=end.step,
+                                  title=f"step {end.step} mask {mask.name}")
     return run.dir
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    add_resume_argument(parser, "controlnet")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion train-controlnet", description=command_description(__doc__))
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    config = config_from_args(args)
-    return run_training(train, config, args.resume)
+    return loop.training_main(train, "controlnet", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -18,29 +18,18 @@ classifier-free guidance needs.
 
 from __future__ import annotations
 
-import argparse
+import logging
 import sys
 from pathlib import Path
 
-from monai_diffusion import command_description
 from monai_diffusion.conditioning import ConditionEncoder, Denoiser
-from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.schema import Config
-from monai_diffusion.config.stages import stage_config
 from monai_diffusion.data import build_transforms
-from monai_diffusion.engine.distributed import barrier, broadcast_object
-from monai_diffusion.engine.logging import get_logger
-from monai_diffusion.engine.loop import (
-    open_training_run,
-    restore_position,
-    resume_checkpoint,
-    run_training,
-    start_run,
-    step_budget,
-    train_epochs,
-)
+from monai_diffusion.engine import loop
+from monai_diffusion.engine.distributed import broadcast_object
 from monai_diffusion.generation import validation_sample
 from monai_diffusion.latents import (
+    LatentRecord,
     compute_scale_factor,
     encode_volume,
     latent_loader,
@@ -51,22 +40,21 @@ from monai_diffusion.latents import (
     training_items,
 )
 from monai_diffusion.networks.builders import LDM_SHAPE_KEYS
-from monai_diffusion.steps import LatentRecord, build_ldm_training
+from monai_diffusion.steps import build_ldm_training
 
+logger = logging.getLogger("monai_diffusion")
 
-def train(config: Config, resume: str | None = None) -> Path:
-    """Train the latent diffusion model described by ``config``; returns the run folder.
+def train(run_config: Config, resume: str | None = None) -> Path:
+    """Train the latent diffusion model that ``run_config`` describes; returns the run folder.
 
     Raises:
+        ValueError: a resumed run's autoencoder has other weights now.
         TrainingStopped: SIGINT / SIGTERM stopped the run at a step boundary (``last.pt`` saved).
     """
-    # The run folder keeps the whole config; the stage works with its own precision.
-    run_config, config = config, stage_config(config, "ldm")
-    dist, precision = start_run(config)
-    log = get_logger()
+    config, dist, precision = loop.start_stage(run_config, "ldm")  # the stage's own precision
     device = dist.device
     t = config.ldm.training
-    resume_path, state = resume_checkpoint(config, "ldm", resume, LDM_SHAPE_KEYS)
+    resume_path, state = loop.resume_checkpoint(config, "ldm", resume, LDM_SHAPE_KEYS)
     resumed = LatentRecord.from_checkpoint(state) if state is not None else None
 
     # ---- the frozen autoencoder (a resumed run keeps the one it started with, and checks it is unchanged)
@@ -83,14 +71,14 @@ def train(config: Config, resume: str | None = None) -> Path:
         )
     # The config rules have checked that this latent fits the UNet's levels.
     latent_shape = (config.autoencoder.latent_channels, *autoencoder.latent_shape(config.data.voxel_size))
-    log.info("autoencoder %s (weights %s); latent shape %s", ae_path, ae_hash, list(latent_shape))
+    logger.info("autoencoder %s (weights %s); latent shape %s", ae_path, ae_hash, list(latent_shape))
 
     # ---- conditions: fitted on the training split once, then the checkpoint's (a resumed run keeps its statistics)
     items = training_items(config)
     encoder = ConditionEncoder.from_state(resumed.conditioning) if resumed is not None \
         else ConditionEncoder.fit(config, items)
     if encoder is not None:
-        log.info("conditions %s", encoder.state()["conditions"])
+        logger.info("conditions %s", encoder.state()["conditions"])
     fields = [{name: item[name] for name in encoder.names} for item in items] if encoder is not None else None
 
     # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
@@ -108,7 +96,7 @@ def train(config: Config, resume: str | None = None) -> Path:
 
     if resumed is not None:
         scale_factor, affine = resumed.scale_factor, resumed.affine
-        log.info("latent scale factor %.6g (from the checkpoint)", scale_factor)
+        logger.info("latent scale factor %.6g (from the checkpoint)", scale_factor)
     else:
         scale_factor = compute_scale_factor(first_posteriors(), seed=config.seed) if dist.is_main else None
         scale_factor = float(broadcast_object(scale_factor))
@@ -117,54 +105,39 @@ def train(config: Config, resume: str | None = None) -> Path:
         else:
             affine = deterministic(dict(items[0]))["image"].affine
         affine = plain_affine(affine)
-        log.info("latent scale factor %.6g (1/std over %d training volume(s))", scale_factor,
+        logger.info("latent scale factor %.6g (1/std over %d training volume(s))", scale_factor,
                  min(t.scale_factor_volumes, len(items)))
     record = LatentRecord(autoencoder_checkpoint=ae_path, autoencoder_hash=ae_hash, scale_factor=scale_factor,
                           latent_shape=latent_shape, affine=affine,
                           conditioning=encoder.state() if encoder is not None else None)
-    budget = step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
+    budget = loop.step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
     # ---- UNet, scheduler, optimizer, EMA: the step benchmark and plan measure; a resumed run's state
     stage = build_ldm_training(config, latent_shape, device, precision, max_steps=budget.max_steps,
                                max_epochs=budget.max_epochs, world_size=dist.world_size, autoencoder=autoencoder,
                                scale_factor=scale_factor, encoder=encoder, record=record)
-    position = restore_position(stage, state, dist)
+    position = loop.restore_position(stage, state, dist)
 
     # ---- the run folder, once setup has succeeded: a failed start leaves nothing behind
-    run = open_training_run(run_config, config, "ldm", dist, resume_path=resume_path, state=state)
+    run = loop.open_training_run(run_config, config, "ldm", dist, resume_path=resume_path, state=state)
     if state is None:
         run.writer.scalars({"latent/scale_factor": scale_factor}, 0)
-    with train_epochs(stage, train_loader, sampler=train_sampler, budget=budget, run=run,
-                      position=position) as epochs:
+    with loop.train_epochs(stage, train_loader, sampler=train_sampler, budget=budget, run=run,
+                           position=position) as epochs:
         for end in epochs:
-            if not end.validate:
-                continue
-            if dist.is_main:
-                # The EMA weights when kept; a conditional UNet with the first training volume's conditions.
+            if end.validate:  # the EMA weights when kept; a conditional UNet with the first volume's conditions
                 unet = stage.ema.module if stage.ema is not None else stage.unet
                 denoiser, title = unet, f"step {end.step}"
                 if encoder is not None:
                     denoiser = Denoiser(unet, encoder.encode(fields[:1]).to(device), config.ldm.sampling.guidance_scale)
                     title += f" {encoder.describe(fields[0])}"
-                validation_sample(denoiser, unet, autoencoder, config=config, trained=config,
-                                  latent_shape=latent_shape, scale_factor=scale_factor, affine=affine,
-                                  precision=precision, device=device, run_dir=run.dir, step=end.step,
-                                  writer=run.writer, title=title)
-            barrier()  # the other ranks wait here while rank 0 samples
+                validation_sample(denoiser, unet, autoencoder, config=config, trained=config, record=record,
+                                  affine=affine, precision=precision, run=run, step=end.step, title=title)
     return run.dir
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    add_resume_argument(parser, "ldm")
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="monai-diffusion train-ldm", description=command_description(__doc__))
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    config = config_from_args(args)
-    return run_training(train, config, args.resume)
+    return loop.training_main(train, "ldm", __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -376,7 +376,7 @@ def test_a_second_ctrl_c_stops_at_once_and_a_failed_start_leaves_nothing(tmp_pat
         os.kill(os.getpid(), signal.SIGINT)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train_autoencoder, "autoencoder_update", update_interrupted_again)
+    monkeypatch.setattr(steps, "autoencoder_update", update_interrupted_again)
     monkeypatch.setenv(TEST_SIGNAL_ENV, "SIGINT:0")
     assert train_autoencoder.main(["--config", str(tiny_config_file)]) == 130
     assert "interrupted: stopped at once; nothing saved since the last checkpoint" in caplog.text

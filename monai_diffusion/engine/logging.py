@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import torch
 
 __all__ = [
     "LOGGER_NAME",
+    "exit_status",
     "get_logger",
     "set_log_rank",
     "RunLogger",
@@ -57,6 +58,17 @@ def get_logger() -> logging.Logger:
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
     return logger
+
+
+def exit_status(work: Callable[[], object]) -> int:
+    """A command's exit status for ``work()``: 0 when it returns; 1 when it raises ValueError, FileNotFoundError
+    or RuntimeError (a bad input or a failed step: the message, which names it, goes to the console)."""
+    try:
+        work()
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        get_logger().error("%s", exc)
+        return 1
+    return 0
 
 
 def set_log_rank(rank: int, world_size: int) -> None:

@@ -11,6 +11,7 @@ yields at each epoch's end, so a command keeps its validation and ``best.pt`` ru
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import logging
@@ -32,8 +33,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from monai_diffusion import command_description
+from monai_diffusion.config.arguments import add_config_arguments, add_resume_argument, config_from_args
 from monai_diffusion.config.loading import save_config
 from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, LDMTrainingConfig
+from monai_diffusion.config.stages import stage_config
 from monai_diffusion.engine.checkpoint import (
     capture_rng_state,
     check_shape_keys,
@@ -77,10 +81,12 @@ __all__ = [
     "resume_checkpoint",
     "run_training",
     "start_run",
+    "start_stage",
     "step_budget",
     "step_scalars",
     "train_epochs",
     "train_step",
+    "training_main",
 ]
 
 logger = logging.getLogger("monai_diffusion")
@@ -104,6 +110,14 @@ def start_run(config: Config) -> tuple[DistInfo, Precision]:
     if dist.device.type == "cuda":
         torch.backends.cudnn.benchmark = config.device.cudnn_benchmark
     return dist, resolve_precision(config.device.mixed_precision, dist.device)
+
+
+def start_stage(run_config: Config, stage: str) -> tuple[Config, DistInfo, Precision]:
+    """:func:`start_run` for a training command: returns the stage's own config (``stage_config``: its volume
+    size, precision, ...), which the stage trains with and its checkpoints keep, with the process's place in the run
+    and its precision. The run folder keeps ``run_config`` whole."""
+    config = stage_config(run_config, stage)
+    return (config, *start_run(config))
 
 
 # ------------------------------------------------------------------------------------------- run folder
@@ -374,6 +388,22 @@ def save_stopped(save: SaveFn, run_dir: Path, budget: StepBudget, step: int, epo
     logger.info("saving %s at step %d", checkpoint, step)
     save("last.pt", *budget.position(epoch, done_in_epoch))
     return TrainingStopped(signum, step, checkpoint)
+
+
+def training_main(train: Callable[..., Path], command: str, doc: str, argv: list[str] | None = None) -> int:
+    """The ``main`` of a training command: ``--config``, ``--set`` and ``--resume``, then :func:`run_training`.
+
+    Args:
+        train: the command's ``train(config, resume=...)``.
+        command: ``autoencoder``, ``ldm`` or ``controlnet`` (``monai-diffusion train-<command>``).
+        doc: the command module's docstring (its first line is the ``--help`` description).
+        argv: the arguments (None: the process's).
+    """
+    parser = argparse.ArgumentParser(prog=f"monai-diffusion train-{command}", description=command_description(doc))
+    add_config_arguments(parser)
+    add_resume_argument(parser, command)
+    args = parser.parse_args(argv)
+    return run_training(train, config_from_args(args), args.resume)
 
 
 def run_training(train: Callable[..., Path], config: Config, resume: str | None) -> int:
