@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel
 
-from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, LDMTrainingConfig
+from monai_diffusion.config.schema import Config, TrainingConfig
 from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
 
 
@@ -217,7 +217,7 @@ def _stage_sizes(config: Config) -> list[tuple[str, list[int]]]:
     return sizes
 
 
-def _check_lr_schedule(name: str, t: AutoencoderTrainingConfig | LDMTrainingConfig) -> list[str]:
+def _check_lr_schedule(name: str, t: TrainingConfig) -> list[str]:
     """The LR schedule of a training section: what it needs to know where it ends, and keys it does not read."""
     problems = []
     per_epoch = t.lr_schedule_interval == "epoch"

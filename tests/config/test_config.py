@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from monai_diffusion.config import Config, ConfigError, config_from_dict, load_config
+from monai_diffusion.config import Config, ConfigError, config_from_dict, load_config, schema
 from monai_diffusion.config.loading import parse_override
 from monai_diffusion.config.render import render_default_config
 from monai_diffusion.config.stages import stage_config, step_config
@@ -197,6 +198,41 @@ def test_per_axis_factors_for_anisotropic_volumes():
 @pytest.mark.parametrize("value", [True, False, "fp16", "bf16", "no"])
 def test_mixed_precision_values(value):
     assert config_from_dict({"device": {"mixed_precision": value}}).device.mixed_precision == value
+
+
+TRAINING_SECTIONS = (schema.AutoencoderTrainingConfig, schema.LDMTrainingConfig, schema.ControlNetTrainingConfig)
+
+
+@pytest.mark.parametrize("section", TRAINING_SECTIONS, ids=lambda s: s.__name__)
+def test_training_sections_share_one_declaration(section):
+    """A stage's training section is the shared one: a stage may change a default or a description, never a
+    field's type or bounds."""
+    assert issubclass(section, schema.TrainingConfig)
+    for name, shared in schema.TrainingConfig.model_fields.items():
+        field = section.model_fields[name]
+        assert (field.annotation, field.metadata) == (shared.annotation, shared.metadata), name
+        assert field.description, name
+
+
+def test_each_stage_keeps_its_training_defaults():
+    stages = {
+        "autoencoder": (schema.AutoencoderTrainingConfig(), (1, 100, 1)),
+        "ldm": (schema.LDMTrainingConfig(), (2, 200, 10)),
+        "controlnet": (schema.ControlNetTrainingConfig(), (2, 200, 10)),
+    }
+    for stage, (section, (batch, epochs, validate_every)) in stages.items():
+        assert (section.batch_size, section.max_epochs, section.val_every_n_epochs) == (batch, epochs,
+                                                                                        validate_every), stage
+        assert (section.lr, section.grad_clip, section.lr_schedule, section.keep_last_checkpoints) == (
+            1e-4, 1.0, "constant", 2), stage
+    assert schema.ControlNetTrainingConfig().model_dump() == schema.LDMTrainingConfig().model_dump()
+
+
+def test_every_schema_class_has_a_docstring():
+    classes = [c for c in vars(schema).values()
+               if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__ == schema.__name__]
+    assert len(classes) > 15
+    assert [c.__name__ for c in classes if not (c.__doc__ or "").strip()] == []
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):
