@@ -18,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 Factor = Union[int, list[int]]
 # A channel of a multi-channel file, 0-based.
 ChannelIndex = Annotated[int, Field(ge=0)]
-# device.mixed_precision's values; a stage's own setting adds None (= the device setting).
-MixedPrecision = Union[bool, Literal["fp16", "bf16", "no"]]
+# device.mixed_precision's values, the ones engine/precision.py resolves; a stage's own setting adds None (= the device
+# setting).
+MixedPrecision = Union[bool, Literal["fp16", "bf16", "fp32", "no"]]
 LRSchedule = Literal["constant", "cosine", "multistep", "polynomial"]
 
 
@@ -558,9 +559,10 @@ class DeviceConfig(Section):
     """``device``: where and how the networks run: device, mixed precision, cuDNN autotuning, torch.compile."""
 
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
-    mixed_precision: bool | Literal["fp16", "bf16", "no"] = Field(
+    mixed_precision: MixedPrecision = Field(
         False,
-        description="true = fp16 on CUDA (bf16 on CPU, logged); 'fp16' / 'bf16' explicit; false/'no' = fp32.",
+        description="true = fp16 on CUDA (bf16 on CPU, logged); 'fp16' / 'bf16' explicit; false / 'no' / 'fp32' = "
+        "fp32.",
     )
     cudnn_benchmark: bool = Field(True, description="Let cuDNN pick the fastest conv algorithms (CUDA).")
     compile: bool = Field(

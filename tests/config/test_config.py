@@ -1,6 +1,7 @@
 """Config schema, overrides and cross-field rules: every problem reported, each with its dotted path."""
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
@@ -195,9 +196,11 @@ def test_per_axis_factors_for_anisotropic_volumes():
     assert config.autoencoder.downsample_factors == [[4, 4, 2], [2, 2, 2]]
 
 
-@pytest.mark.parametrize("value", [True, False, "fp16", "bf16", "no"])
+@pytest.mark.parametrize("value", [True, False, "fp16", "bf16", "fp32", "no"])
 def test_mixed_precision_values(value):
     assert config_from_dict({"device": {"mixed_precision": value}}).device.mixed_precision == value
+    assert config_from_dict({"ldm": {"training": {"mixed_precision": value}}}).ldm.training.mixed_precision == value
+    assert set(get_args(get_args(schema.MixedPrecision)[1])) == {"fp16", "bf16", "fp32", "no"}
 
 
 TRAINING_SECTIONS = (schema.AutoencoderTrainingConfig, schema.LDMTrainingConfig, schema.ControlNetTrainingConfig)
