@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from pydantic import BaseModel
 
 from monai_diffusion.config.schema import Config, TrainingConfig
-from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
+from monai_diffusion.config.stages import downsampling
 
 
 # ldm.scheduler keys only MONAI's RFlowScheduler reads.
@@ -64,15 +64,15 @@ def check_rules(config: Config) -> list[str]:
             f"autoencoder.num_res_blocks: expected an int or {num_levels} entries, got {len(ae.num_res_blocks)}"
         )
     try:
-        levels = per_axis_factors(ae.downsample_factors, max(num_levels - 1, 0), spatial_dims)
+        factors = downsampling(config)
     except ValueError:
-        levels = None
+        factors = None
         problems.append(
             f"autoencoder.downsample_factors: expected {num_levels - 1} entries (len(num_channels) - 1 = "
             f"{num_levels} - 1), each an int >= 1 or a list of {spatial_dims} ints >= 1; got {ae.downsample_factors}"
         )
-    if levels is not None and spatial_dims in (2, 3):
-        factor = total_factor(levels, spatial_dims)
+    if factors is not None and spatial_dims in (2, 3):
+        factor = factors.total
         # Every size a stage works at: the LDM's (data.voxel_size), the autoencoder's own and its patches.
         for key, size in _stage_sizes(config):
             if key != "data.voxel_size" and (len(size) != spatial_dims or any(s < 1 for s in size)):
@@ -98,7 +98,7 @@ def check_rules(config: Config) -> list[str]:
                 f"({'autoencoder.training.voxel_size' if ae.training.voxel_size else 'data.voxel_size'})"
             )
         if not any(p.startswith("data.voxel_size /") for p in problems):
-            latent = list(latent_shape(data.voxel_size, factor))
+            latent = list(factors.latent_shape(data.voxel_size))
             problems += _check_unet(config, latent)
 
     # ---- training bounds and schedules
@@ -143,8 +143,8 @@ def check_rules(config: Config) -> list[str]:
     if ldm.sampling.tile_size is not None and len(ldm.sampling.tile_size) != spatial_dims:
         problems.append(f"ldm.sampling.tile_size: expected {spatial_dims} sizes, got {ldm.sampling.tile_size}")
     problems += _check_conditions(config)
-    if data.mask_key is not None and levels is not None and spatial_dims in (2, 3):
-        problems += _check_controlnet(config, total_factor(levels, spatial_dims))
+    if data.mask_key is not None and factors is not None and spatial_dims in (2, 3):
+        problems += _check_controlnet(config, factors.total)
     return problems
 
 

@@ -56,9 +56,8 @@ import torch
 
 from monai_diffusion.conditioning import ConditionEncoder
 from monai_diffusion.config.schema import Config
-from monai_diffusion.config.stages import step_config
+from monai_diffusion.config.stages import downsampling, step_config
 from monai_diffusion.engine.precision import Precision, resolve_precision
-from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
 from monai_diffusion.networks.builders import build_autoencoder, build_unet
 from monai_diffusion.steps import (
     autoencoder_micro_step,
@@ -82,9 +81,6 @@ __all__ = [
     "Step",
     "build_step",
     "check_options",
-    "config_factors",
-    "config_latent_shape",
-    "config_total_factor",
     "device_name",
     "measure",
     "rss_mb",
@@ -128,22 +124,6 @@ class Options:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.network not in ("ours", "monai"):
             raise ValueError(f"network must be 'ours' or 'monai', got {self.network!r}")
-
-
-def config_factors(config: Config) -> tuple[tuple[int, ...], ...]:
-    """The config's autoencoder factors, one per-axis tuple per level."""
-    ae = config.autoencoder
-    return per_axis_factors(ae.downsample_factors, len(ae.num_channels) - 1, len(config.data.voxel_size))
-
-
-def config_total_factor(config: Config) -> tuple[int, ...]:
-    """The config's total downsampling factor per axis."""
-    return total_factor(config_factors(config), len(config.data.voxel_size))
-
-
-def config_latent_shape(config: Config) -> tuple[int, ...]:
-    """Spatial latent shape of the config's autoencoder at ``data.voxel_size``."""
-    return latent_shape(config.data.voxel_size, config_total_factor(config))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -253,7 +233,7 @@ def _whole_checkpoint(module: torch.nn.Module) -> None:
 
 def check_options(config: Config, options: Options) -> None:
     """Raise ValueError when the options cannot measure this config (MONAI's stock network at other factors)."""
-    if options.network == "monai" and any(f != 2 for level in config_factors(config) for f in level):
+    if options.network == "monai" and any(f != 2 for level in downsampling(config).per_axis for f in level):
         raise ValueError("MONAI's stock AutoencoderKL only downsamples by 2 (autoencoder.downsample_factors)")
 
 
@@ -473,7 +453,7 @@ def measure(config: Config, options: Options) -> dict[str, Any]:
         "step_times_s": [round(t, 4) for t in times],
         "voxels_per_s": round(volumes * math.prod(config.data.voxel_size) / median, 1),
         "params": step.params,
-        "latent_shape": list(config_latent_shape(config)),
+        "latent_shape": list(downsampling(config).latent_shape(config.data.voxel_size)),
         "device": device_name(device),
         "threads": torch.get_num_threads(),
     }

@@ -8,11 +8,11 @@ import math
 import pytest
 
 from monai_diffusion.config.loading import load_config
-from monai_diffusion.config.stages import step_config
+from monai_diffusion.config.stages import downsampling, step_config
 from monai_diffusion.engine.precision import precision_name
 from monai_diffusion.memory import plan
 from monai_diffusion.memory.plan import Planner, Prediction, at_size, make_plan, parse_memory, probe_size
-from monai_diffusion.memory.probe import Options, config_total_factor, run_measurement
+from monai_diffusion.memory.probe import Options, run_measurement
 from monai_diffusion.networks.builders import build_autoencoder, build_discriminator
 
 
@@ -31,7 +31,7 @@ def test_probe_size_is_smaller_and_divisible(factors, size):
     config = load_config(None, [f"data.voxel_size={list(size)}", f"autoencoder.downsample_factors={factors}",
                                 "autoencoder.training.adv_weight=0"])
     probe = probe_size(config, "autoencoder", probe_voxels=2**18)
-    total = config_total_factor(config)
+    total = downsampling(config).total
     assert 2**16 < math.prod(probe) <= 2**18
     assert all(s % f == 0 and s <= full for s, f, full in zip(probe, total, size))
     assert probe_size(at_size(config, (32, 32, 16)), "autoencoder", 2**18) == (32, 32, 16)
@@ -49,7 +49,7 @@ class FakePlanner(Planner):
         self.seen.append((config, stage))
         t = config.autoencoder.training
         voxels = math.prod(config.data.voxel_size) * t.batch_size
-        total = math.prod(config_total_factor(config))
+        total = math.prod(downsampling(config).total)
         amp = precision_name(config.device.mixed_precision, "cuda") != "fp32"
         per_voxel = (600 if t.use_gradient_checkpointing else 1600) * (0.6 if amp else 1.0)
         peak = voxels / 2**20 * per_voxel * (1.2 if total <= 64 else 1.0)
