@@ -1,6 +1,9 @@
 """Cross-field rules: checked on the typed config before any data is loaded or model built.
 
-Each rule names every key it involves, so a user knows which line of the YAML to change.
+Each rule names every key it involves, so a user knows which line of the YAML to change. Most rules hold for any
+config, a finished run's stored one included (it is read again to rebuild the run's networks). A few only say
+whether a config can run: they apply to the config a command is given (``to_run``), not to a stored one, so a
+checkpoint written before such a rule existed keeps loading.
 """
 
 from __future__ import annotations
@@ -21,8 +24,15 @@ RFLOW_ONLY = (
 )
 
 
-def check_rules(config: Config) -> list[str]:
-    """Return every broken cross-field rule as 'key(s): what is wrong, what was expected'."""
+def check_rules(config: Config, to_run: bool = False) -> list[str]:
+    """Return every broken cross-field rule as 'key(s): what is wrong, what was expected'.
+
+    Args:
+        config: the config.
+        to_run: the config is about to run (a command's ``--config`` and ``--set``): add the rules a run needs,
+            which the stored config of a finished run need not meet (a discriminator too deep for the autoencoder's
+            training size: :func:`_check_discriminator`).
+    """
     problems: list[str] = []
     data, ae, ldm = config.data, config.autoencoder, config.ldm
     spatial_dims = len(data.voxel_size)
@@ -122,6 +132,8 @@ def check_rules(config: Config) -> list[str]:
             f"{t.disc_steps_per_generator_step} discriminator steps per generator step train on one batch, so "
             f"they need gradient_accumulation_steps 1, got {t.gradient_accumulation_steps}"
         )
+    if to_run:
+        problems += _check_discriminator(config)
     problems += _check_channels(config)
 
     # ---- diffusion
@@ -215,6 +227,50 @@ def _stage_sizes(config: Config) -> list[tuple[str, list[int]]]:
     if t.patch_size is not None:
         sizes.append(("autoencoder.training.patch_size", t.patch_size))
     return sizes
+
+
+def discriminator_min_size(num_layers: int) -> int:
+    """The smallest axis MONAI's PatchDiscriminator (kernel 4, padding 1) trains on with ``num_layers`` layers.
+
+    Its first convolution and all but the last of its ``num_layers`` normalised layers have stride 2 (each takes an
+    axis of n to n // 2), the last normalised layer and the output convolution stride 1 (each takes n to n - 1). So
+    after ``num_layers`` halvings an axis needs 3 voxels: 2 for the last normalised layer (instance norm needs more
+    than one element, the output convolution a padded input of 4) and one for the output. An axis of n fits
+    ``num_layers`` when ``n >= 3 * 2**num_layers`` (16^3 fits 2 layers, 24^3 and 32^3 fit 3, 48^3 fits 4).
+    """
+    return 3 * 2**num_layers
+
+
+def _check_discriminator(config: Config) -> list[str]:
+    """The patch discriminator must fit the size the autoencoder trains at (its patches, or its volume), or the
+    first adversarial step fails inside PyTorch without naming a setting.
+
+    A rule to run: the stored config of an LDM or ControlNet run may carry a discriminator that never trained at
+    its size (its autoencoder trained with another config), and must keep loading."""
+    t, spatial_dims = config.autoencoder.training, len(config.data.voxel_size)
+    if t.adv_weight == 0:
+        return []
+    if t.patch_size is not None:
+        key, size = "autoencoder.training.patch_size", t.patch_size
+    elif t.voxel_size is not None:
+        key, size = "autoencoder.training.voxel_size", t.voxel_size
+    else:
+        key, size = "data.voxel_size", config.data.voxel_size
+    if spatial_dims not in (2, 3) or len(size) != spatial_dims or any(s < 1 for s in size):
+        return []  # reported with the size's own key
+    need = discriminator_min_size(t.disc_num_layers)
+    if min(size) >= need:
+        return []
+    depth = 0
+    while min(size) >= discriminator_min_size(depth + 1):
+        depth += 1
+    fix = (f"the largest depth that fits is {depth}" if depth
+           else "no depth fits: set autoencoder.training.adv_weight to 0")
+    return [
+        f"autoencoder.training.disc_num_layers / {key}: a {t.disc_num_layers}-layer patch discriminator needs every "
+        f"axis >= {need} (3 x 2^{t.disc_num_layers}), and the autoencoder trains at {'x'.join(map(str, size))}; "
+        f"{fix} (or train on a larger size)"
+    ]
 
 
 def _check_lr_schedule(name: str, t: TrainingConfig) -> list[str]:

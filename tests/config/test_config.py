@@ -161,6 +161,41 @@ def test_each_cross_field_rule(raw, expected):
     assert any(expected in p for p in problems_of(raw)), problems_of(raw)
 
 
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"data": {"voxel_size": [16, 16, 16]}},
+         "autoencoder.training.disc_num_layers / data.voxel_size: a 3-layer patch discriminator needs every axis >= 24 "
+         "(3 x 2^3), and the autoencoder trains at 16x16x16; the largest depth that fits is 2 (or train on a larger "
+         "size)"),
+        ({"autoencoder": {"training": {"patch_size": [48, 48, 16], "disc_num_layers": 4}}},
+         "autoencoder.training.disc_num_layers / autoencoder.training.patch_size: a 4-layer patch discriminator needs "
+         "every axis >= 48 (3 x 2^4), and the autoencoder trains at 48x48x16; the largest depth that fits is 2"),
+        ({"autoencoder": {"training": {"voxel_size": [32, 32, 20]}}},
+         "autoencoder.training.disc_num_layers / autoencoder.training.voxel_size: a 3-layer"),
+        ({"data": {"voxel_size": [4, 4, 4]}, "autoencoder": {"training": {"disc_num_layers": 1}},
+          "ldm": {"unet": {"num_channels": [32], "attention_levels": [False]}}},
+         "no depth fits: set autoencoder.training.adv_weight to 0"),
+    ],
+)
+def test_a_discriminator_too_deep_for_the_training_size_is_refused_before_a_run(raw, expected, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, to_run=True)
+    assert any(expected in p for p in info.value.problems), info.value.problems
+    # A finished run's stored config is read without it: an LDM's autoencoder may have trained with another config.
+    config_from_dict(raw)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="disc_num_layers"):  # what every command reads its config with
+        load_config(path)
+
+
+def test_a_discriminator_that_fits_or_none_at_all_passes():
+    for training in ({"disc_num_layers": 2}, {"adv_weight": 0}):
+        config_from_dict({"data": {"voxel_size": [16, 16, 16]}, "autoencoder": {"training": training}}, to_run=True)
+    config_from_dict({"data": {"voxel_size": [24, 24, 24]}, "autoencoder": {"num_channels": [32, 64]}}, to_run=True)
+
+
 def test_a_saved_config_lists_every_key_and_still_validates():
     """Rules on keys a setting does not read compare with the defaults, not with what the YAML spelt out: a run's
     saved config.yaml (every key written) validates again."""
