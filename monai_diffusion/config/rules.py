@@ -234,9 +234,9 @@ def discriminator_min_size(num_layers: int) -> int:
 
     Its first convolution and all but the last of its ``num_layers`` normalised layers have stride 2 (each takes an
     axis of n to n // 2), the last normalised layer and the output convolution stride 1 (each takes n to n - 1). So
-    after ``num_layers`` halvings an axis needs 3 voxels: 2 for the last normalised layer (instance norm needs more
-    than one element, the output convolution a padded input of 4) and one for the output. An axis of n fits
-    ``num_layers`` when ``n >= 3 * 2**num_layers`` (16^3 fits 2 layers, 24^3 and 32^3 fit 3, 48^3 fits 4).
+    an axis needs 3 voxels after the ``num_layers`` halvings: the last normalised layer leaves 2 of them (its
+    instance norm needs more than one element, the output convolution a padded input of 4), the output 1. An axis
+    of n fits ``num_layers`` when ``n >= 3 * 2**num_layers`` (16^3 fits 2 layers, 24^3 and 32^3 fit 3, 48^3 fits 4).
     """
     return 3 * 2**num_layers
 
