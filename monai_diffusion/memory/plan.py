@@ -23,6 +23,10 @@ otherwise on the CPU (peak RSS). A CPU measurement answers for a CPU run; for a 
 the measurement is taken in float32 and its activations converted with fixed factors (see :data:`GPU_FROM_CPU`),
 marked as an estimate. A step that cannot be measured is an error naming it (exit status 1), never a verdict.
 
+A perceptual network whose pretrained weights are not on this machine (a compute node without internet access) is
+measured with its architecture and random weights, and the output says so: the memory does not depend on the
+weights' values.
+
 If the prediction does not fit the budget, candidate changes are tried from the least to the most intrusive
 (gradient checkpointing, mixed precision, smaller batch with more accumulation, stronger downsampling), each
 predicted the same way, and the first that fits is printed as ``--set`` options to paste.
@@ -155,7 +159,7 @@ def predict(config: Config, stage: str, device: str, probe_voxels: int = PROBE_V
         # Maps that would be mmapped at full size are mmapped in the probe too (see the module docstring).
         ratio = math.prod(size) / math.prod(target)
         env = {"MALLOC_MMAP_THRESHOLD_": str(max(2**17, int(GLIBC_MMAP_THRESHOLD_MAX * ratio)))}
-    options = Options(stage=stage, device=device, steps=steps, warmup=1)
+    options = Options(stage=stage, device=device, steps=steps, warmup=1, perceptual_stand_in=True)
     record = {"stage": stage, "size": list(size)} | run_measurement(at_size(config, size), options, timeout, env)
     if "error" in record:
         return failed(record["error"], [record])
@@ -392,6 +396,9 @@ def describe(config: Config, plan: Plan, source: str) -> str:
         sizes = sorted({"x".join(map(str, r["size"])) for p in measured for r in p.probes})
         how = "estimated for a GPU from a CPU float32 measurement" if measured[0].estimated else "measured"
         lines.append(f"{how} on {measured[0].measured_on} at {', '.join(sizes)}, extrapolated to the full size")
+        if any(r.get("perceptual_weights") == "random" for p in measured for r in p.probes):
+            lines.append(f"the perceptual network ({t.perceptual_network}) with random weights: its pretrained ones "
+                         "are not on this machine, and the memory does not depend on their values")
     lines.append("")
     mode = "from cached latents" if config.ldm.training.cache_latents else "encoding on the fly"
     for name, prediction in (("autoencoder training step", plan.autoencoder), (f"LDM training step ({mode})", plan.ldm)):

@@ -58,6 +58,7 @@ from monai_diffusion.conditioning import ConditionEncoder
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import downsampling, step_config
 from monai_diffusion.engine.precision import Precision, resolve_precision
+from monai_diffusion.losses import perceptual_weights_at_hand
 from monai_diffusion.networks.builders import build_autoencoder, build_unet
 from monai_diffusion.steps import (
     autoencoder_micro_step,
@@ -107,6 +108,9 @@ class Options:
             can be compared at any factors); the config's ``use_gradient_checkpointing`` should be off.
         chunk_elements: slab size of the memory-saving path (None: the network's default).
         channels_last: a CUDA option tried by the GPU suite.
+        perceptual_stand_in: build the perceptual network with random weights when its pretrained ones are not on
+            this machine (``plan`` on a compute node without internet): the step's memory does not depend on their
+            values. The record then says ``perceptual_weights: random``.
     """
 
     stage: str = "autoencoder"
@@ -118,6 +122,7 @@ class Options:
     whole_checkpoint: bool = False
     chunk_elements: int | None = None
     channels_last: bool = False
+    perceptual_stand_in: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -263,6 +268,13 @@ def _autoencoder_network(config: Config, options: Options) -> torch.nn.Module | 
     return None
 
 
+def _random_perceptual_weights(config: Config, options: Options) -> bool:
+    """Whether the autoencoder step's perceptual network is built with random weights (see :class:`Options`)."""
+    t = config.autoencoder.training
+    return (options.stage == "autoencoder" and options.perceptual_stand_in and t.use_perceptual_loss
+            and not perceptual_weights_at_hand(t))
+
+
 def _frozen_autoencoder(config: Config, device: torch.device) -> torch.nn.Module:
     """The autoencoder as train-ldm holds it (see ``latents.load_autoencoder``): built plain, frozen, in eval mode."""
     autoencoder = build_autoencoder(config.autoencoder, len(config.data.voxel_size), use_checkpoint=False)
@@ -281,7 +293,8 @@ def build_step(config: Config, options: Options, device: torch.device, precision
     if options.stage == "autoencoder":
         t = config.autoencoder.training
         parts = build_autoencoder_training(config, device, precision, _schedule_steps(t),
-                                           _autoencoder_network(config, options), max_epochs=t.max_epochs)
+                                           _autoencoder_network(config, options), max_epochs=t.max_epochs,
+                                           random_perceptual_weights=_random_perceptual_weights(config, options))
         if options.channels_last:
             parts.autoencoder.to(memory_format=memory_format)
         # What the forward runs through, compiled with device.compile as in training (no DDP: one process).
@@ -456,7 +469,7 @@ def measure(config: Config, options: Options) -> dict[str, Any]:
         "latent_shape": list(downsampling(config).latent_shape(config.data.voxel_size)),
         "device": device_name(device),
         "threads": torch.get_num_threads(),
-    }
+    } | ({"perceptual_weights": "random"} if _random_perceptual_weights(config, options) else {})
 
 
 def device_name(device: torch.device) -> str:
