@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from monai.losses import PatchAdversarialLoss, PerceptualLoss, SSIMLoss
-from monai.utils import OptionalImportError
+from monai.utils import OptionalImportError, optional_import
 
 from monai_diffusion.config.schema import AutoencoderTrainingConfig
 from monai_diffusion.metrics import SSIM_WINDOW, ms_ssim
@@ -31,6 +31,9 @@ _HUB_ENTRIES = {
 # The 2D networks also need these packages (not installed by default: lpips pulls in torchvision).
 _EXTRA_PACKAGES = {"squeeze": "lpips torchvision", "alex": "lpips torchvision", "vgg": "lpips torchvision",
                    "resnet50": "torchvision"}
+# The networks LPIPS wraps (the others come from torchvision or torch hub).
+_LPIPS_NETWORKS = ("squeeze", "alex", "vgg")
+LPIPS, has_lpips = optional_import("lpips", name="LPIPS")
 
 
 def kl_loss(z_mu: torch.Tensor, z_sigma: torch.Tensor) -> torch.Tensor:
@@ -93,7 +96,18 @@ def _two_ways(hub_folder: str) -> str:
     )
 
 
-def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int = 3) -> PerceptualLoss:
+def perceptual_weights_at_hand(training: AutoencoderTrainingConfig) -> bool:
+    """Whether the perceptual network's pretrained weights are on this machine, asking no network: the
+    ``perceptual_pretrained_path`` file (resnet50), or a torch hub folder that holds them (``perceptual_weights``,
+    else torch hub's own)."""
+    if training.perceptual_pretrained_path is not None:
+        return Path(training.perceptual_pretrained_path).expanduser().is_file()
+    hub = Path(training.perceptual_weights).expanduser() if training.perceptual_weights else Path(torch.hub.get_dir())
+    return any(hub.glob(_HUB_ENTRIES[training.perceptual_network]))
+
+
+def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int = 3,
+                          random_weights: bool = False) -> PerceptualLoss:
     """MONAI's PerceptualLoss; its pretrained weights are downloaded into the torch hub cache on first use.
 
     Two routes, as with MONAI itself:
@@ -110,6 +124,10 @@ def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int
     Args:
         training: ``autoencoder.training``; ``perceptual_network`` and ``perceptual_weights`` are read.
         spatial_dims: 3 uses the 3D MedicalNet networks directly; 2D networks run on slices (fake 3D).
+        random_weights: the same network with random weights, nothing read or downloaded: for measuring a step's
+            memory, which does not depend on the weights' values (``plan`` where they are not at hand). The 2D
+            networks still need their packages; MedicalNet and RadImageNet cannot be built so, since torch hub
+            brings their architecture with their weights.
 
     Raises:
         FileNotFoundError: ``perceptual_weights`` holds no weights for the network, or the download failed
@@ -118,6 +136,8 @@ def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int
     """
     network = training.perceptual_network
     default_hub = torch.hub.get_dir()
+    if random_weights:
+        return _with_random_weights(training, spatial_dims, default_hub)
     weights_file = Path(training.perceptual_pretrained_path).expanduser() if training.perceptual_pretrained_path else None
     if weights_file is not None and not weights_file.is_file():
         raise FileNotFoundError(
@@ -166,3 +186,32 @@ def build_perceptual_loss(training: AutoencoderTrainingConfig, spatial_dims: int
                 os.environ.pop("HF_HUB_OFFLINE", None)
             else:
                 os.environ["HF_HUB_OFFLINE"] = previous_offline
+
+
+def _with_random_weights(training: AutoencoderTrainingConfig, spatial_dims: int, default_hub: str) -> PerceptualLoss:
+    """:func:`build_perceptual_loss`'s network with random weights.
+
+    torchvision's ResNet50 takes MONAI's ``pretrained=False``. The LPIPS networks do not: MONAI passes
+    ``pretrained`` to LPIPS's linear heads only, and LPIPS still downloads its ImageNet backbone unless told
+    ``pnet_rand``, which MONAI does not pass on. So the loss is MONAI's (its slices and its sum over the three
+    axes) built around the random ResNet50, and its network is then replaced by the random LPIPS one.
+    """
+    network = training.perceptual_network
+    if network not in (*_LPIPS_NETWORKS, "resnet50"):
+        raise FileNotFoundError(
+            f"autoencoder.training.perceptual_network '{network}' cannot be built with random weights: torch hub "
+            "brings its architecture together with its weights. " + _two_ways(default_hub)
+        )
+    try:
+        if network in _LPIPS_NETWORKS and not has_lpips:
+            raise OptionalImportError("lpips is not installed")
+        loss = PerceptualLoss(spatial_dims=spatial_dims, network_type="resnet50", is_fake_3d=True,
+                              fake_3d_ratio=training.perceptual_fake_3d_ratio, pretrained=False)
+        if network in _LPIPS_NETWORKS:
+            loss.perceptual_function = LPIPS(pretrained=False, net=network, pnet_rand=True, verbose=False)
+    except (ImportError, OptionalImportError) as exc:
+        raise ImportError(
+            f"autoencoder.training.perceptual_network '{network}' needs packages that are not installed "
+            f"({exc}); pip install {_EXTRA_PACKAGES[network]}"
+        ) from exc
+    return loss

@@ -252,6 +252,7 @@ class AutoencoderTraining:
 def build_autoencoder_training(
     config: Config, device: torch.device, precision: Precision, *, max_steps: int | None,
     autoencoder: torch.nn.Module | None = None, max_epochs: int | None = None, world_size: int = 1,
+    random_perceptual_weights: bool = False,
 ) -> AutoencoderTraining:
     """The autoencoder, discriminator, losses and optimizers of the config's autoencoder stage, on ``device``.
 
@@ -266,6 +267,8 @@ def build_autoencoder_training(
             compares MONAI's stock class and other slab sizes on the same step).
         max_epochs: the run's epochs (where a schedule advancing per epoch ends).
         world_size: the number of processes (``scale_lr_by_world_size``).
+        random_perceptual_weights: the perceptual network with random weights (the memory probe, where the
+            pretrained ones are not at hand: see ``build_perceptual_loss``).
 
     Raises:
         FileNotFoundError, ImportError: the perceptual network cannot be loaded (see ``build_perceptual_loss``).
@@ -275,7 +278,8 @@ def build_autoencoder_training(
     autoencoder = (autoencoder if autoencoder is not None else build_autoencoder(config.autoencoder, spatial_dims))
     autoencoder = autoencoder.to(device)
     discriminator = build_discriminator(config.autoencoder, spatial_dims).to(device) if t.adv_weight > 0 else None
-    perceptual = build_perceptual_loss(t, spatial_dims).to(device).eval() if t.use_perceptual_loss else None
+    perceptual = (build_perceptual_loss(t, spatial_dims, random_perceptual_weights).to(device).eval()
+                  if t.use_perceptual_loss else None)
     value_range = config.data.intensity.b_max - config.data.intensity.b_min
     structural = StructuralLoss(t.ssim_type, spatial_dims, value_range) if t.ssim_weight > 0 else None
     optimizer_g, lr_scheduler_g = _optimizer_and_schedule(autoencoder.parameters(), t.lr, t, max_steps, max_epochs,

@@ -34,6 +34,24 @@ def test_indivisible_size_names_axis_size_and_factor():
         latent_shape((64, 64), (8, 8, 8))
 
 
+def test_a_configs_downsampling_is_worked_out_in_the_config_layer():
+    from monai_diffusion.config import Config, config_from_dict
+    from monai_diffusion.config.stages import downsampling
+
+    default = downsampling(Config())  # None: 2 on every axis at every level
+    assert (default.factors, default.per_axis, default.total) == ([2, 2], ((2, 2, 2), (2, 2, 2)), (4, 4, 4))
+    assert default.latent_shape(Config().data.voxel_size) == (16, 16, 16)
+    config = config_from_dict({"data": {"voxel_size": [256, 256, 64]},
+                               "autoencoder": {"downsample_factors": [[4, 4, 2], 2]}})
+    spelt = downsampling(config)
+    assert (spelt.factors, spelt.total, spelt.latent_shape((256, 256, 64))) == ([[4, 4, 2], 2], (8, 8, 4), (32, 32, 16))
+    spelt.factors[0][0] = 99
+    assert config.autoencoder.downsample_factors == [[4, 4, 2], 2]  # a copy: the config stays as it was
+    with pytest.raises(ValueError, match="2 entries"):
+        downsampling(Config().model_copy(update={"autoencoder": Config().autoencoder.model_copy(
+            update={"downsample_factors": [4]})}))
+
+
 def test_the_network_uses_the_same_arithmetic():
     from monai_diffusion.networks import AutoencoderKL
 
@@ -45,7 +63,8 @@ def test_the_network_uses_the_same_arithmetic():
 
 
 def test_importing_it_does_not_import_torch():
-    code = "import sys, monai_diffusion.factors, monai_diffusion.config; print('torch' in sys.modules)"
+    code = ("import sys, monai_diffusion.factors, monai_diffusion.config, monai_diffusion.config.stages; "
+            "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"

@@ -31,9 +31,18 @@ def test_validate_prints_the_summary_of_a_valid_preset():
     assert "float32 image 16.00 MiB" in out
 
 
+def test_validate_names_a_discriminator_too_deep_for_the_volume():
+    """16^3 with the default 3-layer discriminator used to pass and fail at the first step inside PyTorch."""
+    result = run("-m", "monai_diffusion.cli", "validate", "--set", "data.voxel_size=[16,16,16]")
+    assert result.returncode == 2, result.stdout
+    assert ("autoencoder.training.disc_num_layers / data.voxel_size: a 3-layer patch discriminator needs every axis "
+            ">= 24 (3 x 2^3), and the autoencoder trains at 16x16x16; the largest depth that fits is 2") in result.stderr
+
+
 def test_validate_summary_shows_each_stages_volume_and_precision():
     config = load_config(None, ["data.voxel_size=[32,32,32]", "autoencoder.training.voxel_size=[48,48,40]",
-                                "autoencoder.training.patch_size=[16,16,16]", "ldm.training.mixed_precision=fp16"])
+                                "autoencoder.training.patch_size=[16,16,16]", "autoencoder.training.disc_num_layers=2",
+                                "ldm.training.mixed_precision=fp16"])
     text = summarise(config)
     assert ("stages        autoencoder volume [48, 48, 40] (trains on [16, 16, 16] patches) mixed_precision=False;  "
             "LDM volume [32, 32, 32] mixed_precision=fp16") in text

@@ -122,8 +122,14 @@ def _merge_union(lines: list[str]) -> str:
     return f"{key}: {', or '.join(reasons)}{got}"
 
 
-def config_from_dict(raw: dict, source: str = "<config>") -> Config:
+def config_from_dict(raw: dict, source: str = "<config>", to_run: bool = False) -> Config:
     """Validate a raw mapping against the schema, then the cross-field rules.
+
+    Args:
+        raw: the mapping (a YAML file's, or a checkpoint's stored config).
+        source: where it comes from, named in the errors.
+        to_run: the config is about to run: the rules a run needs apply too (see
+            :func:`~monai_diffusion.config.rules.check_rules`); a stored config need not meet them.
 
     Raises:
         ConfigError: listing every schema error, or else every broken cross-field rule.
@@ -138,14 +144,14 @@ def config_from_dict(raw: dict, source: str = "<config>") -> Config:
         for error in exc.errors():
             problems.setdefault(_key_path(tuple(error["loc"])), []).append(_describe(error))
         merged = [lines[0] if len(lines) == 1 else _merge_union(lines) for lines in problems.values()]
-        raise ConfigError(source, merged + _rules_without(raw, list(problems))) from None
-    problems = check_rules(config)
+        raise ConfigError(source, merged + _rules_without(raw, list(problems), to_run)) from None
+    problems = check_rules(config, to_run)
     if problems:
         raise ConfigError(source, problems)
     return config
 
 
-def _rules_without(raw: dict, bad_paths: list[tuple]) -> list[str]:
+def _rules_without(raw: dict, bad_paths: list[tuple], to_run: bool) -> list[str]:
     """Cross-field problems of the config with its schema-invalid keys dropped (so all errors come at once).
 
     Rules that mention a dropped key are left out: they would judge a default the user never wrote.
@@ -164,7 +170,7 @@ def _rules_without(raw: dict, bad_paths: list[tuple]) -> list[str]:
     except ValidationError:
         return []
     dropped = {".".join(str(p) for p in path if not isinstance(p, int)) for path in bad_paths}
-    return [p for p in check_rules(config) if not any(key and key in p for key in dropped)]
+    return [p for p in check_rules(config, to_run) if not any(key and key in p for key in dropped)]
 
 
 def _drop(raw: dict, path: tuple) -> None:
@@ -176,7 +182,8 @@ def _drop(raw: dict, path: tuple) -> None:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate.
+    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate it as a
+    config about to run (every rule, those a run needs included: the commands read their config here).
 
     Raises:
         ConfigError: the file is missing or not YAML, an override is malformed, or the config is invalid.
@@ -197,7 +204,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = apply_overrides(raw, overrides or [])
     except ValueError as exc:
         raise ConfigError(source, [str(exc)]) from None
-    return config_from_dict(raw, source)
+    return config_from_dict(raw, source, to_run=True)
 
 
 def save_config(config: Config, path: str | Path) -> None:

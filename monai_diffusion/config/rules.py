@@ -1,6 +1,9 @@
 """Cross-field rules: checked on the typed config before any data is loaded or model built.
 
-Each rule names every key it involves, so a user knows which line of the YAML to change.
+Each rule names every key it involves, so a user knows which line of the YAML to change. Most rules hold for any
+config, a finished run's stored one included (it is read again to rebuild the run's networks). A few only say
+whether a config can run: they apply to the config a command is given (``to_run``), not to a stored one, so a
+checkpoint written before such a rule existed keeps loading.
 """
 
 from __future__ import annotations
@@ -10,8 +13,8 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel
 
-from monai_diffusion.config.schema import AutoencoderTrainingConfig, Config, LDMTrainingConfig
-from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
+from monai_diffusion.config.schema import Config, TrainingConfig
+from monai_diffusion.config.stages import downsampling
 
 
 # ldm.scheduler keys only MONAI's RFlowScheduler reads.
@@ -21,8 +24,15 @@ RFLOW_ONLY = (
 )
 
 
-def check_rules(config: Config) -> list[str]:
-    """Return every broken cross-field rule as 'key(s): what is wrong, what was expected'."""
+def check_rules(config: Config, to_run: bool = False) -> list[str]:
+    """Return every broken cross-field rule as 'key(s): what is wrong, what was expected'.
+
+    Args:
+        config: the config.
+        to_run: the config is about to run (a command's ``--config`` and ``--set``): add the rules a run needs,
+            which the stored config of a finished run need not meet (a discriminator too deep for the autoencoder's
+            training size: :func:`_check_discriminator`).
+    """
     problems: list[str] = []
     data, ae, ldm = config.data, config.autoencoder, config.ldm
     spatial_dims = len(data.voxel_size)
@@ -64,15 +74,15 @@ def check_rules(config: Config) -> list[str]:
             f"autoencoder.num_res_blocks: expected an int or {num_levels} entries, got {len(ae.num_res_blocks)}"
         )
     try:
-        levels = per_axis_factors(ae.downsample_factors, max(num_levels - 1, 0), spatial_dims)
+        factors = downsampling(config)
     except ValueError:
-        levels = None
+        factors = None
         problems.append(
             f"autoencoder.downsample_factors: expected {num_levels - 1} entries (len(num_channels) - 1 = "
             f"{num_levels} - 1), each an int >= 1 or a list of {spatial_dims} ints >= 1; got {ae.downsample_factors}"
         )
-    if levels is not None and spatial_dims in (2, 3):
-        factor = total_factor(levels, spatial_dims)
+    if factors is not None and spatial_dims in (2, 3):
+        factor = factors.total
         # Every size a stage works at: the LDM's (data.voxel_size), the autoencoder's own and its patches.
         for key, size in _stage_sizes(config):
             if key != "data.voxel_size" and (len(size) != spatial_dims or any(s < 1 for s in size)):
@@ -98,7 +108,7 @@ def check_rules(config: Config) -> list[str]:
                 f"({'autoencoder.training.voxel_size' if ae.training.voxel_size else 'data.voxel_size'})"
             )
         if not any(p.startswith("data.voxel_size /") for p in problems):
-            latent = list(latent_shape(data.voxel_size, factor))
+            latent = list(factors.latent_shape(data.voxel_size))
             problems += _check_unet(config, latent)
 
     # ---- training bounds and schedules
@@ -122,6 +132,8 @@ def check_rules(config: Config) -> list[str]:
             f"{t.disc_steps_per_generator_step} discriminator steps per generator step train on one batch, so "
             f"they need gradient_accumulation_steps 1, got {t.gradient_accumulation_steps}"
         )
+    if to_run:
+        problems += _check_discriminator(config)
     problems += _check_channels(config)
 
     # ---- diffusion
@@ -143,8 +155,8 @@ def check_rules(config: Config) -> list[str]:
     if ldm.sampling.tile_size is not None and len(ldm.sampling.tile_size) != spatial_dims:
         problems.append(f"ldm.sampling.tile_size: expected {spatial_dims} sizes, got {ldm.sampling.tile_size}")
     problems += _check_conditions(config)
-    if data.mask_key is not None and levels is not None and spatial_dims in (2, 3):
-        problems += _check_controlnet(config, total_factor(levels, spatial_dims))
+    if data.mask_key is not None and factors is not None and spatial_dims in (2, 3):
+        problems += _check_controlnet(config, factors.total)
     return problems
 
 
@@ -217,7 +229,51 @@ def _stage_sizes(config: Config) -> list[tuple[str, list[int]]]:
     return sizes
 
 
-def _check_lr_schedule(name: str, t: AutoencoderTrainingConfig | LDMTrainingConfig) -> list[str]:
+def discriminator_min_size(num_layers: int) -> int:
+    """The smallest axis MONAI's PatchDiscriminator (kernel 4, padding 1) trains on with ``num_layers`` layers.
+
+    Its first convolution and all but the last of its ``num_layers`` normalised layers have stride 2 (each takes an
+    axis of n to n // 2), the last normalised layer and the output convolution stride 1 (each takes n to n - 1). So
+    an axis needs 3 voxels after the ``num_layers`` halvings: the last normalised layer leaves 2 of them (its
+    instance norm needs more than one element, the output convolution a padded input of 4), the output 1. An axis
+    of n fits ``num_layers`` when ``n >= 3 * 2**num_layers`` (16^3 fits 2 layers, 24^3 and 32^3 fit 3, 48^3 fits 4).
+    """
+    return 3 * 2**num_layers
+
+
+def _check_discriminator(config: Config) -> list[str]:
+    """The patch discriminator must fit the size the autoencoder trains at (its patches, or its volume), or the
+    first adversarial step fails inside PyTorch without naming a setting.
+
+    A rule to run: the stored config of an LDM or ControlNet run may carry a discriminator that never trained at
+    its size (its autoencoder trained with another config), and must keep loading."""
+    t, spatial_dims = config.autoencoder.training, len(config.data.voxel_size)
+    if t.adv_weight == 0:
+        return []
+    if t.patch_size is not None:
+        key, size = "autoencoder.training.patch_size", t.patch_size
+    elif t.voxel_size is not None:
+        key, size = "autoencoder.training.voxel_size", t.voxel_size
+    else:
+        key, size = "data.voxel_size", config.data.voxel_size
+    if spatial_dims not in (2, 3) or len(size) != spatial_dims or any(s < 1 for s in size):
+        return []  # reported with the size's own key
+    need = discriminator_min_size(t.disc_num_layers)
+    if min(size) >= need:
+        return []
+    depth = 0
+    while min(size) >= discriminator_min_size(depth + 1):
+        depth += 1
+    fix = (f"the largest depth that fits is {depth}" if depth
+           else "no depth fits: set autoencoder.training.adv_weight to 0")
+    return [
+        f"autoencoder.training.disc_num_layers / {key}: a {t.disc_num_layers}-layer patch discriminator needs every "
+        f"axis >= {need} (3 x 2^{t.disc_num_layers}), and the autoencoder trains at {'x'.join(map(str, size))}; "
+        f"{fix} (or train on a larger size)"
+    ]
+
+
+def _check_lr_schedule(name: str, t: TrainingConfig) -> list[str]:
     """The LR schedule of a training section: what it needs to know where it ends, and keys it does not read."""
     problems = []
     per_epoch = t.lr_schedule_interval == "epoch"

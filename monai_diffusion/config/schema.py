@@ -1,7 +1,8 @@
 """The typed configuration schema: one section per stage of the pipeline.
 
 Every field carries its documentation (``description``) and default, so the YAML
-presets, ``monai-diffusion validate`` and this file tell the same story. Unknown
+presets, ``monai-diffusion validate`` and this file tell the same story. The three
+stages' training sections share one declaration (:class:`TrainingConfig`). Unknown
 keys are rejected (``extra="forbid"``); cross-field rules live in
 :mod:`monai_diffusion.config.rules` and run before any data is touched.
 """
@@ -17,8 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 Factor = Union[int, list[int]]
 # A channel of a multi-channel file, 0-based.
 ChannelIndex = Annotated[int, Field(ge=0)]
-# device.mixed_precision's values; a stage's own setting adds None (= the device setting).
-MixedPrecision = Union[bool, Literal["fp16", "bf16", "no"]]
+# device.mixed_precision's values, the ones engine/precision.py resolves; a stage's own setting adds None (= the device
+# setting).
+MixedPrecision = Union[bool, Literal["fp16", "bf16", "fp32", "no"]]
 LRSchedule = Literal["constant", "cosine", "multistep", "polynomial"]
 
 
@@ -32,6 +34,9 @@ class Section(BaseModel):
 
 
 class IntensityConfig(Section):
+    """``data.intensity``: how raw intensities are mapped to the [b_min, b_max] range the networks see (per item
+    class: ``data.intensity_by_class``)."""
+
     mode: Literal["percentile", "range", "none"] = Field(
         "percentile",
         description="How intensities are mapped to [b_min, b_max]: 'percentile' (robust to outliers, "
@@ -45,6 +50,8 @@ class IntensityConfig(Section):
 
 
 class AugmentConfig(Section):
+    """``data.augment``: random flips and affine transforms of the training volumes (validation sees none)."""
+
     flip_prob: float = Field(0.0, ge=0, le=1, description="Probability of a random flip on each axis.")
     affine_prob: float = Field(0.0, ge=0, le=1, description="Probability of a random affine (rotate + scale).")
     rotate_range: float = Field(0.1, ge=0, description="Max rotation (radians) per axis for the random affine.")
@@ -52,6 +59,8 @@ class AugmentConfig(Section):
 
 
 class DemoConfig(Section):
+    """``data.demo``: the built-in demo set (``data.source: demo``), derived from the MNI152 template, no download."""
+
     num_volumes: int = Field(
         24, ge=2, description="How many volumes the demo set derives from the MNI152 template."
     )
@@ -70,6 +79,8 @@ class DemoConfig(Section):
 
 
 class ConditionConfig(Section):
+    """One entry of ``data.conditions``: a datalist field the LDM is conditioned on, and how it is encoded."""
+
     name: str = Field(description="The datalist field holding the value (a JSON key or CSV column), e.g. `age`.")
     type: Literal["continuous", "categorical"] = Field(
         "continuous",
@@ -84,6 +95,9 @@ class ConditionConfig(Section):
 
 
 class DataConfig(Section):
+    """``data``: where the volumes come from; how each is resampled, reoriented, scaled and cropped to one size;
+    how they are cached and loaded; and the fields read with them (covariates, label maps)."""
+
     source: Literal["demo", "folder", "datalist"] = Field(
         "demo",
         description="'demo': built-in set derived from the MNI152 template (no download); 'folder': every "
@@ -154,16 +168,81 @@ class DataConfig(Section):
     )
 
 
-# ---------------------------------------------------------------- autoencoder
+# ------------------------------------------------------------ training (every stage)
 
 
-class AutoencoderTrainingConfig(Section):
-    batch_size: int = Field(1, ge=1, description="Volumes per micro-batch (per GPU under DDP).")
+class TrainingConfig(Section):
+    """How a stage trains: micro-batch and accumulation, when to stop, precision, the AdamW optimizer and its LR
+    schedule, gradient clipping, the non-finite guard, and how often to validate and keep checkpoints.
+
+    Declared once for the three stages (``autoencoder.training``, ``ldm.training``, ``controlnet.training``); each
+    stage's section overrides the defaults that differ for it and adds its own settings. The defaults here are the
+    autoencoder's. A field keeps its type and bounds in every stage.
+    """
+
+    batch_size: int = Field(
+        1, ge=1, description="Items per micro-batch, per GPU under DDP: volumes (or patches) for the autoencoder, "
+        "latents for the LDM and the ControlNet."
+    )
     gradient_accumulation_steps: int = Field(
         1, ge=1, description="Micro-batches per optimizer step; effective batch = batch_size x this x GPUs."
     )
     max_epochs: int | None = Field(100, ge=1, description="Stop after this many epochs (None: no bound).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (None: no bound).")
+    mixed_precision: MixedPrecision | None = Field(
+        None, description="This stage's precision, as device.mixed_precision (None: device.mixed_precision)."
+    )
+    lr: float = Field(
+        1e-4, gt=0, description="Learning rate of the network the stage trains (the autoencoder's generator, the "
+        "UNet, the ControlNet)."
+    )
+    scale_lr_by_world_size: bool = Field(
+        False, description="Multiply the learning rates (lr, and the autoencoder's disc_lr) by the number of "
+        "processes (GPUs), as MONAI's tutorial does."
+    )
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW eps (PyTorch's default 1e-8; MAISI uses 1e-6 under fp16).")
+    warmup_steps: int = Field(
+        0, ge=0, description="Linear LR warm-up, in optimizer steps (in epochs with lr_schedule_interval: epoch)."
+    )
+    lr_schedule: LRSchedule = Field(
+        "constant",
+        description="LR after warm-up: 'constant'; 'cosine' decays to 0 at the end (needs max_steps, or max_epochs "
+        "with lr_schedule_interval: epoch); 'multistep' is torch MultiStepLR(lr_milestones, lr_gamma); "
+        "'polynomial' is torch PolynomialLR(power=lr_power), 0 at the run's last step (or epoch). "
+        "'multistep' and 'polynomial' take no warm-up. (The LDM of MONAI's tutorial and of the BraTS bundle: "
+        "'multistep' [100, 1000] per epoch; MAISI's: 'polynomial' with power 2.)",
+    )
+    lr_schedule_interval: Literal["step", "epoch"] = Field(
+        "step",
+        description="When the LR schedule advances: after every optimizer step, or after every epoch (PyTorch's "
+        "convention for MultiStepLR milestones counted in epochs).",
+    )
+    lr_milestones: list[int] = Field(
+        [], description="lr_schedule 'multistep': where the LR is multiplied by lr_gamma, in schedule steps."
+    )
+    lr_gamma: float = Field(0.1, gt=0, description="lr_schedule 'multistep': the factor at each milestone.")
+    lr_power: float = Field(1.0, gt=0, description="lr_schedule 'polynomial': the decay's power.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: off).")
+    max_nonfinite_steps: int = Field(
+        20, ge=1, description="Stop with an error after this many consecutive non-finite losses."
+    )
+    val_every_n_epochs: int = Field(
+        1, ge=1, description="Validate every N epochs (the autoencoder: L1/PSNR/SSIM and a PNG panel)."
+    )
+    keep_last_checkpoints: int = Field(
+        2, ge=1, description="How many step checkpoints to keep (plus last.pt, and the autoencoder's best.pt)."
+    )
+
+
+# ---------------------------------------------------------------- autoencoder
+
+
+class AutoencoderTrainingConfig(TrainingConfig):
+    """The autoencoder's training: the shared settings (with their defaults), the volume or patches it trains on,
+    and its loss: L1 + KL, the optional structural and perceptual terms, and the patch discriminator's adversarial
+    term with its own optimizer."""
+
     voxel_size: list[int] | None = Field(
         None,
         description="Volume size of the autoencoder stage (None: data.voxel_size, which the LDM trains and "
@@ -187,37 +266,7 @@ class AutoencoderTrainingConfig(Section):
         description="Scaled intensity above which a voxel counts as foreground for patch_foreground_ratio (None: "
         "data.intensity.b_min + 5% of [b_min, b_max]).",
     )
-    mixed_precision: MixedPrecision | None = Field(
-        None, description="This stage's precision, as device.mixed_precision (None: device.mixed_precision)."
-    )
-    lr: float = Field(1e-4, gt=0, description="Generator (autoencoder) learning rate.")
     disc_lr: float = Field(5e-4, gt=0, description="Discriminator learning rate.")
-    scale_lr_by_world_size: bool = Field(
-        False, description="Multiply lr and disc_lr by the number of processes (GPUs), as MONAI's tutorial does."
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_eps: float = Field(1e-8, gt=0, description="AdamW eps (PyTorch's default 1e-8; MAISI uses 1e-6 under fp16).")
-    warmup_steps: int = Field(
-        0, ge=0, description="Linear LR warm-up, in optimizer steps (in epochs with lr_schedule_interval: epoch)."
-    )
-    lr_schedule: LRSchedule = Field(
-        "constant",
-        description="LR after warm-up: 'constant'; 'cosine' decays to 0 at the end (needs max_steps, or max_epochs "
-        "with lr_schedule_interval: epoch); 'multistep' is torch MultiStepLR(lr_milestones, lr_gamma); "
-        "'polynomial' is torch PolynomialLR(power=lr_power), 0 at the run's last step (or epoch). "
-        "'multistep' and 'polynomial' take no warm-up.",
-    )
-    lr_schedule_interval: Literal["step", "epoch"] = Field(
-        "step",
-        description="When the LR schedule advances: after every optimizer step, or after every epoch (PyTorch's "
-        "convention for MultiStepLR milestones counted in epochs).",
-    )
-    lr_milestones: list[int] = Field(
-        [], description="lr_schedule 'multistep': where the LR is multiplied by lr_gamma, in schedule steps."
-    )
-    lr_gamma: float = Field(0.1, gt=0, description="lr_schedule 'multistep': the factor at each milestone.")
-    lr_power: float = Field(1.0, gt=0, description="lr_schedule 'polynomial': the decay's power.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: off).")
     kl_weight: float = Field(1e-6, ge=0, description="Weight of the KL term.")
     ssim_weight: float = Field(
         0.0, ge=0, description="Weight of a structural term (1 - SSIM or 1 - MS-SSIM, see ssim_type) added to L1; "
@@ -286,14 +335,12 @@ class AutoencoderTrainingConfig(Section):
         "slab in backward, everything else goes through torch.autograd.graph.save_on_cpu. Less GPU memory for whole "
         "large volumes, at the cost of copying every saved map to the host and back each step; no effect on CPU.",
     )
-    max_nonfinite_steps: int = Field(
-        20, ge=1, description="Stop with an error after this many consecutive non-finite losses."
-    )
-    val_every_n_epochs: int = Field(1, ge=1, description="Validate (L1/PSNR/SSIM, PNG panel) every N epochs.")
-    keep_last_checkpoints: int = Field(2, ge=1, description="How many step checkpoints to keep (plus best/last).")
 
 
 class AutoencoderConfig(Section):
+    """``autoencoder``: the KL autoencoder that compresses a volume to the latent the LDM works in (our
+    AutoencoderKL, MONAI's with per-level, per-axis downsampling factors), and its ``training``."""
+
     num_channels: list[int] = Field(
         [32, 64, 64], description="Feature channels per level; more levels = more downsampling steps."
     )
@@ -335,6 +382,8 @@ class AutoencoderConfig(Section):
 
 
 class UNetConfig(Section):
+    """``ldm.unet``: the diffusion UNet over the latent (MONAI's DiffusionModelUNet)."""
+
     num_channels: list[int] = Field([32, 64, 64], description="DiffusionModelUNet channels per level.")
     attention_levels: list[bool] = Field([False, True, True], description="Attention per UNet level.")
     num_res_blocks: int | list[int] = Field(1, description="Residual blocks per UNet level.")
@@ -353,6 +402,9 @@ class UNetConfig(Section):
 
 
 class SchedulerConfig(Section):
+    """``ldm.scheduler``: the noise scheduler the LDM trains with (DDPM, DDIM or rectified flow) and its
+    schedule; the rflow-only keys are refused with another type."""
+
     type: Literal["ddpm", "ddim", "rflow"] = Field("ddpm", description="Noise scheduler used for training.")
     num_train_timesteps: int = Field(1000, ge=2, description="Diffusion steps at training time.")
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = Field(
@@ -388,42 +440,23 @@ class SchedulerConfig(Section):
     )
 
 
-class LDMTrainingConfig(Section):
-    batch_size: int = Field(2, ge=1, description="Latents per micro-batch (per GPU).")
-    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_epochs: int | None = Field(200, ge=1, description="Stop after this many epochs.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps.")
-    mixed_precision: MixedPrecision | None = Field(
-        None, description="This stage's precision, as device.mixed_precision (None: device.mixed_precision)."
+class LDMTrainingConfig(TrainingConfig):
+    """The LDM's training: the UNet learns to denoise the autoencoder's scaled latents. Besides the shared settings
+    (a larger micro-batch, a longer run and sparser validation than the autoencoder's: a latent is small, and a
+    validation sample is a whole denoising loop), its loss, EMA, latent cache and scale factor."""
+
+    batch_size: int = Field(2, ge=1, description="Latents per micro-batch, per GPU under DDP.")
+    max_epochs: int | None = Field(200, ge=1, description="Stop after this many epochs (None: no bound).")
+    val_every_n_epochs: int = Field(
+        10, ge=1, description="Sample a validation volume (a whole denoising loop) every N epochs."
     )
-    lr: float = Field(1e-4, gt=0, description="UNet learning rate.")
-    scale_lr_by_world_size: bool = Field(
-        False, description="Multiply lr by the number of processes (GPUs), as MONAI's tutorial does."
-    )
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    adam_eps: float = Field(1e-8, gt=0, description="AdamW eps (PyTorch's default 1e-8).")
-    warmup_steps: int = Field(
-        0, ge=0, description="Linear LR warm-up in optimizer steps (in epochs with lr_schedule_interval: epoch)."
-    )
-    lr_schedule: LRSchedule = Field(
-        "constant", description="LR after warm-up, as autoencoder.training.lr_schedule (MONAI's tutorial and the "
-        "BraTS bundle: 'multistep' [100, 1000] per epoch; MAISI: 'polynomial' with power 2)."
-    )
-    lr_schedule_interval: Literal["step", "epoch"] = Field(
-        "step", description="When the LR schedule advances: after every optimizer step, or after every epoch."
-    )
-    lr_milestones: list[int] = Field(
-        [], description="lr_schedule 'multistep': where the LR is multiplied by lr_gamma, in schedule steps."
-    )
-    lr_gamma: float = Field(0.1, gt=0, description="lr_schedule 'multistep': the factor at each milestone.")
-    lr_power: float = Field(1.0, gt=0, description="lr_schedule 'polynomial': the decay's power.")
     loss: Literal["mse", "l1"] = Field(
         "mse", description="Regression loss on the scheduler's target: 'mse' (the tutorial's, the bundle's) or 'l1' "
         "(MAISI's)."
     )
-    grad_clip: float | None = Field(1.0, gt=0, description="Gradient-norm clip (None: off).")
     ema_decay: float | None = Field(
-        0.999, ge=0, lt=1, description="EMA of the UNet weights (used for samples and saved); None: off. Averages about 1/(1-decay) steps: keep that well below the run length (0.999 suits 10k+ steps)."
+        0.999, ge=0, lt=1, description="EMA of the trained weights (used for samples and saved); None: off. Averages "
+        "about 1/(1-decay) steps: keep that well below the run length (0.999 suits 10k+ steps)."
     )
     cache_latents: bool = Field(
         True, description="Encode each volume once (mu, sigma) and train from the cache; false: encode on the fly."
@@ -431,12 +464,12 @@ class LDMTrainingConfig(Section):
     scale_factor_volumes: int = Field(
         8, ge=1, description="Training volumes used once to compute the latent scale factor (1/std)."
     )
-    val_every_n_epochs: int = Field(10, ge=1, description="Sample a validation volume every N epochs.")
-    keep_last_checkpoints: int = Field(2, ge=1, description="Step checkpoints kept (plus last).")
-    max_nonfinite_steps: int = Field(20, ge=1, description="Stop after this many consecutive non-finite losses.")
 
 
 class ConditioningConfig(Section):
+    """``ldm.conditioning``: how a conditional LDM takes ``data.conditions``, and how often it trains without
+    them (classifier-free guidance)."""
+
     categorical_via: Literal["cross_attention", "class_embedding"] = Field(
         "cross_attention",
         description="How the UNet takes categorical data.conditions: 'cross_attention' (one-hot in the context "
@@ -453,6 +486,9 @@ class ConditioningConfig(Section):
 
 
 class SamplingConfig(Section):
+    """``ldm.sampling``: how volumes are generated (``sample`` and the validation samples): sampler, steps,
+    guidance, and tiled decoding."""
+
     scheduler: Literal["ddpm", "ddim", "rflow"] | None = Field(
         None, description="Sampler (None: the training scheduler; ddim needs a ddpm/ddim-trained model)."
     )
@@ -470,6 +506,9 @@ class SamplingConfig(Section):
 
 
 class LDMConfig(Section):
+    """``ldm``: the latent diffusion model: the trained autoencoder it works over, its UNet, noise scheduler,
+    conditioning, ``training`` and sampling."""
+
     autoencoder_checkpoint: Path | None = Field(
         None, description="Trained autoencoder checkpoint (None: the newest run's best/last checkpoint)."
     )
@@ -490,6 +529,8 @@ class ControlNetTrainingConfig(LDMTrainingConfig):
 
 
 class ControlNetConfig(Section):
+    """``controlnet``: the optional ControlNet that steers the frozen LDM with label maps (``data.mask_key``)."""
+
     ldm_checkpoint: Path | None = Field(
         None, description="The trained LDM the ControlNet steers, frozen (a checkpoint or run folder; None: the "
         "newest <output_dir>/ldm-*/checkpoints/last.pt). Its EMA weights are used when it has them."
@@ -515,10 +556,13 @@ class ControlNetConfig(Section):
 
 
 class DeviceConfig(Section):
+    """``device``: where and how the networks run: device, mixed precision, cuDNN autotuning, torch.compile."""
+
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto' picks CUDA when available.")
-    mixed_precision: bool | Literal["fp16", "bf16", "no"] = Field(
+    mixed_precision: MixedPrecision = Field(
         False,
-        description="true = fp16 on CUDA (bf16 on CPU, logged); 'fp16' / 'bf16' explicit; false/'no' = fp32.",
+        description="true = fp16 on CUDA (bf16 on CPU, logged); 'fp16' / 'bf16' explicit; false / 'no' / 'fp32' = "
+        "fp32.",
     )
     cudnn_benchmark: bool = Field(True, description="Let cuDNN pick the fastest conv algorithms (CUDA).")
     compile: bool = Field(
@@ -537,6 +581,8 @@ class DeviceConfig(Section):
 
 
 class OutputConfig(Section):
+    """``output``: where a run writes (checkpoints, logs, the resolved config) and how often it logs scalars."""
+
     output_dir: Path = Field(Path("runs"), description="Every run writes to <output_dir>/<run_name>.")
     run_name: str | None = Field(None, description="Run folder name (None: <command>-<date>-<time>).")
     log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar interval in optimizer steps.")

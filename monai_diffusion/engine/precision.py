@@ -97,7 +97,7 @@ def precision_name(setting: bool | str, device_type: str) -> str:
         return "bf16" if device_type == "cpu" else "fp16"
     if isinstance(setting, str) and setting.lower() in ("fp16", "bf16"):
         return setting.lower()
-    raise ValueError(f"device.mixed_precision: expected true, false, 'fp16', 'bf16' or 'no', got {setting!r}")
+    raise ValueError(f"device.mixed_precision: expected true, false, 'fp16', 'bf16', 'fp32' or 'no', got {setting!r}")
 
 
 def resolve_precision(setting: bool | str, device: torch.device) -> Precision:
@@ -107,6 +107,7 @@ def resolve_precision(setting: bool | str, device: torch.device) -> Precision:
     setting       CUDA               CPU
     ============  =================  ==========================================
     False, "no"   fp32               fp32
+    "fp32"        fp32               fp32
     True          fp16               bf16 (logged with the reason)
     "fp16"        fp16               fp16 if this torch supports it, else bf16 (warning)
     "bf16"        bf16 (ValueError   bf16
@@ -114,8 +115,8 @@ def resolve_precision(setting: bool | str, device: torch.device) -> Precision:
     ============  =================  ==========================================
 
     Args:
-        setting: the config value: ``True``/``False`` or ``"fp16"``, ``"bf16"``, ``"no"``
-            (``"fp32"`` is accepted as a synonym of ``"no"``).
+        setting: the config value (the schema's ``MixedPrecision``): ``True``/``False`` or ``"fp16"``, ``"bf16"``,
+            ``"fp32"``, ``"no"`` (``"fp32"`` and ``"no"`` are the same).
         device: the training device (``DistInfo.device``).
 
     Returns:

@@ -41,6 +41,7 @@ from typing import Any
 from monai_diffusion import command_description
 from monai_diffusion.config.loading import apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import downsampling
 from monai_diffusion.engine.precision import precision_name
 from monai_diffusion.memory.probe import Options, check_options, run_measurement
 
@@ -96,7 +97,7 @@ def setting(case: Case, device_type: str) -> dict[str, Any]:
         "step": step,
         "size": list(config.data.voxel_size),
         "batch": batch,
-        "factors": json.dumps(ae.downsample_factors or [2] * (len(ae.num_channels) - 1)).replace(" ", ""),
+        "factors": json.dumps(downsampling(config).factors).replace(" ", ""),
         "checkpoint": checkpoint,
         "precision": ", ".join([precision, *extras]),
     }

@@ -23,6 +23,10 @@ otherwise on the CPU (peak RSS). A CPU measurement answers for a CPU run; for a 
 the measurement is taken in float32 and its activations converted with fixed factors (see :data:`GPU_FROM_CPU`),
 marked as an estimate. A step that cannot be measured is an error naming it (exit status 1), never a verdict.
 
+A perceptual network whose pretrained weights are not on this machine (a compute node without internet access) is
+measured with its architecture and random weights, and the output says so: the memory does not depend on the
+weights' values.
+
 If the prediction does not fit the budget, candidate changes are tried from the least to the most intrusive
 (gradient checkpointing, mixed precision, smaller batch with more accumulation, stronger downsampling), each
 predicted the same way, and the first that fits is printed as ``--set`` options to paste.
@@ -45,10 +49,10 @@ from monai_diffusion import command_description
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.config.loading import ConfigError, apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
-from monai_diffusion.config.stages import stage_config, step_config
+from monai_diffusion.config.stages import downsampling, stage_config, step_config
 from monai_diffusion.engine.precision import precision_name
 from monai_diffusion.factors import per_axis_factors, total_factor
-from monai_diffusion.memory.probe import Options, config_total_factor, run_measurement
+from monai_diffusion.memory.probe import Options, run_measurement
 
 GIB = 1024.0  # MiB per GiB
 # Default size of the probe, in voxels (half an issue-size volume): a CPU step at this size takes seconds.
@@ -84,7 +88,7 @@ def parse_memory(text: str) -> float:
 def probe_size(config: Config, stage: str, probe_voxels: int = PROBE_VOXELS) -> tuple[int, ...]:
     """The size to measure ``stage`` at: about ``probe_voxels`` voxels, each axis a multiple of the total factor (and
     large enough for the discriminator); the full size when it is already that small, or for the LDM step."""
-    size, factor = tuple(config.data.voxel_size), config_total_factor(config)
+    size, factor = tuple(config.data.voxel_size), downsampling(config).total
     if math.prod(size) <= probe_voxels or stage == "ldm":
         return size
     adversarial = stage == "autoencoder" and config.autoencoder.training.adv_weight > 0
@@ -107,7 +111,7 @@ def _attention_matrix_mib(config: Config, stage: str, size: tuple[int, ...], pre
     ae = config.autoencoder
     if ae.use_flash_attention or stage == "ldm":
         return 0.0
-    tokens = math.prod(s // f for s, f in zip(size, config_total_factor(config)))
+    tokens = math.prod(s // f for s, f in zip(size, downsampling(config).total))
     blocks = int(ae.with_encoder_nonlocal_attn) + int(ae.with_decoder_nonlocal_attn)
     res = ae.num_res_blocks if isinstance(ae.num_res_blocks, int) else max(ae.num_res_blocks)
     if ae.attention_levels and ae.attention_levels[-1]:
@@ -156,7 +160,7 @@ def predict(config: Config, stage: str, device: str, probe_voxels: int = PROBE_V
         # Maps that would be mmapped at full size are mmapped in the probe too (see the module docstring).
         ratio = math.prod(size) / math.prod(target)
         env = {"MALLOC_MMAP_THRESHOLD_": str(max(2**17, int(GLIBC_MMAP_THRESHOLD_MAX * ratio)))}
-    options = Options(stage=stage, device=device, steps=steps, warmup=1)
+    options = Options(stage=stage, device=device, steps=steps, warmup=1, perceptual_stand_in=True)
     record = {"stage": stage, "size": list(size)} | run_measurement(at_size(config, size), options, timeout, env)
     if "error" in record:
         return failed(record["error"], [record])
@@ -274,7 +278,7 @@ def _candidates(config: Config, target: str) -> list[tuple[list[str], str]]:
     # Smaller patches before stronger factors (which cost detail); whole-volume training is offered patches last.
     if t.patch_size is not None:
         out += [(ckpt + amp + [patch], note) for patch, note in patches]
-    factors = config.autoencoder.downsample_factors or [2] * (len(config.autoencoder.num_channels) - 1)
+    factors = downsampling(config).factors
     size = config.data.voxel_size
     for _ in range(3):
         if not factors:
@@ -299,7 +303,7 @@ def _patch_candidates(config: Config) -> list[tuple[str, str]]:
     axis halved, twice, each a multiple of the total factor and large enough for the discriminator."""
     t = config.autoencoder.training
     volume = list(t.voxel_size or config.data.voxel_size)
-    patch, factor = list(t.patch_size or volume), config_total_factor(config)
+    patch, factor = list(t.patch_size or volume), downsampling(config).total
     minimum = [max(f, 2 ** (t.disc_num_layers + 2) if t.adv_weight > 0 else 2 * f) for f in factor]
     out = []
     for _ in range(2):
@@ -381,7 +385,7 @@ def _gib(mib: float) -> str:
 def describe(config: Config, plan: Plan, source: str) -> str:
     ae = config.autoencoder
     t = ae.training
-    factors = json.dumps(ae.downsample_factors or [2] * (len(ae.num_channels) - 1)).replace(" ", "")
+    factors = json.dumps(downsampling(config).factors).replace(" ", "")
     patches = f" (the autoencoder on {'x'.join(map(str, t.patch_size))} patches)" if t.patch_size else ""
     lines = [
         f"config: {source}: {'x'.join(map(str, config.data.voxel_size))}{patches}, channels {ae.num_channels}, factors "
@@ -393,6 +397,9 @@ def describe(config: Config, plan: Plan, source: str) -> str:
         sizes = sorted({"x".join(map(str, r["size"])) for p in measured for r in p.probes})
         how = "estimated for a GPU from a CPU float32 measurement" if measured[0].estimated else "measured"
         lines.append(f"{how} on {measured[0].measured_on} at {', '.join(sizes)}, extrapolated to the full size")
+        if any(r.get("perceptual_weights") == "random" for p in measured for r in p.probes):
+            lines.append(f"the perceptual network ({t.perceptual_network}) with random weights: its pretrained ones "
+                         "are not on this machine, and the memory does not depend on their values")
     lines.append("")
     mode = "from cached latents" if config.ldm.training.cache_latents else "encoding on the fly"
     for name, prediction in (("autoencoder training step", plan.autoencoder), (f"LDM training step ({mode})", plan.ldm)):

@@ -56,10 +56,10 @@ import torch
 
 from monai_diffusion.conditioning import ConditionEncoder
 from monai_diffusion.config.schema import Config
-from monai_diffusion.config.stages import step_config
+from monai_diffusion.config.stages import downsampling, step_config
 from monai_diffusion.engine.loop import train_step
 from monai_diffusion.engine.precision import Precision, resolve_precision
-from monai_diffusion.factors import latent_shape, per_axis_factors, total_factor
+from monai_diffusion.losses import perceptual_weights_at_hand
 from monai_diffusion.networks.builders import build_autoencoder, build_unet
 from monai_diffusion.steps import (
     build_autoencoder_training,
@@ -75,9 +75,6 @@ __all__ = [
     "Step",
     "build_step",
     "check_options",
-    "config_factors",
-    "config_latent_shape",
-    "config_total_factor",
     "device_name",
     "measure",
     "rss_mb",
@@ -104,6 +101,9 @@ class Options:
             can be compared at any factors); the config's ``use_gradient_checkpointing`` should be off.
         chunk_elements: slab size of the memory-saving path (None: the network's default).
         channels_last: a CUDA option tried by the GPU suite.
+        perceptual_stand_in: build the perceptual network with random weights when its pretrained ones are not on
+            this machine (``plan`` on a compute node without internet): the step's memory does not depend on their
+            values. The record then says ``perceptual_weights: random``.
     """
 
     stage: str = "autoencoder"
@@ -115,28 +115,13 @@ class Options:
     whole_checkpoint: bool = False
     chunk_elements: int | None = None
     channels_last: bool = False
+    perceptual_stand_in: bool = False
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.network not in ("ours", "monai"):
             raise ValueError(f"network must be 'ours' or 'monai', got {self.network!r}")
-
-
-def config_factors(config: Config) -> tuple[tuple[int, ...], ...]:
-    """The config's autoencoder factors, one per-axis tuple per level."""
-    ae = config.autoencoder
-    return per_axis_factors(ae.downsample_factors, len(ae.num_channels) - 1, len(config.data.voxel_size))
-
-
-def config_total_factor(config: Config) -> tuple[int, ...]:
-    """The config's total downsampling factor per axis."""
-    return total_factor(config_factors(config), len(config.data.voxel_size))
-
-
-def config_latent_shape(config: Config) -> tuple[int, ...]:
-    """Spatial latent shape of the config's autoencoder at ``data.voxel_size``."""
-    return latent_shape(config.data.voxel_size, config_total_factor(config))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -246,7 +231,7 @@ def _whole_checkpoint(module: torch.nn.Module) -> None:
 
 def check_options(config: Config, options: Options) -> None:
     """Raise ValueError when the options cannot measure this config (MONAI's stock network at other factors)."""
-    if options.network == "monai" and any(f != 2 for level in config_factors(config) for f in level):
+    if options.network == "monai" and any(f != 2 for level in downsampling(config).per_axis for f in level):
         raise ValueError("MONAI's stock AutoencoderKL only downsamples by 2 (autoencoder.downsample_factors)")
 
 
@@ -276,6 +261,13 @@ def _autoencoder_network(config: Config, options: Options) -> torch.nn.Module | 
     return None
 
 
+def _random_perceptual_weights(config: Config, options: Options) -> bool:
+    """Whether the autoencoder step's perceptual network is built with random weights (see :class:`Options`)."""
+    t = config.autoencoder.training
+    return (options.stage == "autoencoder" and options.perceptual_stand_in and t.use_perceptual_loss
+            and not perceptual_weights_at_hand(t))
+
+
 def _frozen_autoencoder(config: Config, device: torch.device) -> torch.nn.Module:
     """The autoencoder as train-ldm holds it (see ``latents.load_autoencoder``): built plain, frozen, in eval mode."""
     autoencoder = build_autoencoder(config.autoencoder, len(config.data.voxel_size), use_checkpoint=False)
@@ -294,7 +286,8 @@ def build_step(config: Config, options: Options, device: torch.device, precision
     if options.stage == "autoencoder":
         t = config.autoencoder.training
         stage = build_autoencoder_training(config, device, precision, max_steps=_schedule_steps(t),
-                                           autoencoder=_autoencoder_network(config, options), max_epochs=t.max_epochs)
+                                           autoencoder=_autoencoder_network(config, options), max_epochs=t.max_epochs,
+                                           random_perceptual_weights=_random_perceptual_weights(config, options))
         if options.channels_last:
             stage.autoencoder.to(memory_format=memory_format)
         stage.wrap(config.device)  # compiled with device.compile as in training (no DDP: one process)
@@ -461,10 +454,10 @@ def measure(config: Config, options: Options) -> dict[str, Any]:
         "step_times_s": [round(t, 4) for t in times],
         "voxels_per_s": round(volumes * math.prod(config.data.voxel_size) / median, 1),
         "params": step.params,
-        "latent_shape": list(config_latent_shape(config)),
+        "latent_shape": list(downsampling(config).latent_shape(config.data.voxel_size)),
         "device": device_name(device),
         "threads": torch.get_num_threads(),
-    }
+    } | ({"perceptual_weights": "random"} if _random_perceptual_weights(config, options) else {})
 
 
 def device_name(device: torch.device) -> str:

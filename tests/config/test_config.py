@@ -1,11 +1,13 @@
 """Config schema, overrides and cross-field rules: every problem reported, each with its dotted path."""
 
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
-from monai_diffusion.config import Config, ConfigError, config_from_dict, load_config
+from monai_diffusion.config import Config, ConfigError, config_from_dict, load_config, schema
 from monai_diffusion.config.loading import parse_override
 from monai_diffusion.config.render import render_default_config
 from monai_diffusion.config.stages import stage_config, step_config
@@ -159,6 +161,41 @@ def test_each_cross_field_rule(raw, expected):
     assert any(expected in p for p in problems_of(raw)), problems_of(raw)
 
 
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({"data": {"voxel_size": [16, 16, 16]}},
+         "autoencoder.training.disc_num_layers / data.voxel_size: a 3-layer patch discriminator needs every axis >= 24 "
+         "(3 x 2^3), and the autoencoder trains at 16x16x16; the largest depth that fits is 2 (or train on a larger "
+         "size)"),
+        ({"autoencoder": {"training": {"patch_size": [48, 48, 16], "disc_num_layers": 4}}},
+         "autoencoder.training.disc_num_layers / autoencoder.training.patch_size: a 4-layer patch discriminator needs "
+         "every axis >= 48 (3 x 2^4), and the autoencoder trains at 48x48x16; the largest depth that fits is 2"),
+        ({"autoencoder": {"training": {"voxel_size": [32, 32, 20]}}},
+         "autoencoder.training.disc_num_layers / autoencoder.training.voxel_size: a 3-layer"),
+        ({"data": {"voxel_size": [4, 4, 4]}, "autoencoder": {"training": {"disc_num_layers": 1}},
+          "ldm": {"unet": {"num_channels": [32], "attention_levels": [False]}}},
+         "no depth fits: set autoencoder.training.adv_weight to 0"),
+    ],
+)
+def test_a_discriminator_too_deep_for_the_training_size_is_refused_before_a_run(raw, expected, tmp_path):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, to_run=True)
+    assert any(expected in p for p in info.value.problems), info.value.problems
+    # A finished run's stored config is read without it: an LDM's autoencoder may have trained with another config.
+    config_from_dict(raw)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match="disc_num_layers"):  # what every command reads its config with
+        load_config(path)
+
+
+def test_a_discriminator_that_fits_or_none_at_all_passes():
+    for training in ({"disc_num_layers": 2}, {"adv_weight": 0}):
+        config_from_dict({"data": {"voxel_size": [16, 16, 16]}, "autoencoder": {"training": training}}, to_run=True)
+    config_from_dict({"data": {"voxel_size": [24, 24, 24]}, "autoencoder": {"num_channels": [32, 64]}}, to_run=True)
+
+
 def test_a_saved_config_lists_every_key_and_still_validates():
     """Rules on keys a setting does not read compare with the defaults, not with what the YAML spelt out: a run's
     saved config.yaml (every key written) validates again."""
@@ -194,9 +231,46 @@ def test_per_axis_factors_for_anisotropic_volumes():
     assert config.autoencoder.downsample_factors == [[4, 4, 2], [2, 2, 2]]
 
 
-@pytest.mark.parametrize("value", [True, False, "fp16", "bf16", "no"])
+@pytest.mark.parametrize("value", [True, False, "fp16", "bf16", "fp32", "no"])
 def test_mixed_precision_values(value):
     assert config_from_dict({"device": {"mixed_precision": value}}).device.mixed_precision == value
+    assert config_from_dict({"ldm": {"training": {"mixed_precision": value}}}).ldm.training.mixed_precision == value
+    assert set(get_args(get_args(schema.MixedPrecision)[1])) == {"fp16", "bf16", "fp32", "no"}
+
+
+TRAINING_SECTIONS = (schema.AutoencoderTrainingConfig, schema.LDMTrainingConfig, schema.ControlNetTrainingConfig)
+
+
+@pytest.mark.parametrize("section", TRAINING_SECTIONS, ids=lambda s: s.__name__)
+def test_training_sections_share_one_declaration(section):
+    """A stage's training section is the shared one: a stage may change a default or a description, never a
+    field's type or bounds."""
+    assert issubclass(section, schema.TrainingConfig)
+    for name, shared in schema.TrainingConfig.model_fields.items():
+        field = section.model_fields[name]
+        assert (field.annotation, field.metadata) == (shared.annotation, shared.metadata), name
+        assert field.description, name
+
+
+def test_each_stage_keeps_its_training_defaults():
+    stages = {
+        "autoencoder": (schema.AutoencoderTrainingConfig(), (1, 100, 1)),
+        "ldm": (schema.LDMTrainingConfig(), (2, 200, 10)),
+        "controlnet": (schema.ControlNetTrainingConfig(), (2, 200, 10)),
+    }
+    for stage, (section, (batch, epochs, validate_every)) in stages.items():
+        assert (section.batch_size, section.max_epochs, section.val_every_n_epochs) == (batch, epochs,
+                                                                                        validate_every), stage
+        assert (section.lr, section.grad_clip, section.lr_schedule, section.keep_last_checkpoints) == (
+            1e-4, 1.0, "constant", 2), stage
+    assert schema.ControlNetTrainingConfig().model_dump() == schema.LDMTrainingConfig().model_dump()
+
+
+def test_every_schema_class_has_a_docstring():
+    classes = [c for c in vars(schema).values()
+               if isinstance(c, type) and issubclass(c, BaseModel) and c.__module__ == schema.__name__]
+    assert len(classes) > 15
+    assert [c.__name__ for c in classes if not (c.__doc__ or "").strip()] == []
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):

@@ -87,3 +87,21 @@ def test_precision_name_reads_the_setting_without_asking_the_hardware(setting, d
 def test_resolve_precision_starts_from_precision_name(monkeypatch):
     monkeypatch.setattr(precision_mod, "precision_name", lambda setting, device_type: "bf16")
     assert resolve_precision(False, torch.device("cpu")).name == "bf16"
+
+
+def test_the_engine_and_the_schema_accept_the_same_settings():
+    """Every value the config schema lets through resolves, and a value the engine refuses is refused by the schema
+    too (with the key's path), before a run starts."""
+    from typing import get_args
+
+    from monai_diffusion.config import ConfigError, config_from_dict
+    from monai_diffusion.config.schema import MixedPrecision
+
+    names = get_args(get_args(MixedPrecision)[1])
+    for setting in (True, False, *names):
+        assert precision_name(setting, "cpu") in ("fp16", "bf16", "fp32")
+        assert config_from_dict({"device": {"mixed_precision": setting}}).device.mixed_precision == setting
+    with pytest.raises(ValueError, match="'fp32' or 'no'"):
+        precision_name("fp8", "cpu")
+    with pytest.raises(ConfigError, match="device.mixed_precision"):
+        config_from_dict({"device": {"mixed_precision": "fp8"}})

@@ -3,16 +3,19 @@ harness, and a step it cannot measure."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
+import torch
 
+from monai_diffusion import steps
 from monai_diffusion.config.loading import load_config
-from monai_diffusion.config.stages import step_config
+from monai_diffusion.config.stages import downsampling, step_config
 from monai_diffusion.engine.precision import precision_name
 from monai_diffusion.memory import plan
 from monai_diffusion.memory.plan import Planner, Prediction, at_size, make_plan, parse_memory, probe_size
-from monai_diffusion.memory.probe import Options, config_total_factor, run_measurement
+from monai_diffusion.memory.probe import Options, run_measurement
 from monai_diffusion.networks.builders import build_autoencoder, build_discriminator
 
 
@@ -31,7 +34,7 @@ def test_probe_size_is_smaller_and_divisible(factors, size):
     config = load_config(None, [f"data.voxel_size={list(size)}", f"autoencoder.downsample_factors={factors}",
                                 "autoencoder.training.adv_weight=0"])
     probe = probe_size(config, "autoencoder", probe_voxels=2**18)
-    total = config_total_factor(config)
+    total = downsampling(config).total
     assert 2**16 < math.prod(probe) <= 2**18
     assert all(s % f == 0 and s <= full for s, f, full in zip(probe, total, size))
     assert probe_size(at_size(config, (32, 32, 16)), "autoencoder", 2**18) == (32, 32, 16)
@@ -49,7 +52,7 @@ class FakePlanner(Planner):
         self.seen.append((config, stage))
         t = config.autoencoder.training
         voxels = math.prod(config.data.voxel_size) * t.batch_size
-        total = math.prod(config_total_factor(config))
+        total = math.prod(downsampling(config).total)
         amp = precision_name(config.device.mixed_precision, "cuda") != "fp32"
         per_voxel = (600 if t.use_gradient_checkpointing else 1600) * (0.6 if amp else 1.0)
         peak = voxels / 2**20 * per_voxel * (1.2 if total <= 64 else 1.0)
@@ -186,15 +189,76 @@ def test_ldm_head_channels_with_zero_at_levels_without_attention(capsys):
 
 
 def test_a_step_that_cannot_be_built_is_an_error_naming_it(tmp_path, capsys):
+    """MedicalNet comes from torch hub with its architecture: without the hub folder there is nothing to measure."""
     code = plan.main(sets(TINY + ["autoencoder.training.use_perceptual_loss=true",
+                                  "autoencoder.training.perceptual_network=medicalnet_resnet10_23datasets",
                                   f"autoencoder.training.perceptual_weights={tmp_path}"])
                      + ["--gpu-memory", "64GB", "--target", "cpu"])
     captured = capsys.readouterr()
     assert code == 1
     assert "autoencoder training step  could not be measured" in captured.out
-    assert "no weights for perceptual network" in captured.out
+    assert "'medicalnet_resnet10_23datasets' cannot be built with random weights" in captured.out
     assert "fits." not in captured.out
     assert "error: could not measure the autoencoder training step" in captured.err
+
+
+class StandInPerceptual(torch.nn.Module):
+    """A small trainable-shaped network in place of a 2D perceptual one (lpips and torchvision are not installed
+    for the tests)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+
+    def forward(self, reconstruction, images):
+        return (self.conv(reconstruction) - self.conv(images)).abs().mean()
+
+
+def test_offline_the_perceptual_network_is_measured_with_random_weights(tmp_path, monkeypatch, capsys):
+    """On a machine without internet (a compute node) and no weights in torch hub's folder, plan measures the
+    perceptual network's architecture with random weights, says so, and gives its verdict."""
+    built = []
+
+    def perceptual(training, spatial_dims=3, random_weights=False):
+        built.append(random_weights)
+        if not random_weights:
+            raise FileNotFoundError("could not get the weights (no internet)")
+        return StandInPerceptual()
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty torch hub folder: no weights at hand
+    monkeypatch.setattr(steps, "build_perceptual_loss", perceptual)
+    # Measured in this process, where the stand-in is.
+    monkeypatch.setattr(plan, "run_measurement", functools.partial(run_measurement, in_process=True))
+    code = plan.main(sets(TINY + ["autoencoder.training.use_perceptual_loss=true"])
+                     + ["--gpu-memory", "64GB", "--target", "cpu", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert built == [True]
+    assert ("the perceptual network (squeeze) with random weights: its pretrained ones are not on this machine, and "
+            "the memory does not depend on their values") in out
+    assert "could not be measured" not in out and "fits." in out
+
+    built.clear()
+    weights = tmp_path / "hub" / "checkpoints" / "squeezenet1_1-b8a52dc0.pth"  # the weights at hand: used
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"weights")
+    code = plan.main(sets(TINY + ["autoencoder.training.use_perceptual_loss=true"])
+                     + ["--gpu-memory", "64GB", "--target", "cpu", "--device", "cpu"])
+    assert code == 1 and built == [False]  # the stand-in refuses pretrained weights: the real path was taken
+    assert "with random weights" not in capsys.readouterr().out
+
+
+def test_offline_plan_with_a_real_2d_perceptual_network(tmp_path, capsys):
+    """The same with the real squeeze network (where lpips and torchvision are installed), each probe in its own
+    process as plan runs them."""
+    pytest.importorskip("lpips")
+    pytest.importorskip("torchvision")
+    code = plan.main(sets(["data.voxel_size=[48,48,48]", *TINY[1:], "autoencoder.training.use_perceptual_loss=true",
+                           f"autoencoder.training.perceptual_weights={tmp_path}"])
+                     + ["--gpu-memory", "64GB", "--target", "cpu", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "the perceptual network (squeeze) with random weights" in out and "fits." in out
 
 
 # With checkpointing, a tiny volume's peak is dominated by size-independent buffers (the slab-wise units'

@@ -12,7 +12,9 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.schedulers import DDPMScheduler, RFlowScheduler
 
 from monai_diffusion.config import config_from_dict
-from monai_diffusion.networks.builders import build_autoencoder, build_scheduler, build_unet
+from monai_diffusion.config.rules import discriminator_min_size
+from monai_diffusion.config.schema import AutoencoderConfig
+from monai_diffusion.networks.builders import build_autoencoder, build_discriminator, build_scheduler, build_unet
 
 
 def parameters(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
@@ -76,3 +78,18 @@ def test_ddpm_clip_sample_reaches_monais_scheduler():
     config = config_from_dict({"ldm": {"scheduler": {"clip_sample": True}}})
     assert build_scheduler(config.ldm.scheduler, "ddim").clip_sample is True
     assert math.isclose(build_scheduler(config.ldm.scheduler).betas[0].item(), 0.0015, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("size", [(16, 16, 16), (23, 23, 23), (24, 24, 24), (32, 32, 32), (48, 48, 48), (48, 48, 12),
+                                  (32, 16), (8, 8, 8)])
+def test_the_discriminator_size_rule_is_monais_patch_discriminator(size):
+    """config.rules refuses exactly the discriminator depths MONAI's PatchDiscriminator cannot train at a size."""
+    for layers in range(1, 5):
+        discriminator = build_discriminator(AutoencoderConfig(training={"disc_num_layers": layers, "disc_channels": 2}),
+                                            len(size)).train()
+        try:
+            discriminator(torch.rand(1, 1, *size))
+            trains = True
+        except (ValueError, RuntimeError):  # instance norm of one element, or a kernel larger than the padded input
+            trains = False
+        assert trains == (min(size) >= discriminator_min_size(layers)), (size, layers)
