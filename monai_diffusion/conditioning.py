@@ -388,7 +388,7 @@ def read_control(path: Path, data: DataConfig, num_labels: int, size: Sequence[i
 
 
 def unet_output(unet: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
-                condition: Conditioning | None = None, controlnet: torch.nn.Module | None = None,
+                condition: Conditioning | None = None, *, controlnet: torch.nn.Module | None = None,
                 control: torch.Tensor | None = None, control_scale: float = 1.0) -> torch.Tensor:
     """The UNet's prediction for ``x`` at ``timesteps`` with the batch's conditions and, with a ControlNet, its
     residuals for the ``control`` input added to the UNet's skip connections and mid-block (MONAI's
@@ -416,7 +416,7 @@ class Denoiser(torch.nn.Module):
     """
 
     def __init__(self, unet: torch.nn.Module, condition: Conditioning | None = None, guidance: float = 1.0,
-                 controlnet: torch.nn.Module | None = None, control: torch.Tensor | None = None,
+                 controlnet: torch.nn.Module | None = None, *, control: torch.Tensor | None = None,
                  control_scale: float = 1.0) -> None:
         super().__init__()
         self.unet, self.controlnet = unet, controlnet
@@ -425,11 +425,13 @@ class Denoiser(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         if self.condition is None or self.guidance == 1:
-            return unet_output(self.unet, x, timesteps, self.condition, self.controlnet, self.control,
-                               self.control_scale)
+            return unet_output(self.unet, x, timesteps, self.condition, controlnet=self.controlnet,
+                               control=self.control,
+                               control_scale=self.control_scale)
         control = torch.cat([self.control, self.control]) if self.control is not None else None
         both = unet_output(self.unet, torch.cat([x, x]), torch.cat([timesteps, timesteps]),
-                           Conditioning.cat(self.condition.null(), self.condition), self.controlnet, control,
-                           self.control_scale)
+                           Conditioning.cat(self.condition.null(), self.condition), controlnet=self.controlnet,
+                           control=control,
+                           control_scale=self.control_scale)
         unconditional, conditional = both.float().chunk(2)
         return unconditional + self.guidance * (conditional - unconditional)

@@ -21,7 +21,7 @@ __all__ = ["check_sampler", "diffusion_loss", "sample_latents"]
 # ------------------------------------------------------------------------------------------------ training
 
 
-def diffusion_loss(model, scheduler, kind: str, z: torch.Tensor, precision: Precision,
+def diffusion_loss(model, scheduler, kind: str, z: torch.Tensor, *, precision: Precision,
                    loss: str = "mse") -> torch.Tensor:
     """Noise ``z`` at random timesteps and regress the scheduler's training target (``loss``: MSE, or L1 as MAISI).
 
@@ -73,7 +73,7 @@ def sample_latents(
     scheduler,
     kind: str,
     shape: tuple[int, ...],
-    num_steps: int,
+    *, num_steps: int,
     device: torch.device,
     generator: torch.Generator,
     precision: Precision | None = None,

@@ -142,7 +142,7 @@ def write_csv(rows: list[dict], path: Path) -> None:
 # ------------------------------------------------------------------------------------------- autoencoder
 
 
-def evaluate_autoencoder(state: dict, config: Config, run_dir: Path, items: list[dict], out: Path,
+def evaluate_autoencoder(state: dict, config: Config, run_dir: Path, items: list[dict], *, out: Path,
                          device: torch.device, tile_size: list[int] | None = None) -> dict:
     """Score the autoencoder and the trilinear baseline on ``items``; write CSV, summary and panels to ``out``."""
     log = get_logger()
@@ -206,7 +206,7 @@ def evaluate_autoencoder(state: dict, config: Config, run_dir: Path, items: list
         save_png(panel, out / f"reconstruction-{name}.png")
         report[f"{name}_volume"] = row["volume"]
     table = autoencoder_table(report)
-    finish(report, table, out, run_dir, state.get("step") or 0)
+    finish(report, table, out, run_dir, step=state.get("step") or 0)
     log.info("autoencoder vs trilinear resampling on %d volume(s):\n%s", len(rows), table)
     return report
 
@@ -279,7 +279,7 @@ def mean_pairwise_ms_ssim(volumes: torch.Tensor, data_range: float) -> float:
     return statistics.fmean(values)
 
 
-def evaluate_ldm(state: dict, checkpoint: Path, config: Config, run_dir: Path, real_items: list[dict], out: Path,
+def evaluate_ldm(state: dict, checkpoint: Path, config: Config, run_dir: Path, *, real_items: list[dict], out: Path,
                  num_samples: int, seed: int, steps: int | None, fid_network: str) -> dict:
     """Generate ``num_samples`` volumes and compare them with real ones (diversity, MMD, FID)."""
 
@@ -316,7 +316,7 @@ def evaluate_ldm(state: dict, checkpoint: Path, config: Config, run_dir: Path, r
                          value_range=(intensity.b_min, intensity.b_max))
     save_png(panel, out / "samples.png")
     table = ldm_table(report)
-    finish(report, table, out, run_dir, state.get("step") or 0)
+    finish(report, table, out, run_dir, step=state.get("step") or 0)
     log.info("generated vs real volumes:\n%s", table)
     return report
 
@@ -345,7 +345,7 @@ def ldm_table(report: dict) -> str:
 # ----------------------------------------------------------------------------------------------- outputs
 
 
-def finish(report: dict, table: str, out: Path, run_dir: Path, step: int) -> None:
+def finish(report: dict, table: str, out: Path, run_dir: Path, *, step: int) -> None:
     """``summary.json`` + ``summary.md`` in ``out``; every number also to the run's TensorBoard under ``eval/``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(report, indent=2, default=str))
@@ -364,7 +364,7 @@ def finish(report: dict, table: str, out: Path, run_dir: Path, step: int) -> Non
 
 
 def evaluate(run: Path, data: Path | None = None, overrides: list[str] | None = None, num_samples: int = 8,
-             seed: int = 0, steps: int | None = None, fid_network: str = "medicalnet_resnet10_23datasets",
+             *, seed: int = 0, steps: int | None = None, fid_network: str = "medicalnet_resnet10_23datasets",
              tile_size: list[int] | None = None, out: Path | None = None) -> dict:
     """Evaluate the autoencoder or LDM run (folder or checkpoint) ``run``; returns the report (also written)."""
     overrides = list(overrides or [])
@@ -380,10 +380,12 @@ def evaluate(run: Path, data: Path | None = None, overrides: list[str] | None = 
         config = stage_config(config, "autoencoder")
         if tile_size is None:  # trained on patches: whole volumes window by window at the patch size, as validated
             tile_size = config.autoencoder.training.patch_size
-        return evaluate_autoencoder(state, config, run_dir, held_out_items(config, data), out, device, tile_size)
+        return evaluate_autoencoder(state, config, run_dir, held_out_items(config, data), out=out, device=device,
+                                    tile_size=tile_size)
     if kind == "ldm":
-        return evaluate_ldm(state, checkpoint, config, run_dir, training_items(config, data), out, num_samples,
-                            seed, steps, fid_network)
+        return evaluate_ldm(state, checkpoint, config, run_dir, real_items=training_items(config, data), out=out,
+                            num_samples=num_samples,
+                            seed=seed, steps=steps, fid_network=fid_network)
     raise ValueError(f"{checkpoint}: not an autoencoder or LDM checkpoint (kind={kind!r})")
 
 
@@ -410,8 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="monai-diffusion evaluate", description=command_description(__doc__))
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return exit_status(lambda: evaluate(args.run, args.data, args.overrides, args.num_samples, args.seed, args.steps,
-                                        args.fid_network, args.tile_size, args.out))
+    return exit_status(lambda: evaluate(args.run, args.data, args.overrides, args.num_samples, seed=args.seed,
+                                        steps=args.steps,
+                                        fid_network=args.fid_network, tile_size=args.tile_size, out=args.out))
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ def generate_volume(
     progress: bool = False,
 ) -> torch.Tensor:
     """One generated volume (1, C, *spatial) on the CPU, float32, clipped to ``value_range`` when given."""
-    z = sample_latents(unet, scheduler, kind, (1, *latent_shape), num_steps, device, generator, precision, progress)
+    z = sample_latents(unet, scheduler, kind, (1, *latent_shape), num_steps=num_steps, device=device,
+                       generator=generator, precision=precision, progress=progress)
     image = decode_latents(
         autoencoder,
         z,
@@ -145,7 +146,8 @@ def validation_sample(
             num_steps=steps, value_range=value_range, device=device,
             generator=torch.Generator(device=device).manual_seed(config.seed), precision=precision,
         )
-        nifti, panel = save_sample(volume[0], affine, run.dir / "samples", f"sample-step{step:08d}", value_range,
+        nifti, panel = save_sample(volume[0], affine, run.dir / "samples", f"sample-step{step:08d}",
+                                   value_range=value_range,
                                    title=title)
         if panel is not None:
             run.writer.image("val/sample", panel, step)
@@ -337,7 +339,7 @@ def sample(
     num_samples: int | None = None,
     steps: int | None = None,
     scheduler_kind: str | None = None,
-    seed: int | None = None,
+    *, seed: int | None = None,
     out: Path | None = None,
     checkpoint: Path | None = None,
     shape_keys: Sequence[str] = LDM_SHAPE_KEYS,
@@ -372,13 +374,14 @@ def sample(
     """
     dist = init_distributed(config.device.device)
     try:
-        return _generate(config, dist, num_samples, steps, scheduler_kind, seed, out, checkpoint, shape_keys,
-                         conditions, where, guidance, mask)
+        return _generate(config, dist, num_samples, steps, scheduler_kind=scheduler_kind, seed=seed, out=out,
+                         checkpoint=checkpoint, shape_keys=shape_keys,
+                         conditions=conditions, where=where, guidance=guidance, mask=mask)
     finally:
         cleanup_distributed()
 
 
-def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind, seed, out, checkpoint,
+def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_kind, seed, out, checkpoint,
               shape_keys, conditions, where, guidance, mask) -> list[Path]:
     log = get_logger()
     device = dist.device
@@ -414,7 +417,7 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind
                              f"ControlNet {path} was trained with ({state['ldm_hash']})")
         trained_controlnet = config_from_dict(state["config"], source=f"{path} (stored config)").controlnet
         controlnet = build_controlnet(trained.ldm, trained_controlnet, ldm.latent_shape[0], len(ldm.latent_shape) - 1,
-                                      ldm.encoder.unet_arguments() if ldm.encoder is not None else None)
+                                      conditioning=ldm.encoder.unet_arguments() if ldm.encoder is not None else None)
         controlnet.load_state_dict(ema_weights(state["ema"]) if state.get("ema") is not None else state["controlnet"])
         controlnet.to(device).eval().requires_grad_(False)
         size = control_size(ldm.latent_shape[1:], trained_controlnet.conditioning_embedding_num_channels)
@@ -422,7 +425,8 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind
         control = control[None].to(device)
 
     # ---- what each sample is conditioned on
-    rows, guidance = _condition_rows(ldm.encoder, conditions, where, guidance, num_samples, sampling, ldm.state)
+    rows, guidance = _condition_rows(ldm.encoder, conditions, where, guidance, num_samples=num_samples,
+                                     sampling=sampling, state=ldm.state)
     num_samples = len(rows) if rows is not None else (num_samples or sampling.num_samples)
 
     scheduler = build_scheduler(trained.ldm.scheduler, kind, ldm.latent_shape)
@@ -435,7 +439,7 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind
         ", tiled decode" if sampling.tiled_decode else "",
         f", guidance {guidance:g}" if rows is not None else "", out,
     )
-    records = [_record(index, seed, rows[index] if rows is not None else None, guidance, mask)
+    records = [_record(index, seed, rows[index] if rows is not None else None, guidance, mask=mask)
                for index in range(num_samples)]
     described = rows is not None or mask is not None
     written = []
@@ -447,14 +451,14 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind
             condition = ldm.encoder.encode(rows[index:index + 1]) if rows is not None else ldm.encoder.null(1)
         if condition is not None or controlnet is not None:
             denoiser = Denoiser(ldm.unet, condition.to(device) if condition is not None else None, guidance,
-                                controlnet, control, config.controlnet.conditioning_scale)
+                                controlnet, control=control, control_scale=config.controlnet.conditioning_scale)
         volume = generate_volume(
             denoiser, ldm.autoencoder, scheduler=scheduler, kind=kind, latent_shape=ldm.latent_shape,
             scale_factor=ldm.scale_factor, sampling=sampling, num_steps=steps, value_range=value_range, device=device,
             generator=generator, precision=precision, progress=True,
         )
         record = records[index]
-        nifti, _ = save_sample(volume[0], affine, out, record["file"][: -len(".nii.gz")], value_range,
+        nifti, _ = save_sample(volume[0], affine, out, record["file"][: -len(".nii.gz")], value_range=value_range,
                                title=f"seed {seed} #{index}", description=_description(record) if described else None)
         written.append(nifti)
         log.info("wrote %s", nifti)
@@ -464,7 +468,7 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, scheduler_kind
     return written
 
 
-def _condition_rows(encoder, conditions, where, guidance, num_samples, sampling, state):
+def _condition_rows(encoder, conditions, where, guidance, *, num_samples, sampling, state):
     """The rows of conditions to sample with (None: unconditional) and the guidance scale, checked against what the
     LDM was trained with."""
     path = state["path"]
@@ -507,7 +511,7 @@ def _name_part(value) -> str:
     return re.sub(r"[^A-Za-z0-9.\-]", "_", text)
 
 
-def _record(index: int, seed: int, row: dict | None, guidance: float, mask: Path | None) -> dict:
+def _record(index: int, seed: int, row: dict | None, guidance: float, *, mask: Path | None) -> dict:
     """A sample's manifest row: its file name (from its seed, conditions and mask), index, seeds, guidance, mask and
     conditions. Unconditional samples keep the plain ``sample-NNN`` name."""
     parts = [f"sample-{index:03d}"]

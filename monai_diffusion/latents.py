@@ -278,7 +278,7 @@ def build_latent_cache(
     items: Sequence[dict],
     transform: Callable[[dict], dict],
     folder: Path,
-    device: torch.device,
+    *, device: torch.device,
     precision=None,
     dist: DistInfo | None = None,
     describe: dict | None = None,
@@ -373,7 +373,7 @@ def training_items(config: Config) -> list[dict]:
 
 
 def latent_loader(config: Config, training: LDMTrainingConfig, autoencoder: torch.nn.Module, items: Sequence[dict],
-                  autoencoder_path: Path, autoencoder_hash: str, precision, dist: DistInfo,
+                  *, autoencoder_path: Path, autoencoder_hash: str, precision, dist: DistInfo,
                   fields: Sequence[dict] | None = None, mask_key: str | None = None):
     """The training batches of a stage on latents (train-ldm, train-controlnet) and their sampler.
 
@@ -406,8 +406,9 @@ def latent_loader(config: Config, training: LDMTrainingConfig, autoencoder: torc
     settings = deterministic_settings(config.data, config.autoencoder.in_channels)
     key = cache_key(autoencoder_hash, settings, precision.name)
     cache = build_latent_cache(
-        autoencoder, items, deterministic, Path(config.output.output_dir) / CACHE_ROOT / key, dist.device, precision,
-        dist, describe={"autoencoder_checkpoint": str(autoencoder_path), "autoencoder_hash": autoencoder_hash,
+        autoencoder, items, deterministic, Path(config.output.output_dir) / CACHE_ROOT / key, device=dist.device,
+        precision=precision,
+        dist=dist, describe={"autoencoder_checkpoint": str(autoencoder_path), "autoencoder_hash": autoencoder_hash,
                         "transforms": settings, "precision": precision.name},
     )
     dataset = LatentDataset(cache.files, fields)
@@ -472,7 +473,7 @@ def tiled_decode(
     z: torch.Tensor,
     tile_size: Sequence[int] | None = None,
     overlap: float = 0.25,
-    output_device: torch.device | str | None = None,
+    *, output_device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Decode ``z`` window by window with MONAI's ``sliding_window_inference``.
 
@@ -516,7 +517,7 @@ def decode_latents(
     z: torch.Tensor,
     scale_factor: float,
     tiled: bool = False,
-    tile_size: Sequence[int] | None = None,
+    *, tile_size: Sequence[int] | None = None,
     overlap: float = 0.25,
     precision=None,
     output_device: torch.device | str | None = None,
@@ -526,7 +527,7 @@ def decode_latents(
     context = precision.autocast() if precision is not None else contextlib.nullcontext()
     with context:
         if tiled:
-            image = tiled_decode(autoencoder, z, tile_size, overlap, output_device)
+            image = tiled_decode(autoencoder, z, tile_size, overlap, output_device=output_device)
         else:
             image = autoencoder.decode(z)
     return image.float()

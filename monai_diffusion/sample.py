@@ -85,9 +85,11 @@ def main(argv: list[str] | None = None) -> int:
 
     def generate() -> None:
         rows, where = condition_rows(args, args.num_samples or config.ldm.sampling.num_samples)
-        sample(config, args.num_samples, args.steps, args.scheduler, args.seed, args.out, args.checkpoint,
-               keys_to_match(args.config, args.overrides, CONTROLNET_SHAPE_KEYS if args.mask else LDM_SHAPE_KEYS),
-               rows, where, args.guidance, args.mask)
+        sample(config, args.num_samples, args.steps, args.scheduler, seed=args.seed, out=args.out,
+               checkpoint=args.checkpoint,
+               shape_keys=keys_to_match(args.config, args.overrides,
+                                        CONTROLNET_SHAPE_KEYS if args.mask else LDM_SHAPE_KEYS),
+               conditions=rows, where=where, guidance=args.guidance, mask=args.mask)
 
     return exit_status(generate)
 

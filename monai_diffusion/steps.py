@@ -116,7 +116,7 @@ def training_model(network: torch.nn.Module, device: DeviceConfig, dist: DistInf
 
 def _optimizer_and_schedule(
     parameters, lr: float, t: AutoencoderTrainingConfig | LDMTrainingConfig, max_steps: int | None,
-    max_epochs: int | None, world_size: int,
+    *, max_epochs: int | None, world_size: int,
 ) -> tuple[torch.optim.Optimizer, LRScheduler]:
     """AdamW at ``lr`` (times the process count with ``scale_lr_by_world_size``) and the section's LR schedule, whose
     length is the run's optimizer steps, or its epochs for a schedule that advances per epoch."""
@@ -208,7 +208,8 @@ class AutoencoderTraining:
         ``adv_start_step`` on. Returns the generator's loss and each term by name."""
         # A plain tensor: MetaTensor's metadata is not needed here, costs time per op and stops torch.compile.
         images = batch["image"].as_subclass(torch.Tensor).to(self.device, non_blocking=True)
-        return autoencoder_micro_step(self, images, self._adversarial(step), sync, self.model, self.disc_model)
+        return autoencoder_micro_step(self, images, self._adversarial(step), sync, model=self.model,
+                                      disc_model=self.disc_model)
 
     def update(self, step: int) -> StepResult:
         return autoencoder_update(self, self._adversarial(step))
@@ -282,8 +283,8 @@ def build_autoencoder_training(
                   if t.use_perceptual_loss else None)
     value_range = config.data.intensity.b_max - config.data.intensity.b_min
     structural = StructuralLoss(t.ssim_type, spatial_dims, value_range) if t.ssim_weight > 0 else None
-    optimizer_g, lr_scheduler_g = _optimizer_and_schedule(autoencoder.parameters(), t.lr, t, max_steps, max_epochs,
-                                                           world_size)
+    optimizer_g, lr_scheduler_g = _optimizer_and_schedule(autoencoder.parameters(), t.lr, t, max_steps,
+                                                          max_epochs=max_epochs, world_size=world_size)
     parts = AutoencoderTraining(
         training=t, precision=precision, autoencoder=autoencoder, discriminator=discriminator, perceptual=perceptual,
         structural=structural, adversarial_loss=build_adversarial_loss(), optimizer_g=optimizer_g,
@@ -291,7 +292,7 @@ def build_autoencoder_training(
     )
     if discriminator is not None:
         parts.optimizer_d, parts.lr_scheduler_d = _optimizer_and_schedule(
-            discriminator.parameters(), t.disc_lr, t, max_steps, max_epochs, world_size)
+            discriminator.parameters(), t.disc_lr, t, max_steps, max_epochs=max_epochs, world_size=world_size)
         parts.scaler_d = precision.make_scaler()
     return parts
 
@@ -315,7 +316,7 @@ def _discriminator_backward(parts: AutoencoderTraining, disc_model: torch.nn.Mod
 
 def autoencoder_micro_step(
     parts: AutoencoderTraining, images: torch.Tensor, adversarial: bool, sync: bool = True,
-    model: torch.nn.Module | None = None, disc_model: torch.nn.Module | None = None,
+    *, model: torch.nn.Module | None = None, disc_model: torch.nn.Module | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward and backward of one micro-batch.
 
@@ -373,10 +374,10 @@ def autoencoder_update(parts: AutoencoderTraining, adversarial: bool) -> StepRes
     LR schedule advances once per generator step)."""
     t = parts.training
     result = optimizer_step(parts.optimizer_g, parts.scaler_g, parts.autoencoder.parameters(), t.grad_clip,
-                            _per_step(parts.lr_scheduler_g, t))
+                            lr_scheduler=_per_step(parts.lr_scheduler_g, t))
     if adversarial:
         optimizer_step(parts.optimizer_d, parts.scaler_d, parts.discriminator.parameters(), t.grad_clip,
-                       _per_step(parts.lr_scheduler_d, t))
+                       lr_scheduler=_per_step(parts.lr_scheduler_d, t))
         if parts.discriminator_batch is not None:
             disc_model, fake, real = parts.discriminator_batch
             for _ in range(t.disc_steps_per_generator_step - 1):
@@ -449,9 +450,9 @@ class LDMTraining:
     def micro_step(self, batch: dict, *, step: int, sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:func:`ldm_micro_step` on a batch of the loader: a fresh latent per volume (:func:`ldm_latents`) and the
         batch's conditions. Returns the loss, also as the one term ``loss``."""
-        z = ldm_latents(batch, self.autoencoder, self.scale_factor, self.precision, self.device)
+        z = ldm_latents(batch, self.autoencoder, self.scale_factor, self.precision, device=self.device)
         condition = self.encoder.encode_batch(batch) if self.encoder is not None else None
-        loss = ldm_micro_step(self, z, sync, self.model, condition)
+        loss = ldm_micro_step(self, z, sync, self.model, condition=condition)
         return loss, {"loss": loss}
 
     def update(self, step: int) -> StepResult:
@@ -498,7 +499,8 @@ def build_ldm_training(
     conditioning = encoder.unet_arguments() if encoder is not None else None
     unet = build_unet(config.ldm, latent_shape[0], len(latent_shape) - 1, conditioning).to(device)
     scheduler = build_scheduler(config.ldm.scheduler, kind, latent_shape)
-    optimizer, lr_scheduler = _optimizer_and_schedule(unet.parameters(), t.lr, t, max_steps, max_epochs, world_size)
+    optimizer, lr_scheduler = _optimizer_and_schedule(unet.parameters(), t.lr, t, max_steps, max_epochs=max_epochs,
+                                                      world_size=world_size)
     return LDMTraining(
         training=t, precision=precision, unet=unet, scheduler=scheduler, kind=kind, optimizer=optimizer,
         scaler=precision.make_scaler(), lr_scheduler=lr_scheduler,
@@ -509,7 +511,7 @@ def build_ldm_training(
 
 
 def ldm_latents(batch: dict, autoencoder: torch.nn.Module, scale_factor: float, precision: Precision,
-                device: torch.device) -> torch.Tensor:
+                *, device: torch.device) -> torch.Tensor:
     """A fresh latent ``(mu + sigma * eps) * scale_factor`` per volume of a batch, from the cached posteriors
     (``batch["mu"]``, ``batch["sigma"]``) or by encoding ``batch["image"]`` with the frozen autoencoder."""
     if "mu" in batch:
@@ -523,7 +525,7 @@ def ldm_latents(batch: dict, autoencoder: torch.nn.Module, scale_factor: float, 
 
 
 def ldm_micro_step(parts: LDMTraining, z: torch.Tensor, sync: bool = True,
-                   model: torch.nn.Module | None = None, condition: Conditioning | None = None) -> torch.Tensor:
+                   model: torch.nn.Module | None = None, *, condition: Conditioning | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch of latents: the scheduler's training target
     (:func:`~monai_diffusion.diffusion.diffusion_loss`, ``ldm.training.loss``) under the run's precision, divided by
     the accumulation count. ``sync`` and ``model`` as in :func:`autoencoder_micro_step`. A conditional UNet takes the
@@ -532,22 +534,24 @@ def ldm_micro_step(parts: LDMTraining, z: torch.Tensor, sync: bool = True,
     model = model if model is not None else parts.unet
     denoiser = model if condition is None else functools.partial(
         unet_output, model, condition=condition.dropped(parts.condition_dropout).to(z.device))
-    return _diffusion_backward(parts, denoiser, z, model, sync)
+    return _diffusion_backward(parts, denoiser, z, model, sync=sync)
 
 
 def _diffusion_backward(parts: LDMTraining | ControlNetTraining, denoiser, z: torch.Tensor, model: torch.nn.Module,
-                        sync: bool) -> torch.Tensor:
+                        *, sync: bool) -> torch.Tensor:
     """The diffusion loss of ``denoiser`` on ``z``, backward (scaled, divided by the accumulation count), gradients
     all-reduced only when ``sync`` (``model`` is what DDP wraps)."""
     with gradient_sync(model, sync):
-        loss = diffusion_loss(denoiser, parts.scheduler, parts.kind, z, parts.precision, parts.training.loss)
+        loss = diffusion_loss(denoiser, parts.scheduler, parts.kind, z, precision=parts.precision,
+                              loss=parts.training.loss)
         parts.scaler.scale(loss / parts.training.gradient_accumulation_steps).backward()
     return loss
 
 
 def ldm_update(parts: LDMTraining) -> StepResult:
     """The optimizer step after the last micro-batch, then the EMA (only when the step was taken)."""
-    return _update(parts.unet, parts.optimizer, parts.scaler, parts.lr_scheduler, parts.ema, parts.training)
+    return _update(parts.unet, parts.optimizer, parts.scaler, parts.lr_scheduler, ema=parts.ema,
+                   training=parts.training)
 
 
 def ldm_epoch_end(parts: LDMTraining) -> None:
@@ -568,10 +572,10 @@ def _load_optimization(parts: LDMTraining | ControlNetTraining, state: dict[str,
 
 
 def _update(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            lr_scheduler: LRScheduler, ema: AveragedModel | None, training: LDMTrainingConfig) -> StepResult:
+            lr_scheduler: LRScheduler, *, ema: AveragedModel | None, training: LDMTrainingConfig) -> StepResult:
     """The optimizer step of ``network`` after its last micro-batch, then its EMA (only when the step was taken)."""
     result = optimizer_step(optimizer, scaler, network.parameters(), training.grad_clip,
-                            _per_step(lr_scheduler, training))
+                            lr_scheduler=_per_step(lr_scheduler, training))
     if ema is not None and result.stepped:
         ema.update_parameters(network)
     return result
@@ -639,10 +643,10 @@ class ControlNetTraining:
     def micro_step(self, batch: dict, *, step: int, sync: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """:func:`controlnet_micro_step` on a batch of the loader: its latents, control input
         (:func:`controlnet_control`) and conditions. Returns the loss, also as the one term ``loss``."""
-        z = ldm_latents(batch, self.autoencoder, self.scale_factor, self.precision, self.device)
+        z = ldm_latents(batch, self.autoencoder, self.scale_factor, self.precision, device=self.device)
         control = controlnet_control(self, batch, self.device, self.mask_key)
         condition = self.encoder.encode_batch(batch) if self.encoder is not None else None
-        loss = controlnet_micro_step(self, z, control, sync, self.model, condition)
+        loss = controlnet_micro_step(self, z, control, sync, model=self.model, condition=condition)
         return loss, {"loss": loss}
 
     def update(self, step: int) -> StepResult:
@@ -724,12 +728,12 @@ def build_controlnet_training(
     conditioning = encoder.unet_arguments() if encoder is not None else None
     unet.eval().requires_grad_(False)
     controlnet = build_controlnet(trained.ldm, config.controlnet, latent_shape[0], len(latent_shape) - 1,
-                                  conditioning)
+                                  conditioning=conditioning)
     controlnet.load_state_dict(unet.state_dict(), strict=False)
     controlnet = controlnet.to(device)
     scheduler = build_scheduler(trained.ldm.scheduler, kind, latent_shape)
-    optimizer, lr_scheduler = _optimizer_and_schedule(controlnet.parameters(), t.lr, t, max_steps, max_epochs,
-                                                      world_size)
+    optimizer, lr_scheduler = _optimizer_and_schedule(controlnet.parameters(), t.lr, t, max_steps,
+                                                      max_epochs=max_epochs, world_size=world_size)
     return ControlNetTraining(
         training=t, precision=precision, unet=unet, controlnet=controlnet, scheduler=scheduler, kind=kind,
         optimizer=optimizer, scaler=precision.make_scaler(), lr_scheduler=lr_scheduler,
@@ -751,7 +755,8 @@ def controlnet_control(parts: ControlNetTraining, batch: dict, device: torch.dev
 
 
 def controlnet_micro_step(parts: ControlNetTraining, z: torch.Tensor, control: torch.Tensor, sync: bool = True,
-                          model: torch.nn.Module | None = None, condition: Conditioning | None = None) -> torch.Tensor:
+                          *, model: torch.nn.Module | None = None,
+                          condition: Conditioning | None = None) -> torch.Tensor:
     """Forward and backward of one micro-batch: the LDM's training target, predicted by the frozen UNet with the
     ControlNet's residuals for the batch's ``control`` input; only the ControlNet learns. ``sync``, ``model`` (the
     DDP-wrapped ControlNet) and ``condition`` as in :func:`ldm_micro_step`. Returns the (unscaled) loss."""
@@ -759,12 +764,13 @@ def controlnet_micro_step(parts: ControlNetTraining, z: torch.Tensor, control: t
     if condition is not None:
         condition = condition.dropped(parts.condition_dropout).to(z.device)
     denoiser = functools.partial(unet_output, parts.unet, condition=condition, controlnet=model, control=control)
-    return _diffusion_backward(parts, denoiser, z, model, sync)
+    return _diffusion_backward(parts, denoiser, z, model, sync=sync)
 
 
 def controlnet_update(parts: ControlNetTraining) -> StepResult:
     """The ControlNet's optimizer step after the last micro-batch, then its EMA (only when the step was taken)."""
-    return _update(parts.controlnet, parts.optimizer, parts.scaler, parts.lr_scheduler, parts.ema, parts.training)
+    return _update(parts.controlnet, parts.optimizer, parts.scaler, parts.lr_scheduler, ema=parts.ema,
+                   training=parts.training)
 
 
 def controlnet_epoch_end(parts: ControlNetTraining) -> None:

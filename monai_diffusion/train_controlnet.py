@@ -75,8 +75,9 @@ def train(run_config: Config, resume: str | None = None) -> Path:
         for item, field in zip(items, fields):
             field["control"] = read_control(Path(item[mask_key]), config.data, config.controlnet.num_labels, size)[0]
     ae_path, ae_hash = ldm.record.autoencoder_checkpoint, ldm.record.autoencoder_hash
-    train_loader, train_sampler, _ = latent_loader(config, t, ldm.autoencoder, items, ae_path, ae_hash, precision,
-                                                   dist, fields, mask_key=mask_key)
+    train_loader, train_sampler, _ = latent_loader(config, t, ldm.autoencoder, items, autoencoder_path=ae_path,
+                                                   autoencoder_hash=ae_hash, precision=precision,
+                                                   dist=dist, fields=fields, mask_key=mask_key)
     budget = loop.step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
     # ---- ControlNet, optimizer, EMA: the step benchmark and plan measure; a resumed run's state
@@ -99,7 +100,8 @@ def train(run_config: Config, resume: str | None = None) -> Path:
                 condition = encoder.encode(fields[:1]).to(device) if encoder is not None else None
                 denoiser = Denoiser(ldm.unet, condition,
                                     config.ldm.sampling.guidance_scale if condition is not None else 1.0, controlnet,
-                                    control[None].to(device), config.controlnet.conditioning_scale)
+                                    control=control[None].to(device),
+                                    control_scale=config.controlnet.conditioning_scale)
                 validation_sample(denoiser, controlnet, ldm.autoencoder, config=config, trained=ldm.trained,
                                   record=ldm.record, affine=affine, precision=precision, run=run, step=end.step,
                                   title=f"step {end.step} mask {mask.name}")

@@ -83,8 +83,9 @@ def train(run_config: Config, resume: str | None = None) -> Path:
 
     # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
     deterministic = build_transforms(config.data, train=False, expected_channels=config.autoencoder.in_channels)
-    train_loader, train_sampler, cache = latent_loader(config, t, autoencoder, items, ae_path, ae_hash, precision,
-                                                       dist, fields)
+    train_loader, train_sampler, cache = latent_loader(config, t, autoencoder, items, autoencoder_path=ae_path,
+                                                       autoencoder_hash=ae_hash, precision=precision,
+                                                       dist=dist, fields=fields)
 
     def first_posteriors():
         for index in range(min(t.scale_factor_volumes, len(items))):

@@ -119,14 +119,14 @@ def test_cache_is_built_once_reused_and_refreshed_per_file(tmp_path, monkeypatch
     monkeypatch.setattr(latents, "encode_volume", lambda *a, **k: calls.append(1) or original(*a, **k))
 
     folder = tmp_path / "cache" / "key"
-    first = build_latent_cache(autoencoder, items, transform, folder, torch.device("cpu"), describe={"a": 1})
+    first = build_latent_cache(autoencoder, items, transform, folder, device=torch.device("cpu"), describe={"a": 1})
     assert first.encoded == 3 and len(calls) == 3
     assert [p.parent for p in first.files] == [folder] * 3 and all(p.is_file() for p in first.files)
     assert (folder / "cache.json").is_file()
     assert not list(folder.glob(".*tmp"))  # atomic writes leave no temp files
     mtimes = [p.stat().st_mtime_ns for p in first.files]
 
-    second = build_latent_cache(autoencoder, items, transform, folder, torch.device("cpu"))
+    second = build_latent_cache(autoencoder, items, transform, folder, device=torch.device("cpu"))
     assert second.encoded == 0 and len(calls) == 3
     assert second.files == first.files
     assert [p.stat().st_mtime_ns for p in second.files] == mtimes
@@ -135,7 +135,7 @@ def test_cache_is_built_once_reused_and_refreshed_per_file(tmp_path, monkeypatch
     path = Path(items[1]["image"])
     nib.save(nib.Nifti1Image(np.random.default_rng(5).random((18, 16, 14)).astype(np.float32), AFFINE), path)
     os.utime(path, ns=(mtimes[1] + 10**9, mtimes[1] + 10**9))
-    third = build_latent_cache(autoencoder, items, transform, folder, torch.device("cpu"))
+    third = build_latent_cache(autoencoder, items, transform, folder, device=torch.device("cpu"))
     assert third.encoded == 1 and len(calls) == 4
     assert third.files[0] == first.files[0] and third.files[1] != first.files[1]
 
@@ -145,7 +145,7 @@ def test_cache_entries_hold_posterior_and_affine(tmp_path):
     items = write_volumes(tmp_path / "data", 2)
     autoencoder = build_autoencoder(config.autoencoder, 3).eval()
     transform = build_transforms(config.data, train=False)
-    result = build_latent_cache(autoencoder, items, transform, tmp_path / "c", torch.device("cpu"))
+    result = build_latent_cache(autoencoder, items, transform, tmp_path / "c", device=torch.device("cpu"))
     entry = load_cache_entry(result.files[0])  # a weights_only load: plain tensors only
     assert entry["mu"].shape == entry["sigma"].shape == (2, 8, 8, 8)
     assert type(entry["mu"]) is torch.Tensor and entry["mu"].dtype == torch.float32

@@ -165,7 +165,7 @@ def test_a_compiled_autoencoder_step_equals_the_eager_step(tmp_path, inductor_dr
         losses = {}
         for index in range(2):
             images = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(index))
-            terms = steps.autoencoder_micro_step(parts, images, True, index == 1, model, disc_model)[1]
+            terms = steps.autoencoder_micro_step(parts, images, True, index == 1, model=model, disc_model=disc_model)[1]
             losses |= {f"{index}.{name}": value.detach() for name, value in terms.items()}
         grads = gradients(parts.autoencoder, parts.discriminator)
         steps.autoencoder_update(parts, adversarial=True)

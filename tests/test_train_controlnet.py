@@ -81,7 +81,7 @@ def test_the_untrained_controlnet_leaves_the_ldms_predictions_as_they_are(setup)
                                generator=torch.Generator().manual_seed(0))
 
     plain = generate(Denoiser(ldm.unet, condition, 2.0))
-    steered = generate(Denoiser(ldm.unet, condition, 2.0, parts.controlnet.eval(), control[None]))
+    steered = generate(Denoiser(ldm.unet, condition, 2.0, parts.controlnet.eval(), control=control[None]))
     torch.testing.assert_close(steered, plain)
 
 

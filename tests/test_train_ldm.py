@@ -265,7 +265,7 @@ def test_diffusion_loss_targets(setup, kind, prediction):
     z = torch.randn(2, 2, 8, 8, 8)
     model = Recorder()
     torch.manual_seed(11)
-    loss = diffusion_loss(model, scheduler, kind, z, precision)
+    loss = diffusion_loss(model, scheduler, kind, z, precision=precision)
     torch.manual_seed(11)  # replay the same draws to build the expected target
     noise = torch.randn_like(z)
     if kind == "rflow":

@@ -51,7 +51,7 @@ def file_state_hash(item: dict, settings_key: str) -> bytes:
     return digest.hexdigest().encode()
 
 
-def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_dir: Path, settings_key: str,
+def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_dir: Path, *, settings_key: str,
                  progress: bool = True, rank: int = 0, world_size: int = 1) -> Dataset:
     """The dataset class ``data.cache`` asks for, caching the deterministic part of ``transform``.
 
@@ -88,7 +88,7 @@ def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_
         folder = cache_dir / "preprocessed" / f"v{PREPROCESSED_VERSION}-{settings_key[:16]}"
         files = build_preprocessed(
             items, deterministic, folder, lambda item: file_state_hash(item, settings_key).decode()[:24] + ".npy",
-            data.num_workers, rank, world_size, progress,
+            num_workers=data.num_workers, rank=rank, world_size=world_size, progress=progress,
         )
         return PreprocessedDataset(items, files, random)
     return Dataset(items, transform)
@@ -96,7 +96,7 @@ def make_dataset(items: list[dict], transform: Compose, data: DataConfig, cache_
 
 def build_dataloaders(
     config: Config, rank: int = 0, world_size: int = 1, batch_size: int | None = None,
-    patch_size: list[int] | None = None, foreground_ratio: float | None = None,
+    *, patch_size: list[int] | None = None, foreground_ratio: float | None = None,
     foreground_threshold: float | None = None, mask_key: str | None = None,
 ) -> tuple[DataLoader, DataLoader, DistributedSampler]:
     """Train and validation DataLoaders for ``config.data``, screened and cached as configured.
@@ -168,11 +168,11 @@ def build_dataloaders(
         train_items, build_transforms(data, train=True, expected_channels=expected_channels, patch_size=patch_size,
                                       foreground_ratio=foreground_ratio, foreground_threshold_value=foreground_threshold,
                                       mask_key=mask_key),
-        data, root, settings_key, show_progress, rank, world_size,
+        data, root, settings_key=settings_key, progress=show_progress, rank=rank, world_size=world_size,
     )
     val_set = make_dataset(
         val_items, build_transforms(data, train=False, expected_channels=expected_channels, mask_key=mask_key),
-        data, root, settings_key, show_progress, rank, world_size,
+        data, root, settings_key=settings_key, progress=show_progress, rank=rank, world_size=world_size,
     )
 
     # Seeds MONAI's random transforms (via monai.data.DataLoader) and, with one process, the shuffle;

@@ -159,7 +159,7 @@ def _load_tissue_labels() -> np.ndarray:
 
 
 def _make_volume(template: np.ndarray, index: int, seed: int, labels: np.ndarray | None = None,
-                 brain_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+                 *, brain_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
     """Volume ``index`` of the set: the template, randomly varied, as uint8 (deterministic in seed, index), and the
     label map moved with it (None without ``labels``). ``brain_scale`` first scales the anatomy about the grid's
     centre (1: the plain set's volume, bit for bit)."""
@@ -288,7 +288,7 @@ def build_conditional_demo_dataset(cache_dir: Path | None, num_volumes: int, see
         template, affine = _load_template()
         labels = _load_tissue_labels()
         for index, entry in tqdm(missing, desc="demo volumes", unit="vol", disable=len(missing) < PROGRESS_MIN_FILES):
-            image, label = _make_volume(template, index, seed, labels, entry["brain_scale"])
+            image, label = _make_volume(template, index, seed, labels, brain_scale=entry["brain_scale"])
             _save_atomically(label, affine, folder / entry["label"])  # the image last: its presence means both are
             _save_atomically(image, affine, folder / entry["image"])
     datalist = folder / "datalist.json"

@@ -101,7 +101,8 @@ class _Writer(torch.utils.data.Dataset):
 
 
 def build_preprocessed(items: Sequence[dict], deterministic: Compose, folder: Path, entry_name: Callable[[dict], str],
-                       num_workers: int = 0, rank: int = 0, world_size: int = 1, progress: bool = True) -> list[Path]:
+                       *, num_workers: int = 0, rank: int = 0, world_size: int = 1,
+                       progress: bool = True) -> list[Path]:
     """Write the entries missing from ``folder`` (each rank its share ``[rank::world_size]``, with ``num_workers``
     worker processes), wait for every rank, and return every item's entry file.
 

@@ -376,7 +376,7 @@ def _channel_count(shape: tuple[int, ...], spatial_dims: int) -> int | None:
 
 def check_volume(
     path: str, expected_channels: int = 1, spatial_dims: int = 3, spacing: Sequence[float] | None = None,
-    channels: Sequence[int] | None = None,
+    *, channels: Sequence[int] | None = None,
 ) -> str | None:
     """Open one NIfTI file fully and say what is wrong with it, or None when it is usable.
 
@@ -459,7 +459,7 @@ def screen_volumes(
     expected_channels: int = 1,
     on_bad_file: str = "error",
     spatial_dims: int = 3,
-    spacing: Sequence[float] | None = None,
+    *, spacing: Sequence[float] | None = None,
     cache_file: Path | None = None,
     channels: Sequence[int] | None = None,
 ) -> list[dict]:
@@ -502,7 +502,8 @@ def screen_volumes(
         if key is not None and cached is not None and cached.get("file") == key and cached.get("settings") == settings:
             reason = cached["reason"]
         else:
-            reason = check_volume(path, expected_channels, spatial_dims, spacing, channels) if key is not None \
+            reason = check_volume(path, expected_channels, spatial_dims, spacing,
+                                  channels=channels) if key is not None \
                 else "does not exist"
             if key is not None:
                 cache[path] = {"file": key, "settings": settings, "reason": reason}

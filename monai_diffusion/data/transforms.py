@@ -85,7 +85,7 @@ class ValidateVolumed(MapTransform):
         expected_channels: int = 1,
         spatial_dims: int = 3,
         spacing: Sequence[float] | None = None,
-        channels: Sequence[int] | None = None,
+        *, channels: Sequence[int] | None = None,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
@@ -229,7 +229,7 @@ def foreground_threshold(data: DataConfig, threshold: float | None) -> float:
 
 
 def build_transforms(data: DataConfig, train: bool, expected_channels: int = 1,
-                     patch_size: Sequence[int] | None = None, foreground_ratio: float | None = None,
+                     patch_size: Sequence[int] | None = None, *, foreground_ratio: float | None = None,
                      foreground_threshold_value: float | None = None, mask_key: str | None = None) -> Compose:
     """MONAI dict transforms on key ``"image"``: NIfTI path -> float32 tensor of shape (C, *voxel_size).
 
@@ -378,7 +378,7 @@ class SameGridd(MapTransform):
         return d
 
 
-def grid_mismatch(shape, affine, other_shape, other_affine, atol: float = 1e-3) -> str | None:
+def grid_mismatch(shape, affine, other_shape, other_affine, *, atol: float = 1e-3) -> str | None:
     """How a label map's grid (``other_*``) differs from its image's, or None when they agree."""
     if tuple(shape) != tuple(other_shape):
         return f"has shape {tuple(other_shape)}, not the shape {tuple(shape)}"

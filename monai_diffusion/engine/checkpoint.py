@@ -440,7 +440,7 @@ RESUME_REMEDY = "Set these back in the config (or --set) to match the checkpoint
 
 
 def check_shape_keys(saved: dict, current: dict, keys: Sequence[str], checkpoint: Path | None = None,
-                     remedy: str = RESUME_REMEDY) -> None:
+                     *, remedy: str = RESUME_REMEDY) -> None:
     """Refuse to load weights into a model built from a config whose shapes differ.
 
     Args:

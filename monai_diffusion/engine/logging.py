@@ -331,7 +331,7 @@ def save_nifti(volume: torch.Tensor, affine: torch.Tensor | np.ndarray, path: Pa
         raise
 
 
-def save_sample(volume: torch.Tensor, affine, folder: Path, stem: str, value_range=None, title: str = "sample",
+def save_sample(volume: torch.Tensor, affine, folder: Path, stem: str, *, value_range=None, title: str = "sample",
                 description: str | None = None):
     """Write a (C, *spatial) volume as ``<folder>/<stem>.nii.gz`` (``description`` in its header) and, for 3D,
     ``<folder>/<stem>.png`` (middle slices). Returns (NIfTI path, panel or None)."""

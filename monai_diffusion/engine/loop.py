@@ -170,7 +170,7 @@ def new_run_dir(config: Config, command: str, dist: DistInfo) -> Path:
     return Path(broadcast_object(str(run_dir)))
 
 
-def open_run_dir(config: Config, command: str, dist: DistInfo, resume_path: Path | None, state: dict | None) -> Path:
+def open_run_dir(config: Config, command: str, dist: DistInfo, resume_path: Path | None, *, state: dict | None) -> Path:
     """The run folder: the resumed checkpoint's, or a new one; the resolved config is saved in it.
 
     Call it once setup has succeeded (data, networks, checkpoint loaded): a start that fails earlier leaves no
@@ -260,7 +260,7 @@ def epoch_batches(loader: Iterable, budget: StepBudget, skip: int, epoch: int) -
 
 
 def step_scalars(result: StepResult, lr_scheduler, scaler: torch.amp.GradScaler, step_start: float,
-                 device: torch.device) -> dict[str, float]:
+                 *, device: torch.device) -> dict[str, float]:
     """What every optimizer step logs besides its losses: LR, gradient norm and scale, time, peak memory, skips."""
     return {
         "train/lr": lr_scheduler.get_last_lr()[0],
@@ -275,7 +275,7 @@ def step_scalars(result: StepResult, lr_scheduler, scaler: torch.amp.GradScaler,
 # ------------------------------------------------------------------------------------------- checkpoints
 
 
-def save_epoch_end(save: SaveFn, run_dir: Path, budget: StepBudget, step: int, epoch: int, done_in_epoch: int,
+def save_epoch_end(save: SaveFn, run_dir: Path, budget: StepBudget, step: int, *, epoch: int, done_in_epoch: int,
                    keep: int, dist: DistInfo) -> None:
     """``step-<N>.pt`` and ``last.pt`` at the end of an epoch (or where ``max_steps`` stopped it: a resume then
     continues at the next micro-batch), keeping the newest ``keep`` step checkpoints."""
@@ -381,7 +381,7 @@ class StopSignals:
         return all_reduce_max(int(self.signum))
 
 
-def save_stopped(save: SaveFn, run_dir: Path, budget: StepBudget, step: int, epoch: int, done_in_epoch: int,
+def save_stopped(save: SaveFn, run_dir: Path, budget: StepBudget, step: int, *, epoch: int, done_in_epoch: int,
                  signum: int) -> TrainingStopped:
     """Save ``last.pt`` at the step boundary where a stop signal was agreed; returns the exception to raise."""
     checkpoint = run_dir / "checkpoints" / "last.pt"
@@ -492,7 +492,7 @@ def open_training_run(run_config: Config, config: Config, command: str, dist: Di
                       resume_path: Path | None, state: dict | None) -> TrainingRun:
     """The run folder (:func:`open_run_dir`: the resumed checkpoint's or a new one, ``run_config`` saved in it) and
     its TensorBoard writer. Call it once setup has succeeded: a start that fails earlier leaves no folder."""
-    run_dir = open_run_dir(run_config, command, dist, resume_path, state)
+    run_dir = open_run_dir(run_config, command, dist, resume_path, state=state)
     return TrainingRun(dir=run_dir, command=command, config=config, dist=dist,
                        writer=RunLogger(run_dir / "tensorboard", enabled=dist.is_main), resumed=state is not None)
 
@@ -544,7 +544,7 @@ def train_epochs(stage, loader: Iterable, *, sampler, budget: StepBudget, run: T
         TrainingStopped: a stop signal ended the run at a step boundary (``last.pt`` saved).
         RuntimeError: too many non-finite losses or skipped updates (``NonFiniteGuard``).
     """
-    return contextlib.closing(_epochs(stage, loader, sampler, budget, run, position))
+    return contextlib.closing(_epochs(stage, loader, sampler, budget, run=run, position=position))
 
 
 def _step_groups(batches: Iterable[tuple[int, Any]], budget: StepBudget) -> Iterator[list[tuple[int, Any]]]:
@@ -557,7 +557,7 @@ def _step_groups(batches: Iterable[tuple[int, Any]], budget: StepBudget) -> Iter
             group = []
 
 
-def _epochs(stage, loader: Iterable, sampler, budget: StepBudget, run: TrainingRun,
+def _epochs(stage, loader: Iterable, sampler, budget: StepBudget, *, run: TrainingRun,
             position: Position) -> Iterator[EpochEnd]:
     t, dist, writer = stage.training, run.dist, run.writer
     guard = NonFiniteGuard(t.max_nonfinite_steps)
@@ -608,14 +608,15 @@ def _epochs(stage, loader: Iterable, sampler, budget: StepBudget, run: TrainingR
                 bar.set_postfix({k: f"{v / (done_in_epoch - skip):.4f}" for k, v in totals.items()} | {"step": step})
                 if step % run.config.output.log_every_n_steps == 0 or step == budget.max_steps:
                     writer.scalars({f"train/{k}": v for k, v in last.items()} | step_scalars(
-                        result, stage.lr_scheduler, stage.scaler, step_start, dist.device), step)
+                        result, stage.lr_scheduler, stage.scaler, step_start, device=dist.device), step)
                 step_start = time.perf_counter()
                 if step >= budget.max_steps:
                     break
                 # A stop signal: save this step's state and end (the epoch's last step stops after the epoch).
                 if done_in_epoch < budget.micro_batches and (signum := stop.agreed()):
                     bar.close()
-                    raise save_stopped(save, run.dir, budget, step, epoch, done_in_epoch, signum)
+                    raise save_stopped(save, run.dir, budget, step, epoch=epoch, done_in_epoch=done_in_epoch,
+                                       signum=signum)
             bar.close()
             trained, skip = done_in_epoch - skip, 0
             if done_in_epoch == budget.micro_batches:
@@ -627,7 +628,8 @@ def _epochs(stage, loader: Iterable, sampler, budget: StepBudget, run: TrainingR
             due = (epoch + 1) % t.val_every_n_epochs == 0 or epoch + 1 == budget.max_epochs or step >= budget.max_steps
             yield EpochEnd(epoch=epoch, step=step, validate=due,
                            save=functools.partial(save, epoch=epoch + 1, batches_in_epoch=0))
-            save_epoch_end(save, run.dir, budget, step, epoch, done_in_epoch, t.keep_last_checkpoints, dist)
+            save_epoch_end(save, run.dir, budget, step, epoch=epoch, done_in_epoch=done_in_epoch,
+                           keep=t.keep_last_checkpoints, dist=dist)
             if step < budget.max_steps and epoch + 1 < budget.max_epochs and (signum := stop.agreed()):
                 raise TrainingStopped(signum, step, run.dir / "checkpoints" / "last.pt")
     except BaseException:

@@ -17,7 +17,7 @@ def build_optimizer(
     lr: float,
     weight_decay: float,
     betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
+    *, eps: float = 1e-8,
 ) -> torch.optim.AdamW:
     """AdamW over the trainable parameters (with weight_decay 0 it is Adam, which MONAI's recipes use).
 
@@ -47,7 +47,7 @@ def build_lr_scheduler(
     warmup_steps: int,
     schedule: str,
     max_steps: int | None,
-    milestones: Sequence[int] = (),
+    *, milestones: Sequence[int] = (),
     gamma: float = 0.1,
     power: float = 1.0,
 ) -> LRScheduler:
@@ -132,7 +132,7 @@ def optimizer_step(
     scaler: torch.amp.GradScaler,
     parameters: Iterable[torch.nn.Parameter],
     grad_clip: float | None,
-    lr_scheduler: LRScheduler | None = None,
+    *, lr_scheduler: LRScheduler | None = None,
 ) -> StepResult:
     """Unscale, measure/clip, step, update the scaler, zero the gradients; skip non-finite steps.
 

@@ -380,7 +380,7 @@ def loader_table(records: list[dict[str, Any]]) -> str:
 
 
 def write_report(
-    records: list[dict[str, Any]], output: Path, section: str, title: str, command: str, env: dict | None = None
+    records: list[dict[str, Any]], output: Path, section: str, title: str, *, command: str, env: dict | None = None
 ) -> None:
     """Write (or replace) the marked section ``section`` of the markdown file ``output``.
 
@@ -491,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         section = args.section or Path(args.from_json).stem
         title = args.title or f"Suite `{section}`"
         command = saved.get("command") or f"monai-diffusion benchmark --suite {section}"
-        write_report(saved["results"], Path(args.output), section, title, command, saved["environment"])
+        write_report(saved["results"], Path(args.output), section, title, command=command, env=saved["environment"])
         print(markdown_table(saved["results"]))
         return 0
 
@@ -516,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
             saved = {"environment": environment(), "command": command.strip(), "results": records}
             Path(args.json).write_text(json.dumps(saved, indent=1))
         if args.output.lower() != "none":
-            write_report(records, Path(args.output), section, title, command.strip())
+            write_report(records, Path(args.output), section, title, command=command.strip())
 
     records: list[dict[str, Any]] = []
     for index, case in enumerate(cases, 1):
@@ -554,7 +554,7 @@ def loader_main(args: argparse.Namespace, argv: list[str] | None) -> int:
             saved = {"environment": environment(), "command": command.strip(), "results": records}
             Path(args.json).write_text(json.dumps(saved, indent=1))
         if args.output.lower() != "none":
-            write_report(records, Path(args.output), args.section or "loader", title, command.strip())
+            write_report(records, Path(args.output), args.section or "loader", title, command=command.strip())
 
     records = run_loader_suite(cases, args.volumes, args.loader_dir, save)
     print()

@@ -151,7 +151,7 @@ def failed(error: str, probes: list[dict[str, Any]]) -> Prediction:
     return Prediction(math.nan, math.nan, math.nan, None, probes, error=error)
 
 
-def predict(config: Config, stage: str, device: str, probe_voxels: int = PROBE_VOXELS, steps: int = 1,
+def predict(config: Config, stage: str, device: str, probe_voxels: int = PROBE_VOXELS, *, steps: int = 1,
             timeout: float | None = None) -> Prediction:
     """Predict the peak of ``config``'s ``stage`` step from a probe at a reduced size (see the module docstring)."""
     target, size = tuple(config.data.voxel_size), probe_size(config, stage, probe_voxels)
@@ -209,7 +209,7 @@ class Planner:
     """Predicts a config's steps on ``device`` ('cpu' or 'cuda') for a ``target`` device ('cpu' or 'cuda')."""
 
     def __init__(self, device: str, target: str, probe_voxels: int = PROBE_VOXELS, steps: int = 1,
-                 timeout: float | None = None, verbose: bool = False) -> None:
+                 *, timeout: float | None = None, verbose: bool = False) -> None:
         self.device, self.target = device, target
         self.probe_voxels, self.steps, self.timeout, self.verbose = probe_voxels, steps, timeout, verbose
         self._cache: dict[str, Prediction] = {}
@@ -225,7 +225,8 @@ class Planner:
             if self.verbose:
                 size = "x".join(map(str, probe_size(config, stage, self.probe_voxels)))
                 print(f"  measuring the {STEP_NAMES[stage]} at {size} ...", flush=True)
-            prediction = predict(probe_config, stage, self.device, self.probe_voxels, self.steps, self.timeout)
+            prediction = predict(probe_config, stage, self.device, self.probe_voxels, steps=self.steps,
+                                 timeout=self.timeout)
             if convert and prediction.error is None:
                 checkpointing = stage == "autoencoder" and config.autoencoder.training.use_gradient_checkpointing
                 gpu_precision = precision_name(config.device.mixed_precision, "cuda")

@@ -319,7 +319,7 @@ def build_step(config: Config, options: Options, device: torch.device, precision
 
     if options.stage == "encode":
         def run() -> None:
-            ldm_latents(batch(), autoencoder, 1.0, precision, device)
+            ldm_latents(batch(), autoencoder, 1.0, precision, device=device)
 
         return Step(run, [autoencoder], [], 0)
 
@@ -475,7 +475,7 @@ def device_name(device: torch.device) -> str:
 
 
 def run_measurement(config: Config, options: Options, timeout: float | None = None,
-                    env: dict[str, str] | None = None, in_process: bool = False) -> dict[str, Any]:
+                    env: dict[str, str] | None = None, *, in_process: bool = False) -> dict[str, Any]:
     """Measure the step in a fresh Python process; always returns a record (with ``error`` when it failed).
 
     Args:

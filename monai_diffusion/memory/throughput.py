@@ -37,7 +37,7 @@ __all__ = ["measure_loader", "write_ct_volumes"]
 
 
 def write_ct_volumes(folder: Path, shape: Sequence[int], count: int, spacing: Sequence[float] = (0.8, 0.8, 2.0),
-                     seed: int = 0) -> list[Path]:
+                     *, seed: int = 0) -> list[Path]:
     """``count`` CT-like int16 NIfTI.gz volumes of ``shape`` at ``spacing`` mm: air (-1000 HU, noise 5) around an
     elliptic body (40 HU, noise 20) holding two bones (700 HU), compressed as scanners' exports are. Existing files
     of the same name are kept (a folder can be reused)."""
@@ -86,7 +86,7 @@ def measure_loader(config: Config, items: list[dict], workers: int, cache_dir: P
         record: dict[str, Any] = {"volumes": len(items), "workers": workers, "cache": data.cache,
                                   "load_before": round(os.getloadavg()[0], 2)}
         start_cpu, start = _cpu_seconds(), time.perf_counter()
-        dataset = make_dataset(items, chain, data, root, settings_key, progress=False)
+        dataset = make_dataset(items, chain, data, root, settings_key=settings_key, progress=False)
         built = time.perf_counter() - start
         if data.cache in ("memory", "preprocessed"):  # filled before training: its own figure
             record["build_s"] = round(built, 2)

@@ -141,7 +141,7 @@ def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3,
 
 
 def build_controlnet(ldm: LDMConfig, controlnet: ControlNetConfig, latent_channels: int, spatial_dims: int = 3,
-                     conditioning: dict | None = None) -> ControlNet:
+                     *, conditioning: dict | None = None) -> ControlNet:
     """MONAI's ControlNet for the UNet of ``ldm`` (same levels, blocks, attention and conditioning, so the UNet's
     weights can start it), taking label maps with ``controlnet.num_labels - 1`` channels through a conditioning
     embedding of ``controlnet.conditioning_embedding_num_channels``.

@@ -32,7 +32,7 @@ _CONV_FNS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 def _slab_depth(
-    per_slice: int, size: int, device_type: str, chunk_elements: int | None, n_c_h: int, halo: int
+    per_slice: int, size: int, device_type: str, chunk_elements: int | None, *, n_c_h: int, halo: int
 ) -> int:
     """Rows of the first spatial axis per slab, for slabs of about ``chunk_elements`` elements.
 
@@ -56,7 +56,8 @@ def _slab_depth(
 def _chunk_depth(x: torch.Tensor, chunk_elements: int | None, halo: int = 1) -> int:
     """Slab rows for a fused unit whose convolution reads a map shaped like ``x``."""
     n_c_h = x.shape[0] * x.shape[1] * x.shape[3] if x.ndim >= 4 else 0
-    return _slab_depth(x.numel() // max(1, x.shape[2]), x.shape[2], x.device.type, chunk_elements, n_c_h, halo)
+    return _slab_depth(x.numel() // max(1, x.shape[2]), x.shape[2], x.device.type, chunk_elements, n_c_h=n_c_h,
+                       halo=halo)
 
 
 def _group_stats(x: torch.Tensor, groups: int, eps: float, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +137,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
 
 
-def _affine(mean, rstd, gamma, beta, channels, nd):
+def _affine(mean, rstd, gamma, beta, *, channels, nd):
     """Per (batch, channel) scale and shift with ``group_norm(x) = x * scale + shift``."""
     gamma_c = gamma.float().view(1, channels, *(1,) * nd)
     scale = _per_channel(rstd, channels, nd) * gamma_c
@@ -144,7 +145,7 @@ def _affine(mean, rstd, gamma, beta, channels, nd):
     return scale, shift
 
 
-def _activated(x: _Map, lo, hi, scale, shift, act, dtype):
+def _activated(x: _Map, lo, hi, scale, *, shift, act, dtype):
     """Normalised (and activated) slab ``[lo, hi)`` of the first spatial axis in ``dtype``, zero outside ``x``."""
     size = x.shape[2]
     s0, s1 = max(lo, 0), min(hi, size)
@@ -156,7 +157,7 @@ def _activated(x: _Map, lo, hi, scale, shift, act, dtype):
     return F.pad(a, (0, 0) * (x.ndim - 3) + (s0 - lo, hi - s1))
 
 
-def _grad_normed(rows, grad_a, d0, depth, scale, shift, act):
+def _grad_normed(rows, grad_a, d0, depth, *, scale, shift, act):
     """(dL/d(normalised), float32 rows) of the slab starting at ``d0``, from the activated map's gradient and the
     slab's input ``rows``."""
     xs = rows.float()
@@ -166,7 +167,7 @@ def _grad_normed(rows, grad_a, d0, depth, scale, shift, act):
     return g, xs
 
 
-def _conv_backward(grad_out, inputs, weight, has_bias, padding):
+def _conv_backward(grad_out, inputs, weight, has_bias, *, padding):
     """(input, weight, bias) gradients of a stride-1 convolution whose first spatial axis is not padded."""
     nd = inputs.ndim - 2
     return torch.ops.aten.convolution_backward(
@@ -175,13 +176,13 @@ def _conv_backward(grad_out, inputs, weight, has_bias, padding):
     )
 
 
-def _unit_forward(x, gamma, beta, weight, bias, groups, eps, act, padding, depth):
+def _unit_forward(x, gamma, beta, weight, *, bias, groups, eps, act, padding, depth):
     """``conv(silu(group_norm(x)))`` (SiLU optional) slab by slab; returns ``(output, mean, rstd, compute dtype)``."""
     device_type = x.device.type
     compute_dtype = _compute_dtype(x)
     with torch.autocast(device_type, enabled=False):
         mean, rstd = _group_stats(x, groups, eps, depth)
-        scale, shift = _affine(mean, rstd, gamma, beta, x.shape[1], x.ndim - 2)
+        scale, shift = _affine(mean, rstd, gamma, beta, channels=x.shape[1], nd=x.ndim - 2)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
         size, halo = x.shape[2], padding[0]
@@ -190,7 +191,7 @@ def _unit_forward(x, gamma, beta, weight, bias, groups, eps, act, padding, depth
         out = None
         for d0 in range(0, size, depth):
             d1 = min(size, d0 + depth)
-            a = _activated(source, d0 - halo, d1 + halo, scale, shift, act, compute_dtype)
+            a = _activated(source, d0 - halo, d1 + halo, scale, shift=shift, act=act, dtype=compute_dtype)
             y = conv(a, w, b, padding=(0, *padding[1:]))
             if d1 - d0 == size:  # one slab: the convolution's own output, in its own memory format
                 out = y
@@ -218,7 +219,7 @@ def _unit_backward(grad_out, x: _Map, gamma, beta, weight, bias, mean, rstd, gro
     batch, channels, size = x.shape[0], x.shape[1], x.shape[2]
     halo = padding[0]
     with torch.autocast(device_type, enabled=False):
-        scale, shift = _affine(mean, rstd, gamma, beta, channels, nd)
+        scale, shift = _affine(mean, rstd, gamma, beta, channels=channels, nd=nd)
         w = weight.to(compute_dtype)
         grad_out = grad_out.to(compute_dtype)
         # Pass 1: convolution backward slab by slab; the activated map's gradient (halos overlap) is summed in
@@ -229,8 +230,8 @@ def _unit_backward(grad_out, x: _Map, gamma, beta, weight, bias, mean, rstd, gro
         for d0 in range(0, size, depth):
             d1 = min(size, d0 + depth)
             lo, hi = d0 - halo, d1 + halo
-            a = _activated(x, lo, hi, scale, shift, act, compute_dtype)
-            g_in, g_w, g_b = _conv_backward(grad_out[:, :, d0:d1], a, w, bias is not None, padding)
+            a = _activated(x, lo, hi, scale, shift=shift, act=act, dtype=compute_dtype)
+            g_in, g_w, g_b = _conv_backward(grad_out[:, :, d0:d1], a, w, bias is not None, padding=padding)
             grad_w += g_w
             if bias is not None:
                 grad_b += g_b
@@ -243,7 +244,8 @@ def _unit_backward(grad_out, x: _Map, gamma, beta, weight, bias, mean, rstd, gro
         sum_gx = torch.zeros_like(sum_g)
         keep = grad_x.dtype == torch.float32  # store it in place; in half precision, recompute it in pass 3
         for d0 in range(0, size, depth):
-            g_n, xs = _grad_normed(x.rows(d0, min(size, d0 + depth)), grad_x, d0, depth, scale, shift, act)
+            g_n, xs = _grad_normed(x.rows(d0, min(size, d0 + depth)), grad_x, d0, depth, scale=scale, shift=shift,
+                                   act=act)
             sum_g += g_n.sum(dim=reduce_dims)
             sum_gx += (g_n * xs).sum(dim=reduce_dims)
             if keep and act:
@@ -269,7 +271,7 @@ def _unit_backward(grad_out, x: _Map, gamma, beta, weight, bias, mean, rstd, gro
                 g_n = grad_x[:, :, d0:d1].float()
                 xs = rows.float()
             else:
-                g_n, xs = _grad_normed(rows, grad_x, d0, depth, scale, shift, act)
+                g_n, xs = _grad_normed(rows, grad_x, d0, depth, scale=scale, shift=shift, act=act)
             slab = torch.addcmul(coef_c, xs, coef_b).addcmul_(g_n, coef_a)
             if shortcut is not None:
                 slab += shortcut(d0, d1, rows)
@@ -304,7 +306,8 @@ class _NormActConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, bias, groups, eps, act, padding, depth, offload):  # type: ignore[override]
-        out, mean, rstd, compute_dtype = _unit_forward(x, gamma, beta, weight, bias, groups, eps, act, padding, depth)
+        out, mean, rstd, compute_dtype = _unit_forward(x, gamma, beta, weight, bias=bias, groups=groups, eps=eps,
+                                                       act=act, padding=padding, depth=depth)
         ctx.save_for_backward(_saved_input(ctx, x, offload, depth), gamma, beta, weight, bias, mean, rstd)
         ctx.config = (groups, act, tuple(padding), depth, compute_dtype)
         return out
@@ -330,7 +333,8 @@ class _NormActConvShortcut(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, gamma, beta, weight, bias, shortcut_weight, shortcut_bias, groups, eps, padding, depth,  # type: ignore[override]
                 offload):
-        out, mean, rstd, compute_dtype = _unit_forward(x, gamma, beta, weight, bias, groups, eps, True, padding, depth)
+        out, mean, rstd, compute_dtype = _unit_forward(x, gamma, beta, weight, bias=bias, groups=groups, eps=eps,
+                                                       act=True, padding=padding, depth=depth)
         with torch.autocast(x.device.type, enabled=False):
             w = shortcut_weight.to(compute_dtype)
             b = shortcut_bias.to(compute_dtype) if shortcut_bias is not None else None
@@ -351,7 +355,7 @@ class _NormActConvShortcut(torch.autograd.Function):
 
         def shortcut(d0, d1, rows):
             g_in, g_w, g_b = _conv_backward(grad_shortcut[:, :, d0:d1].to(compute_dtype), rows.to(compute_dtype), w,
-                                            has_bias, (0,) * (rows.ndim - 2))
+                                            has_bias, padding=(0,) * (rows.ndim - 2))
             grad_sw.add_(g_w)
             if has_bias:
                 grad_sb.add_(g_b)
@@ -386,7 +390,7 @@ class _UpsampleConv(torch.autograd.Function):
             out = None
             for d0 in range(0, size, depth):
                 d1 = min(size, d0 + depth)
-                a = _UpsampleConv._upsampled(source, d0 - padding[0], d1 + padding[0], factors, compute_dtype)
+                a = _UpsampleConv._upsampled(source, d0 - padding[0], d1 + padding[0], factors, dtype=compute_dtype)
                 y = conv(a, w, b, padding=(0, *padding[1:]))
                 if d1 - d0 == size:
                     out = y
@@ -403,7 +407,7 @@ class _UpsampleConv(torch.autograd.Function):
         return out
 
     @staticmethod
-    def _upsampled(x: _Map, lo, hi, factors, dtype):
+    def _upsampled(x: _Map, lo, hi, factors, *, dtype):
         """Rows ``[lo, hi)`` of the nearest-upsampled ``x`` in ``dtype``, zero outside it."""
         f0, size = factors[0], x.shape[2] * factors[0]
         s0, s1 = max(lo, 0), min(hi, size)
@@ -431,8 +435,8 @@ class _UpsampleConv(torch.autograd.Function):
             for d0 in range(0, size, depth):
                 d1 = min(size, d0 + depth)
                 lo, hi = d0 - halo, d1 + halo
-                a = _UpsampleConv._upsampled(x, lo, hi, factors, compute_dtype)
-                g_in, g_w, g_b = _conv_backward(grad_out[:, :, d0:d1], a, w, bias is not None, padding)
+                a = _UpsampleConv._upsampled(x, lo, hi, factors, dtype=compute_dtype)
+                g_in, g_w, g_b = _conv_backward(grad_out[:, :, d0:d1], a, w, bias is not None, padding=padding)
                 grad_w += g_w
                 if bias is not None:
                     grad_b += g_b
@@ -471,7 +475,7 @@ def upsample_conv(x: torch.Tensor, block: Upsample, chunk_elements: int | None =
     up_shape = [n * f for n, f in zip(x.shape[2:], factors)]
     per_slice = x.shape[0] * x.shape[1] * math.prod(up_shape[1:])
     n_c_h = x.shape[0] * x.shape[1] * up_shape[1] if spatial > 1 else 0
-    depth = _slab_depth(per_slice, up_shape[0], x.device.type, chunk_elements, n_c_h, layer.padding[0])
+    depth = _slab_depth(per_slice, up_shape[0], x.device.type, chunk_elements, n_c_h=n_c_h, halo=layer.padding[0])
     return _UpsampleConv.apply(x, layer.weight, layer.bias, factors, tuple(layer.padding), depth, offload)
 
 

@@ -170,7 +170,7 @@ def run_blocks(
 
 def _run_blocks(
     blocks: nn.ModuleList, x: torch.Tensor, chunk_elements: int | None = None, checkpoint_blocks: bool = True,
-    offload: bool = False,
+    *, offload: bool = False,
 ) -> torch.Tensor:
     """Run ``blocks`` in order through the memory-saving units.
 

@@ -67,7 +67,7 @@ def test_fp16_scaler_skips_nan_step_on_cuda():
     with precision.autocast():
         loss = model(torch.ones(2, 4, device=CUDA)).sum() * float("nan")
     scaler.scale(loss).backward()
-    result = optimizer_step(opt, scaler, model.parameters(), 1.0, sched)
+    result = optimizer_step(opt, scaler, model.parameters(), 1.0, lr_scheduler=sched)
     assert not result.stepped and not math.isfinite(result.grad_norm)
     assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert sched.last_epoch == 0 and scaler.get_scale() < scale
@@ -76,7 +76,7 @@ def test_fp16_scaler_skips_nan_step_on_cuda():
         with precision.autocast():
             loss = model(torch.ones(2, 4, device=CUDA)).float().pow(2).mean()
         scaler.scale(loss).backward()
-        result = optimizer_step(opt, scaler, model.parameters(), 1.0, sched)
+        result = optimizer_step(opt, scaler, model.parameters(), 1.0, lr_scheduler=sched)
         if result.stepped:
             break
     assert result.stepped and math.isfinite(result.grad_norm) and sched.last_epoch == 1

@@ -52,9 +52,9 @@ def test_report_section_is_replaced_not_duplicated(tmp_path):
     output = tmp_path / "b.md"
     record = _record("x", peak_mb=1.0, peak_total_mb=2.0, step_s=0.5, voxels_per_s=1024.0, params=10,
                      latent_shape=[2, 2, 2], device="CPU: test")
-    write_report([record], output, "s", "first", "cmd")
-    write_report([record, record], output, "s", "second", "cmd")
-    write_report([record], output, "other", "third", "cmd")
+    write_report([record], output, "s", "first", command="cmd")
+    write_report([record, record], output, "s", "second", command="cmd")
+    write_report([record], output, "other", "third", command="cmd")
     text = output.read_text()
     assert text.count("<!-- benchmark:s:start -->") == 1 and "### second" in text and "### first" not in text
     assert "### third" in text
