@@ -31,7 +31,7 @@ from tqdm import tqdm
 from monai_diffusion import command_description
 from monai_diffusion.config.loading import apply_overrides, config_from_dict
 from monai_diffusion.config.schema import Config
-from monai_diffusion.config.stages import stage_config
+from monai_diffusion.config.stages import downsampling, stage_config
 from monai_diffusion.data import build_transforms, list_volumes
 from monai_diffusion.data.sources import list_folder, read_csv_datalist, read_json_datalist
 from monai_diffusion.engine.checkpoint import find_checkpoint, load_checkpoint
@@ -151,10 +151,11 @@ def evaluate_autoencoder(state: dict, config: Config, run_dir: Path, items: list
     autoencoder.load_state_dict(state["autoencoder"])
     autoencoder.to(device).eval().requires_grad_(False)
     precision = resolve_precision(config.device.mixed_precision, device)
+    factors = downsampling(config)
     if tile_size is not None:
-        autoencoder.latent_shape(tile_size)  # a window must divide by the total factor like a whole volume
+        factors.latent_shape(tile_size)  # a window must divide by the total factor like a whole volume
 
-    latent_spatial = autoencoder.latent_shape(config.data.voxel_size)
+    latent_spatial = factors.latent_shape(config.data.voxel_size)
     latent_values = config.autoencoder.latent_channels * math.prod(latent_spatial)
     # The baseline gets as many values per image channel as the latent holds in all.
     baseline_values = latent_values // config.autoencoder.in_channels

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from monai_diffusion.conditioning import ConditionEncoder, Denoiser
 from monai_diffusion.config.schema import Config
+from monai_diffusion.config.stages import downsampling
 from monai_diffusion.data import build_transforms
 from monai_diffusion.engine import loop
 from monai_diffusion.engine.distributed import broadcast_object
@@ -70,7 +71,7 @@ def train(run_config: Config, resume: str | None = None) -> Path:
             f"or start a new LDM run"
         )
     # The config rules have checked that this latent fits the UNet's levels.
-    latent_shape = (config.autoencoder.latent_channels, *autoencoder.latent_shape(config.data.voxel_size))
+    latent_shape = (config.autoencoder.latent_channels, *downsampling(config).latent_shape(config.data.voxel_size))
     logger.info("autoencoder %s (weights %s); latent shape %s", ae_path, ae_hash, list(latent_shape))
 
     # ---- conditions: fitted on the training split once, then the checkpoint's (a resumed run keeps its statistics)

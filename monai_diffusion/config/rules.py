@@ -13,8 +13,13 @@ from collections.abc import Iterable, Sequence
 
 from pydantic import BaseModel
 
-from monai_diffusion.config.schema import Config, TrainingConfig
-from monai_diffusion.config.stages import downsampling
+from monai_diffusion.config.schema import (
+    AUTOENCODER_MAISI_ONLY,
+    AUTOENCODER_OURS_ONLY,
+    Config,
+    TrainingConfig,
+)
+from monai_diffusion.config.stages import downsampling, stage_config
 
 
 # ldm.scheduler keys only MONAI's RFlowScheduler reads.
@@ -135,6 +140,7 @@ def check_rules(config: Config, to_run: bool = False) -> list[str]:
     if to_run:
         problems += _check_discriminator(config)
     problems += _check_channels(config)
+    problems += _check_maisi_autoencoder(config, factors.total if factors is not None else None)
 
     # ---- diffusion
     sched = ldm.scheduler
@@ -373,3 +379,64 @@ def _check_unet(config: Config, latent: list[int]) -> list[str]:
                 f"data.voxel_size or smaller autoencoder.downsample_factors"
             )
     return problems
+
+
+# MAISI's convolutions cut their input into num_splits slabs along dim_split that overlap by up to 4 voxels: every slab
+# must hold at least this many, and the axis must divide evenly (else the output loses the remainder).
+MIN_SPLIT_VOXELS = 4
+
+
+def _check_maisi_autoencoder(config: Config, factor: tuple[int, ...] | None) -> list[str]:
+    """The keys of one autoencoder architecture refused with the other; MAISI's: 3D, float16 GroupNorm under fp16
+    autocast, slabs of num_splits that fit every size the autoencoder runs at."""
+    ae, problems = config.autoencoder, []
+    if ae.architecture == "ours":
+        return [f"autoencoder.{key}: applies to architecture 'maisi' (MAISI's AutoencoderKlMaisi), "
+                f"autoencoder.architecture is 'ours'" for key in _changed(ae, AUTOENCODER_MAISI_ONLY)]
+    for key in _changed(ae, AUTOENCODER_OURS_ONLY):
+        problems.append(f"autoencoder.{key}: applies to architecture 'ours'; MAISI's AutoencoderKlMaisi "
+                        f"(autoencoder.architecture 'maisi') halves every axis at each level but the last "
+                        f"({2 ** max(len(ae.num_channels) - 1, 0)}x for {len(ae.num_channels)} levels)")
+    spatial_dims = len(config.data.voxel_size)
+    if spatial_dims != 3:
+        problems.append(f"autoencoder.architecture: 'maisi' is 3D only (MAISI's GroupNorm takes 5D tensors); "
+                        f"data.voxel_size has {spatial_dims} sizes")
+    if ae.norm_float16:
+        for stage, key in (("autoencoder", "autoencoder.training"), ("ldm", "ldm.training"),
+                           ("controlnet", "controlnet.training")):
+            value = stage_config(config, stage).device.mixed_precision
+            if value == "fp16" or (value is True and config.device.device != "cpu"):
+                continue
+            problems.append(
+                f"autoencoder.norm_float16 / {key}.mixed_precision (or device.mixed_precision): MAISI's float16 "
+                f"GroupNorm outputs need fp16 autocast wherever the autoencoder runs; the {stage} stage runs "
+                f"{value!r}{' on the CPU (bf16)' if value is True else ''}: set it to fp16, or norm_float16 to false"
+            )
+    if ae.num_splits > 1 and factor is not None and spatial_dims == 3:
+        problems += _check_splits(config, factor)
+    return problems
+
+
+def _check_splits(config: Config, factor: tuple[int, ...]) -> list[str]:
+    """Every size MAISI's autoencoder runs at (the stages' volumes, patches and decode windows), at each of its
+    levels, along dim_split: divisible by num_splits into slabs of at least MIN_SPLIT_VOXELS."""
+    ae, problems = config.autoencoder, []
+    axis, splits, levels = ae.dim_split, ae.num_splits, len(ae.num_channels)
+    sizes = [(key, size[axis]) for key, size in _stage_sizes(config) if len(size) == 3]
+    sampling = config.ldm.sampling
+    if sampling.tiled_decode and not any(config.data.voxel_size[a] % factor[a] for a in range(3)):
+        latent = config.data.voxel_size[axis] // factor[axis]
+        tile = sampling.tile_size[axis] if sampling.tile_size is not None else math.ceil(latent / 2)
+        sizes.append(("ldm.sampling.tile_size", min(tile, latent) * factor[axis]))
+    need = splits * MIN_SPLIT_VOXELS
+    for key, size in sizes:
+        level_sizes = [size // 2**level for level in range(levels)]
+        if any(s % splits or s < need for s in level_sizes):
+            problems.append(
+                f"autoencoder.num_splits / autoencoder.dim_split / {key}: {splits} slabs along axis {axis} need that "
+                f"axis divisible by {splits} into >= {MIN_SPLIT_VOXELS} voxels at every level, i.e. a multiple of "
+                f"{splits * 2 ** (levels - 1)} and >= {need * 2 ** (levels - 1)} (got {size}; levels "
+                f"{level_sizes}); use fewer splits or another dim_split"
+            )
+    return problems
+

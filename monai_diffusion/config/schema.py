@@ -339,8 +339,17 @@ class AutoencoderTrainingConfig(TrainingConfig):
 
 class AutoencoderConfig(Section):
     """``autoencoder``: the KL autoencoder that compresses a volume to the latent the LDM works in (our
-    AutoencoderKL, MONAI's with per-level, per-axis downsampling factors), and its ``training``."""
+    AutoencoderKL, MONAI's with per-level, per-axis downsampling factors; or MAISI's AutoencoderKlMaisi), and its
+    ``training``. Keys of one architecture only are refused with the other."""
 
+    architecture: Literal["ours", "maisi"] = Field(
+        "ours",
+        description="'ours': MONAI's AutoencoderKL with per-level, per-axis downsample_factors and the fused "
+        "memory-saving path. 'maisi': MONAI's AutoencoderKlMaisi (monai.apps.generation.maisi), the network of MAISI's "
+        "released VAE: every level but the last halves each axis (3 levels: 4x), 3D only, its convolutions optionally "
+        "split into num_splits slabs along dim_split, its GroupNorm optionally in float16 (norm_float16); its "
+        "use_checkpointing is autoencoder.training.use_gradient_checkpointing.",
+    )
     num_channels: list[int] = Field(
         [32, 64, 64], description="Feature channels per level; more levels = more downsampling steps."
     )
@@ -375,7 +384,34 @@ class AutoencoderConfig(Section):
         "about lr per step, so short runs stay blurry; 0.01 lets the latent carry detail at once (+1.9 dB PSNR after "
         "300 steps on the demo brains, docs/autoencoder-recipe.md)."
     )
+    num_splits: int = Field(
+        1, ge=1,
+        description="architecture 'maisi': MAISI's num_splits: each convolution and upsampling runs on this many "
+        "overlapping slabs of its input along dim_split, one at a time (less memory for large volumes, same weights "
+        "and outputs; 1: whole). At every level the axis must divide into slabs of >= 4 voxels. MAISI's released "
+        "network: 4 (inference configs 4-8, its VAE training 1).",
+    )
+    dim_split: int = Field(
+        0, ge=0, le=2, description="architecture 'maisi': MAISI's dim_split, the spatial axis (0, 1 or 2) num_splits "
+        "cuts along (its released network: 1)."
+    )
+    norm_float16: bool = Field(
+        False,
+        description="architecture 'maisi': MAISI's norm_float16: GroupNorm outputs in float16 (less memory). Needs "
+        "fp16 autocast in every stage that runs the autoencoder (float32 or bf16 convolutions refuse float16 "
+        "inputs). Its released network: true.",
+    )
+    save_mem: bool = Field(
+        True,
+        description="architecture 'maisi': MAISI's save_mem: empty the CUDA cache after every block (less reserved "
+        "memory, slower steps; no effect on CPU). MAISI's default, true.",
+    )
     training: AutoencoderTrainingConfig = Field(default_factory=AutoencoderTrainingConfig)
+
+
+# Config keys of one autoencoder architecture only (refused with the other when changed from their defaults).
+AUTOENCODER_OURS_ONLY = ("downsample_factors", "residual_resampling")
+AUTOENCODER_MAISI_ONLY = ("num_splits", "dim_split", "norm_float16", "save_mem")
 
 
 # ------------------------------------------------------------------------ LDM

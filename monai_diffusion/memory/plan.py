@@ -48,6 +48,7 @@ import torch
 from monai_diffusion import command_description
 from monai_diffusion.config.arguments import add_config_arguments, config_from_args
 from monai_diffusion.config.loading import ConfigError, apply_overrides, config_from_dict
+from monai_diffusion.config.rules import MIN_SPLIT_VOXELS
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import downsampling, stage_config, step_config
 from monai_diffusion.engine.precision import precision_name
@@ -88,7 +89,7 @@ def parse_memory(text: str) -> float:
 def probe_size(config: Config, stage: str, probe_voxels: int = PROBE_VOXELS) -> tuple[int, ...]:
     """The size to measure ``stage`` at: about ``probe_voxels`` voxels, each axis a multiple of the total factor (and
     large enough for the discriminator); the full size when it is already that small, or for the LDM step."""
-    size, factor = tuple(config.data.voxel_size), downsampling(config).total
+    size, factor = tuple(config.data.voxel_size), _size_multiples(config)
     if math.prod(size) <= probe_voxels or stage == "ldm":
         return size
     adversarial = stage == "autoencoder" and config.autoencoder.training.adv_weight > 0
@@ -97,6 +98,17 @@ def probe_size(config: Config, stage: str, probe_voxels: int = PROBE_VOXELS) -> 
     minimum = [math.ceil(m / f) * f for m, f in zip(minimum, factor)]
     ratio = (probe_voxels / math.prod(size)) ** (1 / len(size))
     return tuple(min(s, max(m, int(s * ratio) // f * f)) for s, f, m in zip(size, factor, minimum))
+
+
+def _size_multiples(config: Config) -> tuple[int, ...]:
+    """What each axis of a size the autoencoder runs at must be a multiple of: the total factor, and along MAISI's
+    dim_split enough for num_splits slabs of MIN_SPLIT_VOXELS at every level (the config rules' condition)."""
+    factor = list(downsampling(config).total)
+    ae = config.autoencoder
+    if ae.architecture == "maisi" and ae.num_splits > 1 and len(factor) == 3:
+        deepest = 2 ** (len(ae.num_channels) - 1)
+        factor[ae.dim_split] = math.lcm(factor[ae.dim_split], ae.num_splits * MIN_SPLIT_VOXELS * deepest)
+    return tuple(factor)
 
 
 def at_size(config: Config, size: tuple[int, ...], **device: Any) -> Config:
@@ -218,8 +230,11 @@ class Planner:
         # What the stage trains on: its own precision, and the autoencoder's volume or patch size.
         config = step_config(config, "autoencoder" if stage == "autoencoder" else "ldm")
         convert = self.target == "cuda" and self.device == "cpu"
-        # For a GPU estimate the CPU measures float32, which the conversion factors were calibrated against.
+        # For a GPU estimate the CPU measures float32, which the conversion factors were calibrated against (MAISI's
+        # float16 GroupNorm outputs need fp16 autocast: measured in float32 too).
         probe_config = at_size(config, config.data.voxel_size, mixed_precision=False) if convert else config
+        if convert and probe_config.autoencoder.norm_float16:
+            probe_config.autoencoder.norm_float16 = False
         key = json.dumps(probe_config.model_dump(mode="json"), sort_keys=True) + stage
         if key not in self._cache:
             if self.verbose:

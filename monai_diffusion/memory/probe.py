@@ -303,7 +303,7 @@ def build_step(config: Config, options: Options, device: torch.device, precision
         return Step(run, modules, optimizers, _trained_params(optimizers))
 
     autoencoder = _frozen_autoencoder(config, device)
-    latent = (config.autoencoder.latent_channels, *autoencoder.latent_shape(size))
+    latent = (config.autoencoder.latent_channels, *downsampling(config).latent_shape(size))
     t = config.controlnet.training if options.stage == "controlnet" else config.ldm.training
     encoder = ConditionEncoder.placeholder(config)
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 from monai.networks.nets import ControlNet, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
@@ -15,6 +16,7 @@ from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 # Config keys that fix the autoencoder's tensor shapes (what build_autoencoder reads, training options aside): a
 # checkpoint trained with other values cannot be resumed or reused.
 AUTOENCODER_SHAPE_KEYS = [
+    "autoencoder.architecture",
     "autoencoder.num_channels",
     "autoencoder.downsample_factors",
     "autoencoder.latent_channels",
@@ -60,18 +62,60 @@ CONTROLNET_SHAPE_KEYS = LDM_SHAPE_KEYS + [
 
 def build_autoencoder(
     ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoint: bool | None = None, chunk_elements: int | None = None
-) -> AutoencoderKL:
-    """The autoencoder described by the ``autoencoder`` section.
+) -> AutoencoderKL | AutoencoderKlMaisi:
+    """The autoencoder described by the ``autoencoder`` section: ours, or MAISI's (``autoencoder.architecture``).
 
     Args:
         ae: the ``autoencoder`` config section.
         spatial_dims: 3 for volumes (``len(data.voxel_size)``).
-        use_checkpoint: the memory-saving training path; None takes ``ae.training.use_gradient_checkpointing``.
+        use_checkpoint: the memory-saving training path (MAISI's: its ``use_checkpointing``); None takes
+            ``ae.training.use_gradient_checkpointing``.
         chunk_elements: slab size of the memory-saving path (None: the network's default per device); the
-            benchmark varies it.
+            benchmark varies it. Not read by MAISI's network (its slabs are ``num_splits``).
     """
+    use_checkpoint = ae.training.use_gradient_checkpointing if use_checkpoint is None else use_checkpoint
+    if ae.architecture == "maisi":
+        autoencoder = _maisi_autoencoder(ae, spatial_dims, use_checkpoint)
+    else:
+        autoencoder = _our_autoencoder(ae, spatial_dims, use_checkpoint, chunk_elements)
+    if ae.initial_sigma is not None:
+        # The log-variance projection's bias sets where sigma starts: log(sigma^2) = 2 log(sigma).
+        torch.nn.init.constant_(autoencoder.quant_conv_log_sigma.conv.bias, 2 * math.log(ae.initial_sigma))
+    return autoencoder
+
+
+def _maisi_autoencoder(ae: AutoencoderConfig, spatial_dims: int, use_checkpoint: bool) -> AutoencoderKlMaisi:
+    """MONAI's AutoencoderKlMaisi with MAISI's argument names (NV-Generate-CTMR's ``autoencoder_def``)."""
     num_levels = len(ae.num_channels)
-    autoencoder = AutoencoderKL(
+    return AutoencoderKlMaisi(
+        spatial_dims=spatial_dims,
+        in_channels=ae.in_channels,
+        out_channels=ae.in_channels,
+        latent_channels=ae.latent_channels,
+        num_channels=tuple(ae.num_channels),
+        num_res_blocks=(ae.num_res_blocks,) * num_levels if isinstance(ae.num_res_blocks, int)
+        else tuple(ae.num_res_blocks),
+        norm_num_groups=ae.norm_num_groups,
+        norm_eps=1e-6,
+        attention_levels=tuple(ae.attention_levels) if ae.attention_levels is not None else (False,) * num_levels,
+        with_encoder_nonlocal_attn=ae.with_encoder_nonlocal_attn,
+        with_decoder_nonlocal_attn=ae.with_decoder_nonlocal_attn,
+        include_fc=ae.include_fc,
+        use_combined_linear=ae.use_combined_linear,
+        use_flash_attention=ae.use_flash_attention,
+        use_checkpointing=use_checkpoint,
+        use_convtranspose=ae.use_convtranspose,
+        num_splits=ae.num_splits,
+        dim_split=ae.dim_split,
+        norm_float16=ae.norm_float16,
+        save_mem=ae.save_mem,
+    )
+
+
+def _our_autoencoder(ae: AutoencoderConfig, spatial_dims: int, use_checkpoint: bool,
+                     chunk_elements: int | None) -> AutoencoderKL:
+    num_levels = len(ae.num_channels)
+    return AutoencoderKL(
         spatial_dims=spatial_dims,
         in_channels=ae.in_channels,
         out_channels=ae.in_channels,
@@ -82,7 +126,7 @@ def build_autoencoder(
         norm_num_groups=ae.norm_num_groups,
         with_encoder_nonlocal_attn=ae.with_encoder_nonlocal_attn,
         with_decoder_nonlocal_attn=ae.with_decoder_nonlocal_attn,
-        use_checkpoint=ae.training.use_gradient_checkpointing if use_checkpoint is None else use_checkpoint,
+        use_checkpoint=use_checkpoint,
         use_convtranspose=ae.use_convtranspose,
         include_fc=ae.include_fc,
         use_combined_linear=ae.use_combined_linear,
@@ -91,10 +135,6 @@ def build_autoencoder(
         residual_resampling=ae.residual_resampling,
         chunk_elements=chunk_elements,
     )
-    if ae.initial_sigma is not None:
-        # The log-variance projection's bias sets where sigma starts: log(sigma^2) = 2 log(sigma).
-        torch.nn.init.constant_(autoencoder.quant_conv_log_sigma.conv.bias, 2 * math.log(ae.initial_sigma))
-    return autoencoder
 
 
 def build_discriminator(ae: AutoencoderConfig, spatial_dims: int = 3) -> PatchDiscriminator:
