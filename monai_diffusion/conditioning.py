@@ -16,12 +16,20 @@ ControlNet follows.
   (``uncond + w (cond - uncond)``, as MONAI's inferers' ``cfg``).
 - :func:`parse_condition_args` and :func:`read_condition_table`: what ``sample --condition`` and ``--conditions``
   give, with the place each value came from for error messages.
+
+MAISI's UNet (``ldm.unet.architecture: maisi``) has two inputs of its own, which the same encoder gives it: each
+volume's voxel spacing (mm, times 100 as MAISI feeds it; from the volume's affine, never dropped) and its modality, a
+code of MAISI's vocabulary as its class label (a datalist field or one configured value; 0, 'unknown', is its null
+condition, and training drops it as MAISI's does: to 'unknown', and ct_* / mri_* codes to ct / mri, each with
+``ldm.conditioning.dropout``).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +37,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from monai_diffusion.config.schema import ConditionConfig, Config, DataConfig
+from monai_diffusion.config.schema import MAISI_MODALITIES, ConditionConfig, Config, DataConfig
 from monai_diffusion.data.sources import condition_value, label_problem
 from monai_diffusion.data.transforms import build_mask_transforms
+from monai_diffusion.latents import SPACING_KEY, voxel_spacing
 
 __all__ = [
+    "MODALITY_KEY",
     "ConditionEncoder",
     "Conditioning",
     "Denoiser",
+    "batch_spacing",
+    "format_spacing",
+    "maisi_modality_dropout",
     "control_input",
     "control_size",
     "parse_condition_args",
@@ -50,6 +63,10 @@ __all__ = [
 PROBE_CATEGORIES = 2
 # The key a lone label map travels under through the data chain.
 MASK_KEY = "mask"
+# The key a volume's modality (MAISI's UNet) travels under in rows of conditions and cached batches.
+MODALITY_KEY = "modality"
+# MAISI feeds its UNet the voxel spacing in mm times this (NV-Generate-CTMR's diff_model_train.py: x * 1e2).
+MAISI_SPACING_SCALE = 100.0
 
 
 # ------------------------------------------------------------------------------------------------- encoding
@@ -57,56 +74,87 @@ MASK_KEY = "mask"
 
 @dataclass
 class Conditioning:
-    """One batch's conditions as MONAI's DiffusionModelUNet and ControlNet take them.
+    """One batch's conditions as MONAI's DiffusionModelUNet and ControlNet (and MAISI's) take them.
 
     Attributes:
         context: (B, 1, D) float cross-attention context, None when the UNet has no cross-attention conditioning.
         class_labels: (B,) int64 class indices, None when it has no class embedding; 0 is the null class.
+        spacing: (B, 3) float voxel spacing as MAISI's UNet takes it (mm x 100), None for other UNets. It is no
+            condition to guide towards: the null condition keeps it.
+        modality: the class labels are MAISI's modality codes (dropped as MAISI's training drops them).
     """
 
     context: torch.Tensor | None = None
     class_labels: torch.Tensor | None = None
+    spacing: torch.Tensor | None = None
+    modality: bool = False
 
     def inputs(self) -> dict[str, torch.Tensor]:
-        """The keyword arguments of the UNet's (and ControlNet's) forward."""
+        """The keyword arguments of the UNet's forward (a ControlNet takes all but ``spacing_tensor``)."""
         inputs = {}
         if self.context is not None:
             inputs["context"] = self.context
         if self.class_labels is not None:
             inputs["class_labels"] = self.class_labels
+        if self.spacing is not None:
+            inputs["spacing_tensor"] = self.spacing
         return inputs
 
+    def _map(self, function) -> Conditioning:
+        """Each tensor through ``function`` (None stays None)."""
+        return dataclasses.replace(self, **{name: function(getattr(self, name)) if getattr(self, name) is not None
+                                            else None for name in ("context", "class_labels", "spacing")})
+
     def to(self, device: torch.device | str) -> Conditioning:
-        return Conditioning(*(t.to(device, non_blocking=True) if t is not None else None
-                              for t in (self.context, self.class_labels)))
+        return self._map(lambda t: t.to(device, non_blocking=True))
 
     def null(self) -> Conditioning:
-        """The null condition for every sample of the batch (classifier-free guidance's unconditional input)."""
-        return Conditioning(*(torch.zeros_like(t) if t is not None else None for t in (self.context, self.class_labels)))
+        """The null condition for every sample of the batch (classifier-free guidance's unconditional input); the
+        spacing stays (MAISI's guidance keeps it too)."""
+        return dataclasses.replace(self, context=torch.zeros_like(self.context) if self.context is not None else None,
+                                   class_labels=torch.zeros_like(self.class_labels)
+                                   if self.class_labels is not None else None)
 
     def dropped(self, probability: float) -> Conditioning:
         """Each sample's conditions replaced by the null condition with ``probability`` (classifier-free guidance
-        training). The draw comes from torch's global CPU generator, whose state every checkpoint keeps: a resumed
-        run drops the same samples."""
+        training; MAISI's modality as :func:`maisi_modality_dropout`). The draws come from torch's global CPU
+        generator, whose state every checkpoint keeps: a resumed run drops the same samples."""
         if probability <= 0:
             return self
-        batch = len(self.context if self.context is not None else self.class_labels)
-        keep = torch.rand(batch) >= probability
-        return Conditioning(
-            self.context * keep.to(self.context).view(-1, 1, 1) if self.context is not None else None,
-            self.class_labels * keep.to(self.class_labels) if self.class_labels is not None else None,
-        )
+        context, class_labels = self.context, self.class_labels
+        if context is not None or (class_labels is not None and not self.modality):
+            keep = torch.rand(len(context if context is not None else class_labels)) >= probability
+            if context is not None:
+                context = context * keep.to(context).view(-1, 1, 1)
+            if class_labels is not None and not self.modality:
+                class_labels = class_labels * keep.to(class_labels)
+        if class_labels is not None and self.modality:
+            class_labels = maisi_modality_dropout(class_labels, probability)
+        return dataclasses.replace(self, context=context, class_labels=class_labels)
 
     def repeat(self, count: int) -> Conditioning:
         """The batch repeated ``count`` times along its first axis (one condition for several samples)."""
-        return Conditioning(*(t.repeat_interleave(count, dim=0) if t is not None else None
-                              for t in (self.context, self.class_labels)))
+        return self._map(lambda t: t.repeat_interleave(count, dim=0))
 
     @staticmethod
     def cat(first: Conditioning, second: Conditioning) -> Conditioning:
         """Two batches' conditions one after the other (guidance runs both halves in one UNet pass)."""
-        return Conditioning(*(torch.cat([a, b]) if a is not None else None
-                              for a, b in ((first.context, second.context), (first.class_labels, second.class_labels))))
+        pairs = {name: (getattr(first, name), getattr(second, name)) for name in ("context", "class_labels", "spacing")}
+        return dataclasses.replace(first, **{name: torch.cat([a, b]) if a is not None else None
+                                             for name, (a, b) in pairs.items()})
+
+
+def maisi_modality_dropout(labels: torch.Tensor, probability: float) -> torch.Tensor:
+    """MAISI's modality augmentation (NV-Generate-CTMR's ``augment_modality_label``, at ``probability``): each ct_*
+    code (2-7) becomes ct (1), each mri_* code (>= 9) mri (8), and each label 'unknown' (0, the null condition), each
+    with ``probability``. Drawn on the CPU from torch's global generator."""
+    labels = labels.clone()
+    device = labels.device
+    coarse_ct = (labels >= 2) & (labels < 8) & (torch.rand(labels.shape) < probability).to(device)
+    labels[coarse_ct] = 1
+    coarse_mri = (labels >= 9) & (torch.rand(labels.shape) < probability).to(device)
+    labels[coarse_mri] = 8
+    return labels * (torch.rand(labels.shape) >= probability).to(device, labels.dtype)
 
 
 @dataclass(frozen=True)
@@ -117,10 +165,15 @@ class ConditionEncoder:
         conditions: one dict per condition, in ``data.conditions`` order: ``{"name", "type": "continuous", "mean",
             "std"}`` or ``{"name", "type": "categorical", "categories": [...]}``.
         categorical_via: ``ldm.conditioning.categorical_via`` (cross_attention or class_embedding).
+        maisi: MAISI's UNet's own inputs (None for MONAI's UNet): ``{"spacing": bool`` (it takes the voxel
+            spacing), ``"modalities"``: the vocabulary {name: code} (None: no modality input), ``"modality_key"``:
+            the datalist field holding each volume's modality (None: one configured value), ``"modality"``: the
+            default modality (the configured one, or the training split's most frequent)``}``.
     """
 
     conditions: tuple[dict, ...]
     categorical_via: str
+    maisi: dict | None = None
 
     # ---- building and storing
 
@@ -133,8 +186,8 @@ class ConditionEncoder:
                 among the configured ``categories``, or a continuous value is the same in every item (nothing to
                 condition on).
         """
-        specs = config.data.conditions
-        if not specs:
+        specs, maisi = config.data.conditions, _fit_maisi(config, items)
+        if not specs and maisi is None:
             return None
         fitted = []
         for index, spec in enumerate(specs):
@@ -154,13 +207,14 @@ class ConditionEncoder:
                                      f"values {unknown} outside {spec.categories}")
             categories = list(spec.categories) if spec.categories is not None else sorted(set(values))
             fitted.append({"name": spec.name, "type": "categorical", "categories": categories})
-        return cls(tuple(fitted), config.ldm.conditioning.categorical_via)
+        return cls(tuple(fitted), config.ldm.conditioning.categorical_via, maisi)
 
     @classmethod
     def placeholder(cls, config: Config) -> ConditionEncoder | None:
         """The encoder's layout without data, for measuring a step: continuous values standardised as they are,
         categorical ones with their configured vocabulary or ``PROBE_CATEGORIES`` stand-ins."""
-        if not config.data.conditions:
+        maisi = _fit_maisi(config, [])
+        if not config.data.conditions and maisi is None:
             return None
         fitted = [
             {"name": spec.name, "type": "continuous", "mean": 0.0, "std": 1.0} if spec.type == "continuous" else
@@ -168,24 +222,52 @@ class ConditionEncoder:
              "categories": list(spec.categories or [str(i) for i in range(PROBE_CATEGORIES)])}
             for spec in config.data.conditions
         ]
-        return cls(tuple(fitted), config.ldm.conditioning.categorical_via)
+        return cls(tuple(fitted), config.ldm.conditioning.categorical_via, maisi)
 
     @classmethod
     def from_state(cls, state: Mapping | None) -> ConditionEncoder | None:
         """The encoder a checkpoint keeps (its ``"conditioning"`` entry; None or absent: unconditional)."""
         if not state:
             return None
-        return cls(tuple(dict(c) for c in state["conditions"]), state["categorical_via"])
+        maisi = dict(state["maisi"]) if state.get("maisi") is not None else None
+        return cls(tuple(dict(c) for c in state["conditions"]), state["categorical_via"], maisi)
 
     def state(self) -> dict:
         """What a checkpoint keeps: plain lists, numbers and strings."""
-        return {"conditions": [dict(c) for c in self.conditions], "categorical_via": self.categorical_via}
+        return {"conditions": [dict(c) for c in self.conditions], "categorical_via": self.categorical_via,
+                **({"maisi": dict(self.maisi)} if self.maisi is not None else {})}
 
     # ---- the UNet's shape
 
     @property
     def names(self) -> list[str]:
+        """The covariates' names (``data.conditions``)."""
         return [c["name"] for c in self.conditions]
+
+    @property
+    def takes_spacing(self) -> bool:
+        """MAISI's UNet with its spacing input."""
+        return self.maisi is not None and bool(self.maisi["spacing"])
+
+    @property
+    def modalities(self) -> dict[str, int] | None:
+        """MAISI's modality vocabulary when the UNet takes a modality, else None."""
+        return self.maisi.get("modalities") if self.maisi is not None else None
+
+    @property
+    def row_names(self) -> list[str]:
+        """What a row of conditions holds (``encode``): the covariates, then MAISI's spacing and modality."""
+        return self.names + ([SPACING_KEY] if self.takes_spacing else []) \
+            + ([MODALITY_KEY] if self.modalities is not None else [])
+
+    def item_fields(self, item: Mapping) -> dict:
+        """What a training item carries into its batches besides its image: its covariates and its modality (under
+        ``MODALITY_KEY``); the spacing comes with the image (its affine, or the cache entry's)."""
+        fields = {name: item[name] for name in self.names}
+        if self.modalities is not None:
+            key = self.maisi["modality_key"]
+            fields[MODALITY_KEY] = item[key] if key is not None else self.maisi["modality"]
+        return fields
 
     def _in_context(self, condition: dict) -> bool:
         return condition["type"] == "continuous" or self.categorical_via == "cross_attention"
@@ -213,13 +295,17 @@ class ConditionEncoder:
 
     # ---- values -> inputs
 
-    def encode(self, rows: Sequence[Mapping], where: Sequence[str] | None = None) -> Conditioning:
+    def encode(self, rows: Sequence[Mapping], where: Sequence[str] | None = None, *,
+               covariates: bool = True) -> Conditioning:
         """The UNet's inputs for one row of raw values per sample (numbers or text, as a datalist or the command
         line gives them).
 
         Args:
-            rows: ``{name: value}`` per sample; every condition must be there.
+            rows: ``{name: value}`` per sample; every condition must be there (MAISI's UNet: its spacing under
+                ``SPACING_KEY`` and its modality under ``MODALITY_KEY`` too).
             where: where each row came from, for error messages (default: ``sample <i>``).
+            covariates: False: the covariates' null condition (the rows need not hold them), MAISI's inputs from
+                the rows.
 
         Raises:
             ValueError: a value is missing, not a number where continuous, or not in the vocabulary (naming the
@@ -227,8 +313,17 @@ class ConditionEncoder:
         """
         where = where or [f"sample {index}" for index in range(len(rows))]
         specs = [ConditionConfig(name=c["name"], type=c["type"]) for c in self.conditions]
-        context, classes = [], []
+        context, classes, spacings = [], [], []
         for row, place in zip(rows, where):
+            if self.takes_spacing:
+                spacings.append(_spacing(row, place))
+            if self.modalities is not None:
+                classes.append(self._modality_code(row, place))
+            if not covariates:
+                context.append([0.0] * (self.context_dim or 0))
+                if self.num_class_embeds is not None:
+                    classes.append(0)
+                continue
             features, class_index, stride = [1.0], 0, 1
             for condition, spec in zip(self.conditions, specs):
                 value = _value(spec, row, place)
@@ -246,11 +341,23 @@ class ConditionEncoder:
                     class_index += code * stride
                     stride *= len(categories)
             context.append(features)
-            classes.append(1 + class_index)
+            if self.num_class_embeds is not None:
+                classes.append(1 + class_index)
         return Conditioning(
             torch.tensor(context, dtype=torch.float32)[:, None, :] if self.context_dim is not None else None,
-            torch.tensor(classes, dtype=torch.int64) if self.num_class_embeds is not None else None,
+            torch.tensor(classes, dtype=torch.int64) if classes else None,
+            torch.tensor(spacings, dtype=torch.float32) * MAISI_SPACING_SCALE if self.takes_spacing else None,
+            modality=self.modalities is not None,
         )
+
+    def _modality_code(self, row: Mapping, where: str) -> int:
+        """A row's modality as MAISI's class label."""
+        if MODALITY_KEY not in row:
+            raise ValueError(f"{where}: the modality is missing (MAISI's UNet takes one, e.g. --modality ct)")
+        value = str(row[MODALITY_KEY])
+        if value not in self.modalities:
+            raise ValueError(f"{where}: modality {value!r} is not in MAISI's vocabulary ({', '.join(self.modalities)})")
+        return self.modalities[value]
 
     def null(self, batch_size: int) -> Conditioning:
         """The null condition for ``batch_size`` samples: what the UNet learnt as "unconditioned" (a conditional UNet
@@ -261,15 +368,23 @@ class ConditionEncoder:
 
     def encode_batch(self, batch: Mapping) -> Conditioning:
         """The UNet's inputs for a collated batch of items (each condition's values under its name: a tensor of
-        numbers or a list of text)."""
+        numbers or a list of text; MAISI's modality under ``MODALITY_KEY`` or its datalist field, and the voxel
+        spacing as :func:`batch_spacing` finds it)."""
+        size = len(batch["mu"] if "mu" in batch else batch["image"])
         columns = {name: batch[name] for name in self.names}
-        size = len(next(iter(columns.values())))
+        if self.takes_spacing:
+            columns[SPACING_KEY] = batch_spacing(batch)
+        if self.modalities is not None:
+            # Cached batches carry it under MODALITY_KEY, image batches under its datalist field; else the configured one.
+            key = MODALITY_KEY if MODALITY_KEY in batch else self.maisi["modality_key"]
+            columns[MODALITY_KEY] = batch[key] if key is not None else [self.maisi["modality"]] * size
         rows = [{name: _element(values, i) for name, values in columns.items()} for i in range(size)]
         return self.encode(rows, [f"batch item {i}" for i in range(size)])
 
     def describe(self, row: Mapping) -> str:
         """``name=value`` of a row's conditions in order, for file headers and logs."""
-        return " ".join(f"{name}={_text(row[name])}" for name in self.names)
+        return " ".join(f"{name}={_text(row[name]) if name != SPACING_KEY else format_spacing(row[name])}"
+                        for name in self.row_names if name in row)
 
 
 def _value(spec: ConditionConfig, row: Mapping, where: str) -> float | str:
@@ -283,9 +398,77 @@ def _value(spec: ConditionConfig, row: Mapping, where: str) -> float | str:
 
 
 def _element(values, index: int):
-    """Element ``index`` of a collated column as a plain Python value."""
+    """Element ``index`` of a collated column as a plain Python value (a row of a 2D tensor as a list)."""
     value = values[index]
-    return value.item() if isinstance(value, torch.Tensor) else value
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.ndim == 0 else value.tolist()
+    return value
+
+
+def _fit_maisi(config: Config, items: Sequence[dict]) -> dict | None:
+    """The ``maisi`` part of a :class:`ConditionEncoder` for ``config``'s UNet (None for MONAI's): with a modality
+    field, every item's modality checked and the most frequent one the default.
+
+    Raises:
+        ValueError: an item without the field, or with a modality outside MAISI's vocabulary or the embedding.
+    """
+    unet = config.ldm.unet
+    if unet.architecture != "maisi":
+        return None
+    maisi = {"spacing": unet.include_spacing_input, "modalities": None, "modality_key": None, "modality": None}
+    if unet.num_class_embeds is None:
+        return maisi
+    vocabulary = {name: code for name, code in MAISI_MODALITIES.items() if code < unet.num_class_embeds}
+    maisi |= {"modalities": vocabulary, "modality_key": unet.modality_key, "modality": unet.modality}
+    key = unet.modality_key
+    if key is not None:
+        for item in items:
+            place = f"training volume {item['image']}"
+            if key not in item:
+                raise ValueError(f"{place}: no '{key}' field (ldm.unet.modality_key: each volume's modality)")
+            if str(item[key]) not in vocabulary:
+                raise ValueError(f"{place}: '{key}' = {item[key]!r} is not a modality of MAISI's vocabulary "
+                                 f"({', '.join(vocabulary)})")
+        counts = Counter(str(item[key]) for item in items)
+        maisi["modality"] = counts.most_common(1)[0][0] if counts else next(iter(vocabulary))
+    return maisi
+
+
+def _spacing(row: Mapping, where: str) -> list[float]:
+    """A row's voxel spacing in mm: three numbers, or text like ``1.5x1.5x2``."""
+    if SPACING_KEY not in row:
+        raise ValueError(f"{where}: the voxel spacing is missing (MAISI's UNet takes one, e.g. --spacing 1.5 1.5 2)")
+    value = row[SPACING_KEY]
+    try:
+        values = [float(v) for v in (value.split("x") if isinstance(value, str) else value)]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or any(not math.isfinite(v) or v <= 0 for v in values):
+        raise ValueError(f"{where}: voxel spacing {value!r} is not three positive numbers of mm")
+    return values
+
+
+def format_spacing(spacing) -> str:
+    """A voxel spacing as text: ``1.5x1.5x2``."""
+    values = spacing.tolist() if isinstance(spacing, torch.Tensor) else spacing
+    if isinstance(values, str):
+        return values
+    return "x".join(f"{float(v):g}" for v in values)
+
+
+def batch_spacing(batch: Mapping) -> torch.Tensor:
+    """(B, 3) voxel spacing in mm of a batch: the cache entries' (``SPACING_KEY``), or the image batch's affines.
+
+    Raises:
+        ValueError: the batch carries neither.
+    """
+    if SPACING_KEY in batch:
+        return torch.as_tensor(batch[SPACING_KEY], dtype=torch.float64)
+    affine = getattr(batch.get("image"), "affine", None)
+    if affine is None:
+        raise ValueError("the batch carries no voxel spacing (MAISI's UNet needs each volume's)")
+    affine = torch.as_tensor(affine).as_subclass(torch.Tensor)
+    return voxel_spacing(affine if affine.ndim == 3 else affine[None])
 
 
 def _text(value) -> str:
@@ -394,9 +577,9 @@ def unet_output(unet: torch.nn.Module, x: torch.Tensor, timesteps: torch.Tensor,
     residuals for the ``control`` input added to the UNet's skip connections and mid-block (MONAI's
     ``ControlNetDiffusionInferer``)."""
     inputs = condition.inputs() if condition is not None else {}
-    if controlnet is not None:
+    if controlnet is not None:  # MAISI's ControlNet takes no spacing (its UNet does)
         down, mid = controlnet(x=x, timesteps=timesteps, controlnet_cond=control, conditioning_scale=control_scale,
-                               **inputs)
+                               **{k: v for k, v in inputs.items() if k != "spacing_tensor"})
         inputs = {**inputs, "down_block_additional_residuals": down, "mid_block_additional_residual": mid}
     return unet(x, timesteps=timesteps, **inputs)
 

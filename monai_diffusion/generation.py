@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from monai.metrics import PSNRMetric, SSIMMetric
 from tqdm import tqdm
 
-from monai_diffusion.conditioning import ConditionEncoder, Denoiser, control_size, read_control
+from monai_diffusion.conditioning import (
+    MODALITY_KEY,
+    ConditionEncoder,
+    Denoiser,
+    control_size,
+    format_spacing,
+    read_control,
+)
 from monai_diffusion.config.loading import config_from_dict
 from monai_diffusion.config.schema import Config, SamplingConfig
 from monai_diffusion.config.stages import stage_config
@@ -38,12 +45,14 @@ from monai_diffusion.engine.logging import get_logger, save_png, save_sample, vo
 from monai_diffusion.engine.loop import TrainingRun
 from monai_diffusion.engine.precision import Precision, resolve_precision
 from monai_diffusion.latents import (
+    SPACING_KEY,
     LatentRecord,
     decode_latents,
     load_autoencoder,
     reconstruct,
     resolve_autoencoder_checkpoint,
     state_dict_hash,
+    voxel_spacing,
 )
 from monai_diffusion.metrics import SSIM_WINDOW
 from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_controlnet, build_scheduler, build_unet
@@ -59,6 +68,7 @@ __all__ = [
     "sample",
     "validation_reconstructions",
     "validation_sample",
+    "with_spacing",
 ]
 
 # Samples of one seed are drawn from generators seeded ``seed * SEED_STRIDE + index``: sample i is the same
@@ -347,6 +357,8 @@ def sample(
     where: Sequence[str] | None = None,
     guidance: float | None = None,
     mask: Path | None = None,
+    spacing: Sequence[float] | None = None,
+    modality: str | None = None,
 ) -> list[Path]:
     """Generate ``num_samples`` volumes; returns the NIfTI paths this process wrote.
 
@@ -365,24 +377,30 @@ def sample(
         guidance: classifier-free guidance scale (None: ``ldm.sampling.guidance_scale``).
         mask: a label map the samples follow: needs a ControlNet checkpoint (by default the newest
             ``<output_dir>/controlnet-*`` run); the samples take its affine.
+        spacing: MAISI's UNet: the voxel spacing (mm per axis) it generates at, and the samples' affine gets
+            (None: the training data's, or the mask's).
+        modality: MAISI's UNet: the modality of every sample, a name of MAISI's vocabulary (None: the one the
+            checkpoint keeps, ``ldm.unet.modality`` or the training split's most frequent).
 
     Raises:
         ValueError: ``config`` and the checkpoint differ on one of ``shape_keys`` (both values listed); conditions
             for an LDM trained without them, unknown, missing, non-numeric or unknown-category values (naming the
             row and key); guidance without conditions or from a UNet trained without condition dropout; a mask
-            without a ControlNet checkpoint or a ControlNet checkpoint without a mask.
+            without a ControlNet checkpoint or a ControlNet checkpoint without a mask; a spacing or modality for a
+            UNet that takes none, or one MAISI's UNet cannot take.
     """
     dist = init_distributed(config.device.device)
     try:
         return _generate(config, dist, num_samples, steps, scheduler_kind=scheduler_kind, seed=seed, out=out,
                          checkpoint=checkpoint, shape_keys=shape_keys,
-                         conditions=conditions, where=where, guidance=guidance, mask=mask)
+                         conditions=conditions, where=where, guidance=guidance, mask=mask, spacing=spacing,
+                         modality=modality)
     finally:
         cleanup_distributed()
 
 
 def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_kind, seed, out, checkpoint,
-              shape_keys, conditions, where, guidance, mask) -> list[Path]:
+              shape_keys, conditions, where, guidance, mask, spacing, modality) -> list[Path]:
     log = get_logger()
     device = dist.device
     precision = resolve_precision(stage_config(config, "ldm").device.mixed_precision, device)  # the LDM's own
@@ -424,10 +442,13 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_k
         control, affine = read_control(Path(mask), trained.data, trained_controlnet.num_labels, size)
         control = control[None].to(device)
 
-    # ---- what each sample is conditioned on
+    # ---- what each sample is conditioned on (MAISI's UNet: and its spacing and modality)
     rows, guidance = _condition_rows(ldm.encoder, conditions, where, guidance, num_samples=num_samples,
                                      sampling=sampling, state=ldm.state)
     num_samples = len(rows) if rows is not None else (num_samples or sampling.num_samples)
+    covariates = rows is not None  # else their null condition (a conditional LDM's unconditional model)
+    rows, affine = _maisi_rows(ldm.encoder, rows, num_samples, spacing=spacing, modality=modality, affine=affine,
+                               path=path)
 
     scheduler = build_scheduler(trained.ldm.scheduler, kind, ldm.latent_shape)
     intensity = trained.data.intensity
@@ -448,7 +469,8 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_k
         generator = torch.Generator(device=device).manual_seed(seed * SEED_STRIDE + index)
         denoiser, condition = ldm.unet, None
         if ldm.encoder is not None:  # without rows, the null condition: the LDM's unconditional model
-            condition = ldm.encoder.encode(rows[index:index + 1]) if rows is not None else ldm.encoder.null(1)
+            condition = ldm.encoder.encode(rows[index:index + 1], covariates=covariates) if rows is not None \
+                else ldm.encoder.null(1)
         if condition is not None or controlnet is not None:
             denoiser = Denoiser(ldm.unet, condition.to(device) if condition is not None else None, guidance,
                                 controlnet, control=control, control_scale=config.controlnet.conditioning_scale)
@@ -463,7 +485,9 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_k
         written.append(nifti)
         log.info("wrote %s", nifti)
     if described and dist.is_main:
-        _write_manifest(out / MANIFEST, records, ldm.encoder.names if rows is not None else [])
+        names = [name for name in ldm.encoder.row_names if covariates or name not in ldm.encoder.names] \
+            if rows is not None else []
+        _write_manifest(out / MANIFEST, records, names)
     barrier()
     return written
 
@@ -473,10 +497,12 @@ def _condition_rows(encoder, conditions, where, guidance, *, num_samples, sampli
     LDM was trained with."""
     path = state["path"]
     if conditions is None:
+        if encoder is not None and encoder.modalities is not None:  # MAISI's UNet: guided towards the modality
+            return None, _guidance(sampling.guidance_scale if guidance is None else guidance, state)
         if guidance is not None:
             raise ValueError(f"--guidance {guidance:g} steers samples towards their conditions; give them with "
                              "--condition KEY=VALUE or --conditions TABLE.csv")
-        if encoder is not None:
+        if encoder is not None and encoder.names:
             get_logger().info("no conditions given: sampling the LDM's unconditional model (null condition)")
         return None, 1.0
     where = list(where) if where is not None else ["--condition"] * len(conditions)
@@ -496,13 +522,60 @@ def _condition_rows(encoder, conditions, where, guidance, *, num_samples, sampli
                 + ("; " if unknown and missing else "")
                 + (f"give {missing} too (every condition, or none for unconditional samples)" if missing else "")
             )
-    encoder.encode(conditions, where)  # every value checked before any sample is drawn
-    guidance = sampling.guidance_scale if guidance is None else guidance
+    if encoder.maisi is None:
+        encoder.encode(conditions, where)  # every value checked before any sample is drawn (MAISI's: with its inputs)
+    return list(conditions), _guidance(sampling.guidance_scale if guidance is None else guidance, state)
+
+
+def _guidance(guidance: float, state: dict) -> float:
+    """The guidance scale, refused above or below 1 for a UNet that never learnt the unconditional model."""
     dropout = state["config"].get("ldm", {}).get("conditioning", {}).get("dropout", 0.0)
     if guidance != 1 and dropout == 0:
-        raise ValueError(f"guidance {guidance:g} extrapolates from the unconditional model, but the LDM {path} was "
-                         f"trained with ldm.conditioning.dropout 0 (it never learnt one); sample with guidance 1")
-    return list(conditions), guidance
+        raise ValueError(f"guidance {guidance:g} extrapolates from the unconditional model, but the LDM {state['path']} "
+                         f"was trained with ldm.conditioning.dropout 0 (it never learnt one); sample with guidance 1")
+    return guidance
+
+
+def _maisi_rows(encoder: ConditionEncoder | None, rows: list[dict] | None, num_samples: int, *,
+                spacing: Sequence[float] | None, modality: str | None, affine: torch.Tensor,
+                path: Path) -> tuple[list[dict] | None, torch.Tensor]:
+    """The rows of conditions with MAISI's UNet's own inputs added (the spacing, default the ``affine``'s; the
+    modality, default the checkpoint's), and the affine the samples are written with (scaled to that spacing). Other
+    UNets: the rows and affine as they are.
+
+    Raises:
+        ValueError: a spacing or modality for a UNet that takes none (naming the option), or values MAISI's UNet
+            cannot take (every row checked before any sample is drawn).
+    """
+    takes_spacing = encoder is not None and encoder.takes_spacing
+    takes_modality = encoder is not None and encoder.modalities is not None
+    for option, value, taken in (("--spacing", spacing, takes_spacing), ("--modality", modality, takes_modality)):
+        if value is not None and not taken:
+            raise ValueError(f"{option}: the LDM {path} has a UNet without that input (only MAISI's UNet, "
+                             "ldm.unet.architecture 'maisi', takes a voxel spacing and a modality)")
+    if encoder is None or encoder.maisi is None:
+        return rows, affine
+    inputs = {}
+    if takes_spacing:
+        given = [float(v) for v in spacing] if spacing is not None else voxel_spacing(affine).tolist()
+        inputs[SPACING_KEY] = format_spacing(given)
+        if spacing is not None:
+            affine = with_spacing(affine, given)
+    if takes_modality:
+        inputs[MODALITY_KEY] = modality if modality is not None else encoder.maisi["modality"]
+    given = rows is not None
+    rows = [row | inputs for row in (rows if given else [{}] * num_samples)]
+    encoder.encode(rows, covariates=given)  # every value checked before any sample is drawn
+    return rows, affine
+
+
+def with_spacing(affine: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+    """``affine`` with each axis' column scaled to ``spacing`` mm (directions and origin kept)."""
+    affine = torch.as_tensor(affine, dtype=torch.float64).clone()
+    dims = affine.shape[-1] - 1
+    scale = torch.as_tensor(spacing, dtype=torch.float64) / voxel_spacing(affine)
+    affine[:dims, :dims] *= scale[None, :]
+    return affine
 
 
 def _name_part(value) -> str:

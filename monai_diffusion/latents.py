@@ -50,6 +50,7 @@ from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS, build_auto
 
 __all__ = [
     "CACHE_VERSION",
+    "SPACING_KEY",
     "CacheResult",
     "LatentDataset",
     "LatentRecord",
@@ -69,6 +70,7 @@ __all__ = [
     "tiled_decode",
     "training_items",
     "volume_id",
+    "voxel_spacing",
 ]
 
 logger = logging.getLogger("monai_diffusion")
@@ -76,6 +78,8 @@ logger = logging.getLogger("monai_diffusion")
 # Bump when what a cache entry holds, or how it is computed, changes: old caches are then not reused.
 CACHE_VERSION = 1
 CACHE_ROOT = "latent_cache"
+# The key a volume's voxel spacing (mm per axis) travels under beside its cached posterior.
+SPACING_KEY = "voxel_spacing"
 
 
 # ------------------------------------------------------------------------------------------- the autoencoder
@@ -236,6 +240,14 @@ def encode_volume(autoencoder: torch.nn.Module, image: torch.Tensor, device: tor
     return mu[0].float().cpu(), sigma[0].float().cpu()
 
 
+def voxel_spacing(affine) -> torch.Tensor:
+    """The voxel spacing (mm per axis, float64) of an affine (4x4 for 3D), or of each of a batch of them: the length
+    of each column of its rotation-and-scale part."""
+    affine = torch.as_tensor(affine).as_subclass(torch.Tensor).to("cpu", torch.float64)
+    dims = affine.shape[-1] - 1
+    return torch.linalg.vector_norm(affine[..., :dims, :dims], dim=-2)
+
+
 def plain_affine(affine) -> torch.Tensor:
     """A MetaTensor's affine as a plain float64 CPU tensor (4x4 for 3D), safe for ``weights_only`` loading."""
     return torch.as_tensor(affine).as_subclass(torch.Tensor).detach().to("cpu", torch.float64).clone()
@@ -336,8 +348,9 @@ def build_latent_cache(
 
 class LatentDataset(torch.utils.data.Dataset):
     """Cached posteriors as ``{"mu": (C, *latent), "sigma": (C, *latent)}``, read from disk per item, with the
-    item's ``fields`` beside them (its covariates, a ControlNet's control input): what is not part of the encoded
-    image stays out of the cache, which the conditional and unconditional runs on the same volumes share."""
+    voxel spacing of the volume (``SPACING_KEY``, from the entry's affine) and the item's ``fields`` beside them (its
+    covariates, a ControlNet's control input): what is not part of the encoded image stays out of the cache, which
+    the conditional and unconditional runs on the same volumes share."""
 
     def __init__(self, files: Sequence[Path], fields: Sequence[dict] | None = None) -> None:
         self.files = [Path(f) for f in files]
@@ -348,7 +361,10 @@ class LatentDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         entry = load_cache_entry(self.files[index])
-        return {**self.fields[index], "mu": entry["mu"], "sigma": entry["sigma"]}
+        item = {**self.fields[index], "mu": entry["mu"], "sigma": entry["sigma"]}
+        if entry.get("affine") is not None:  # the volume's voxel spacing (MAISI's UNet takes it)
+            item[SPACING_KEY] = voxel_spacing(entry["affine"])
+        return item
 
 
 def training_items(config: Config) -> list[dict]:

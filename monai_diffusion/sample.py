@@ -9,7 +9,8 @@ write ``sample-NNN.nii.gz`` and ``sample-NNN.png``. The networks are built from 
 A conditional LDM samples with ``--condition KEY=VALUE`` (repeatable; every sample gets them) or ``--conditions
 TABLE.csv`` (one row per sample, one column per condition), guided by ``--guidance W``; ``--mask LABEL_MAP.nii.gz``
 samples a ControlNet run (train-controlnet) so that the volume follows the map, in its space. Those samples are
-named after their seed and conditions, which ``samples.csv`` and each file's NIfTI description also record.
+named after their seed and conditions, which ``samples.csv`` and each file's NIfTI description also record. MAISI's
+UNet also takes ``--spacing X Y Z`` (mm; default the training data's) and ``--modality NAME`` (default the run's).
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "conditions more strongly (default: ldm.sampling.guidance_scale)")
     parser.add_argument("--mask", type=Path, default=None, metavar="LABEL_MAP.nii.gz",
                         help="a label map the samples follow (a ControlNet run; the samples take its affine)")
+    parser.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("X", "Y", "Z"),
+                        help="MAISI's UNet (ldm.unet.architecture maisi): the voxel spacing in mm to generate at, "
+                        "also written to the samples' affine (default: the training data's, or the mask's)")
+    parser.add_argument("--modality", default=None, metavar="NAME",
+                        help="MAISI's UNet: the samples' modality, a name of MAISI's vocabulary, e.g. ct, mri_t1 "
+                        "(default: ldm.unet.modality of the run, or its training split's most frequent)")
 
 
 def keys_to_match(config_file: str | None, overrides: list[str], shape_keys: list[str] = LDM_SHAPE_KEYS) -> list[str]:
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.guidance is not None and args.guidance < 0:
         parser.error("--guidance must be >= 0")
+    if args.spacing is not None and any(not value > 0 for value in args.spacing):
+        parser.error("--spacing must be three positive numbers (mm)")
     config = config_from_args(args)
 
     def generate() -> None:
@@ -89,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                checkpoint=args.checkpoint,
                shape_keys=keys_to_match(args.config, args.overrides,
                                         CONTROLNET_SHAPE_KEYS if args.mask else LDM_SHAPE_KEYS),
-               conditions=rows, where=where, guidance=args.guidance, mask=args.mask)
+               conditions=rows, where=where, guidance=args.guidance, mask=args.mask, spacing=args.spacing,
+               modality=args.modality)
 
     return exit_status(generate)
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss, PerceptualLoss
 from monai.networks.nets import ControlNet, DiffusionModelUNet, PatchDiscriminator
+from monai.networks.utils import copy_model_state
 from torch.optim.lr_scheduler import LRScheduler
 from torch.optim.swa_utils import AveragedModel
 
@@ -729,7 +730,9 @@ def build_controlnet_training(
     unet.eval().requires_grad_(False)
     controlnet = build_controlnet(trained.ldm, config.controlnet, latent_shape[0], len(latent_shape) - 1,
                                   conditioning=conditioning)
-    controlnet.load_state_dict(unet.state_dict(), strict=False)
+    # Every weight whose name and shape the UNet shares (MONAI's copy_model_state, as MAISI starts its ControlNet: the
+    # residual blocks of MAISI's UNet take a wider time embedding, which also embeds the spacing, than its ControlNet's).
+    copy_model_state(controlnet, unet.state_dict())
     controlnet = controlnet.to(device)
     scheduler = build_scheduler(trained.ldm.scheduler, kind, latent_shape)
     optimizer, lr_scheduler = _optimizer_and_schedule(controlnet.parameters(), t.lr, t, max_steps,

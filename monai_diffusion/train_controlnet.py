@@ -25,7 +25,7 @@ from monai_diffusion.config.schema import Config
 from monai_diffusion.data.sources import check_label_maps
 from monai_diffusion.engine import loop
 from monai_diffusion.generation import load_ldm, load_ldm_checkpoint, newest_ldm_checkpoint, validation_sample
-from monai_diffusion.latents import latent_loader, training_items
+from monai_diffusion.latents import SPACING_KEY, latent_loader, training_items, voxel_spacing
 from monai_diffusion.networks.builders import CONTROLNET_SHAPE_KEYS, LDM_SHAPE_KEYS
 from monai_diffusion.steps import ControlRecord, build_controlnet_training
 
@@ -68,7 +68,7 @@ def train(run_config: Config, resume: str | None = None) -> Path:
     # ---- the (image, label map) pairs, their conditions and latents
     items = training_items(config)
     check_label_maps(items, mask_key, config.controlnet.num_labels)
-    fields = [{name: item[name] for name in encoder.names} if encoder is not None else {} for item in items]
+    fields = [encoder.item_fields(item) if encoder is not None else {} for item in items]
     size = control_size(latent_shape[1:], config.controlnet.conditioning_embedding_num_channels)
     if t.cache_latents:
         # The label maps as the ControlNet sees them, computed once (the cached latents are not augmented either).
@@ -97,7 +97,8 @@ def train(run_config: Config, resume: str | None = None) -> Path:
                 controlnet = stage.ema.module if stage.ema is not None else stage.controlnet
                 mask = Path(items[0][mask_key])
                 control, affine = read_control(mask, config.data, config.controlnet.num_labels, size)
-                condition = encoder.encode(fields[:1]).to(device) if encoder is not None else None
+                row = fields[0] | {SPACING_KEY: voxel_spacing(affine).tolist()}  # the map's spacing, for MAISI's UNet
+                condition = encoder.encode([row]).to(device) if encoder is not None else None
                 denoiser = Denoiser(ldm.unet, condition,
                                     config.ldm.sampling.guidance_scale if condition is not None else 1.0, controlnet,
                                     control=control[None].to(device),

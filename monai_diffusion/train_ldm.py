@@ -30,6 +30,7 @@ from monai_diffusion.engine import loop
 from monai_diffusion.engine.distributed import broadcast_object
 from monai_diffusion.generation import validation_sample
 from monai_diffusion.latents import (
+    SPACING_KEY,
     LatentRecord,
     compute_scale_factor,
     encode_volume,
@@ -39,6 +40,7 @@ from monai_diffusion.latents import (
     plain_affine,
     resolve_autoencoder_checkpoint,
     training_items,
+    voxel_spacing,
 )
 from monai_diffusion.networks.builders import LDM_SHAPE_KEYS
 from monai_diffusion.steps import build_ldm_training
@@ -80,7 +82,11 @@ def train(run_config: Config, resume: str | None = None) -> Path:
         else ConditionEncoder.fit(config, items)
     if encoder is not None:
         logger.info("conditions %s", encoder.state()["conditions"])
-    fields = [{name: item[name] for name in encoder.names} for item in items] if encoder is not None else None
+        if encoder.maisi is not None:
+            logger.info("MAISI's UNet inputs: spacing %s, modality %s", encoder.takes_spacing,
+                        f"from '{encoder.maisi['modality_key']}' (default {encoder.maisi['modality']})"
+                        if encoder.maisi["modality_key"] else encoder.maisi["modality"])
+    fields = [encoder.item_fields(item) for item in items] if encoder is not None else None
 
     # ---- latents: the cache (or on-the-fly encoding), the scale factor and the data's affine
     deterministic = build_transforms(config.data, train=False, expected_channels=config.autoencoder.in_channels)
@@ -130,9 +136,10 @@ def train(run_config: Config, resume: str | None = None) -> Path:
             if end.validate:  # the EMA weights when kept; a conditional UNet with the first volume's conditions
                 unet = stage.ema.module if stage.ema is not None else stage.unet
                 denoiser, title = unet, f"step {end.step}"
-                if encoder is not None:
-                    denoiser = Denoiser(unet, encoder.encode(fields[:1]).to(device), config.ldm.sampling.guidance_scale)
-                    title += f" {encoder.describe(fields[0])}"
+                if encoder is not None:  # (and spacing: the record's affine is the first volume's)
+                    row = fields[0] | {SPACING_KEY: voxel_spacing(affine).tolist()}
+                    denoiser = Denoiser(unet, encoder.encode([row]).to(device), config.ldm.sampling.guidance_scale)
+                    title += f" {encoder.describe(row)}"
                 validation_sample(denoiser, unet, autoencoder, config=config, trained=config, record=record,
                                   affine=affine, precision=precision, run=run, step=end.step, title=title)
     return run.dir

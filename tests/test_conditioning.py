@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from monai.data import MetaTensor
 
 from monai_diffusion.conditioning import (
     ConditionEncoder,
@@ -153,3 +154,50 @@ def test_command_line_values_and_tables(tmp_path):
     (tmp_path / "empty.csv").write_text("age,sex\n")
     with pytest.raises(ValueError, match="has no rows"):
         read_condition_table(tmp_path / "empty.csv")
+
+
+# ------------------------------------------------------------------------------------- MAISI's UNet's own inputs
+
+
+def maisi_encoder(**unet) -> ConditionEncoder:
+    raw = {"data": {"source": "datalist", "datalist": "/d/list.json", "voxel_size": [16, 16, 16]},
+           "ldm": {"unet": {"architecture": "maisi", "num_channels": [8, 16], "attention_levels": [False, True],
+                            "num_head_channels": 8, "norm_num_groups": 8} | unet}}
+    items = [{"image": f"/d/v{i}.nii.gz", "class": c} for i, c in enumerate(["ct", "mri_t1", "ct"])]
+    return ConditionEncoder.fit(config_from_dict(raw), items)
+
+
+def test_maisis_spacing_and_modality_from_cached_and_image_batches():
+    encoder = maisi_encoder(modality_key="class")
+    assert encoder.maisi["modality"] == "ct" and encoder.names == []  # the training split's most frequent
+    assert encoder.item_fields({"image": "x", "class": "mri_t1"}) == {"modality": "mri_t1"}
+    cached = {"mu": torch.zeros(2, 4, 2, 2, 2), "voxel_spacing": torch.tensor([[1.5, 1.5, 2.0], [1.0, 1.0, 1.0]]),
+              "modality": ["ct", "mri_t1"]}
+    condition = encoder.encode_batch(cached)
+    assert condition.inputs()["spacing_tensor"].tolist() == [[150.0, 150.0, 200.0], [100.0, 100.0, 100.0]]
+    assert condition.class_labels.tolist() == [1, 9] and condition.modality
+    images = MetaTensor(torch.zeros(1, 1, 4, 4, 4), affine=torch.diag(torch.tensor([0.8, 0.8, 3.0, 1.0]))[None])
+    condition = encoder.encode_batch({"image": images, "class": ["mri_t1"]})  # on the fly: the image's affine
+    assert condition.spacing.tolist() == [[pytest.approx(80.0), pytest.approx(80.0), 300.0]]
+    with pytest.raises(ValueError, match="modality 'pet' is not in MAISI's vocabulary"):
+        encoder.encode([{"voxel_spacing": "1x1x1", "modality": "pet"}])
+    with pytest.raises(ValueError, match="voxel spacing '1x1' is not three positive numbers"):
+        encoder.encode([{"voxel_spacing": "1x1", "modality": "ct"}])
+
+
+def test_maisis_null_condition_keeps_the_spacing_and_its_dropout_is_maisis():
+    encoder = maisi_encoder(modality="ct")
+    condition = encoder.encode([{"voxel_spacing": [1, 1, 1], "modality": "ct"}])
+    null = condition.null()
+    assert null.class_labels.tolist() == [0] and torch.equal(null.spacing, condition.spacing)
+    assert ConditionEncoder.from_state(encoder.state()) == encoder
+    torch.manual_seed(0)
+    labels = torch.tensor([3, 12, 1, 8] * 500)
+    dropped = condition.__class__(class_labels=labels, spacing=torch.ones(2000, 3), modality=True).dropped(0.1)
+    assert torch.equal(dropped.spacing, torch.ones(2000, 3))
+    # ct_contrast (3) -> ct (1) and mri_flair (12) -> mri (8) in ~10%, every code -> unknown (0) in ~10%.
+    for code, coarse in ((3, 1), (12, 8)):
+        after = dropped.class_labels[labels == code]
+        assert set(after.tolist()) == {code, coarse, 0}
+        assert 0.05 < (after == coarse).float().mean() < 0.15 and 0.05 < (after == 0).float().mean() < 0.15
+    assert set(dropped.class_labels[labels == 1].tolist()) == {1, 0}

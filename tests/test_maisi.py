@@ -1,17 +1,22 @@
 """MAISI's networks through every command, on CPU at a tiny size: AutoencoderKlMaisi trained on patches (and planned),
 then frozen under train-ldm (latent cache, scale factor, tiled decoding), sample and evaluate with the trilinear
-baseline."""
+baseline; DiffusionModelUNetMaisi with each volume's spacing and modality under train-ldm and sample, and
+ControlNetMaisi beside it under train-controlnet."""
 
 from __future__ import annotations
 
+import csv
 import functools
 import json
 
+import nibabel as nib
 import pytest
 import yaml
-from helpers import tiny_config_dict, write_volumes
+from helpers import conditional_raw, save_autoencoder, tiny_config_dict, write_conditional_data, write_volumes
+from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
 from monai_diffusion.cli import main
+from monai_diffusion.config import config_from_dict, load_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.memory import plan
 from monai_diffusion.memory.probe import run_measurement
@@ -70,3 +75,95 @@ def test_plan_measures_maisis_autoencoder_at_sizes_its_slabs_allow(maisi_config,
     out = capsys.readouterr().out
     assert code == 0, out
     assert "could not be measured" not in out and "fits." in out
+
+
+# ----------------------------------------------------------------------------------------- MAISI's UNet
+
+
+@pytest.fixture
+def maisi_unet_run(tmp_path):
+    """A datalist whose entries carry a modality (MAISI's vocabulary), covariates and label maps; MAISI's VAE (an
+    untrained checkpoint) and MAISI's UNet with its spacing input and the modality from the datalist field."""
+    datalist = write_conditional_data(tmp_path / "data", count=4)
+    content = json.loads(datalist.read_text())
+    for index, entry in enumerate(content["training"]):
+        entry["modality"] = ["ct", "mri_t1"][index % 2]
+    datalist.write_text(json.dumps(content))
+    raw = conditional_raw(datalist, tmp_path / "out")
+    raw["autoencoder"] = MAISI_AE | {"num_splits": 1, "dim_split": 0, "training": {"adv_weight": 0.0}}
+    raw["ldm"]["unet"] |= {"architecture": "maisi", "modality_key": "modality"}
+    raw["ldm"]["training"]["max_steps"] = 2
+    path = tmp_path / "maisi.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    save_autoencoder(config_from_dict(raw), tmp_path / "out" / "autoencoder-1" / "checkpoints" / "best.pt")
+    return path
+
+
+def test_maisis_unet_takes_each_volumes_spacing_and_modality_and_sample_requires_them(maisi_unet_run, tmp_path,
+                                                                                     monkeypatch):
+    seen = []
+    original = DiffusionModelUNetMaisi.forward
+
+    def record(self, x, timesteps, *args, **kwargs):
+        seen.append((kwargs["spacing_tensor"].tolist(), kwargs["class_labels"].tolist()))
+        return original(self, x, timesteps, *args, **kwargs)
+
+    monkeypatch.setattr(DiffusionModelUNetMaisi, "forward", record)
+    assert main(["train-ldm", "--config", str(maisi_unet_run)]) == 0
+    (run,) = (tmp_path / "out").glob("ldm-*")
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    maisi = state["conditioning"]["maisi"]
+    assert maisi["spacing"] and maisi["modality_key"] == "modality" and maisi["modality"] in ("ct", "mri_t1")
+    assert maisi["modalities"]["ct"] == 1 and maisi["modalities"]["mri_t1"] == 9  # MAISI's modality_mapping.json
+    assert state["unet"]["class_embedding.weight"].shape[0] == 128 and "spacing_layer.0.weight" in state["unet"]
+    # Training: each volume's spacing (1.5 mm, x100 as MAISI feeds it); codes 1 and 9, or MAISI's dropout to 0 / 8.
+    training = seen[:4]
+    assert {value for spacing, _ in training for row in spacing for value in row} == {150.0}
+    assert {code for _, codes in training for code in codes} <= {0, 1, 8, 9}
+
+    seen.clear()
+    out = tmp_path / "generated"
+    assert main(["sample", "--checkpoint", str(run), "-n", "1", "--steps", "2", "--spacing", "1", "1", "2",
+                 "--modality", "mri", "--guidance", "2", "--out", str(out)]) == 0
+    (nifti,) = out.glob("*.nii.gz")
+    assert nifti.name == "sample-000_seed42_voxel_spacing-1x1x2_modality-mri.nii.gz"
+    assert nib.load(nifti).header.get_zooms() == (1.0, 1.0, 2.0)  # written at the spacing it was generated at
+    # Guided: the unconditional half is MAISI's null modality 0, with the same spacing; the covariates' null condition.
+    assert seen[0] == ([[100.0, 100.0, 200.0]] * 2, [0, 8])
+    rows = list(csv.DictReader(open(out / "samples.csv")))
+    assert (rows[0]["voxel_spacing"], rows[0]["modality"], rows[0]["guidance"]) == ("1x1x2", "mri", "2.0")
+
+    default = tmp_path / "default"
+    assert main(["sample", "--checkpoint", str(run), "-n", "1", "--steps", "2", "--out", str(default)]) == 0
+    (nifti,) = default.glob("*.nii.gz")
+    assert f"voxel_spacing-1.5x1.5x1.5_modality-{maisi['modality']}" in nifti.name  # the run's defaults
+
+    assert main(["sample", "--checkpoint", str(run), "-n", "1", "--modality", "pet"]) == 1
+
+
+def test_spacing_and_modality_are_refused_for_monais_unet(maisi_unet_run, tmp_path, caplog):
+    config = load_config(maisi_unet_run)
+    raw = config.model_dump(mode="json")
+    raw["ldm"]["unet"] = {k: v for k, v in raw["ldm"]["unet"].items() if k not in ("architecture", "modality_key")}
+    raw["ldm"]["training"]["max_steps"] = 1
+    maisi_unet_run.write_text(yaml.safe_dump(raw))
+    assert main(["train-ldm", "--config", str(maisi_unet_run)]) == 0
+    (run,) = (tmp_path / "out").glob("ldm-*")
+    assert main(["sample", "--checkpoint", str(run), "-n", "1", "--steps", "1", "--modality", "ct"]) == 1
+    assert "--modality: the LDM" in caplog.text and "only MAISI's UNet" in caplog.text
+
+
+def test_train_controlnet_builds_maisis_controlnet_beside_maisis_unet(maisi_unet_run, tmp_path):
+    assert main(["train-ldm", "--config", str(maisi_unet_run)]) == 0
+    assert main(["train-controlnet", "--config", str(maisi_unet_run)]) == 0
+    (run,) = (tmp_path / "out").glob("controlnet-*")
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["controlnet"]["class_embedding.weight"].shape[0] == 128  # the modality, not the spacing
+    assert not any("spacing" in key for key in state["controlnet"])
+    assert list((run / "samples").glob("sample-step*.nii.gz"))
+    mask = tmp_path / "data" / "v0_seg.nii.gz"
+    assert main(["sample", "--checkpoint", str(run), "-n", "1", "--steps", "2", "--mask", str(mask),
+                 "--condition", "radius=0.5", "--condition", "shape=a", "--modality", "ct",
+                 "--out", str(tmp_path / "controlled")]) == 0
+    (nifti,) = (tmp_path / "controlled").glob("*.nii.gz")
+    assert "voxel_spacing-1.5x1.5x1.5_modality-ct_mask-v0_seg" in nifti.name  # the map's spacing

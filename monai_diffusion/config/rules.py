@@ -16,6 +16,8 @@ from pydantic import BaseModel
 from monai_diffusion.config.schema import (
     AUTOENCODER_MAISI_ONLY,
     AUTOENCODER_OURS_ONLY,
+    MAISI_MODALITIES,
+    UNET_MAISI_ONLY,
     Config,
     TrainingConfig,
 )
@@ -141,6 +143,7 @@ def check_rules(config: Config, to_run: bool = False) -> list[str]:
         problems += _check_discriminator(config)
     problems += _check_channels(config)
     problems += _check_maisi_autoencoder(config, factors.total if factors is not None else None)
+    problems += _check_maisi_unet(config)
 
     # ---- diffusion
     sched = ldm.scheduler
@@ -190,7 +193,9 @@ def _check_conditions(config: Config) -> list[str]:
                                                  or len(set(condition.categories)) != len(condition.categories)):
             problems.append(f"{key}.categories: expected distinct labels, got {condition.categories}")
     guidance = config.ldm.sampling.guidance_scale
-    if guidance != 1 and data.conditions and conditioning.dropout == 0:
+    unet = config.ldm.unet
+    modality = unet.architecture == "maisi" and unet.num_class_embeds is not None
+    if guidance != 1 and (data.conditions or modality) and conditioning.dropout == 0:
         problems.append(
             f"ldm.sampling.guidance_scale / ldm.conditioning.dropout: guidance {guidance} extrapolates from the "
             "unconditional model, which a UNet trained with dropout 0 never learnt; train with dropout > 0 "
@@ -440,3 +445,45 @@ def _check_splits(config: Config, factor: tuple[int, ...]) -> list[str]:
             )
     return problems
 
+
+def _check_maisi_unet(config: Config) -> list[str]:
+    """The keys of MAISI's UNet refused with MONAI's; MAISI's: 3D (its spacing input has 3 values), one source of
+    each volume's modality, a name of MAISI's vocabulary, and its class embedding kept for the modality."""
+    unet, data, problems = config.ldm.unet, config.data, []
+    if unet.architecture == "monai":
+        return [f"ldm.unet.{key}: applies to architecture 'maisi' (MAISI's DiffusionModelUNetMaisi), "
+                f"ldm.unet.architecture is 'monai'" for key in _changed(unet, UNET_MAISI_ONLY)]
+    if len(data.voxel_size) != 3:
+        problems.append(f"ldm.unet.architecture: 'maisi' is 3D only (its spacing input takes 3 values); "
+                        f"data.voxel_size has {len(data.voxel_size)} sizes")
+    if unet.num_class_embeds is None:
+        problems += [f"ldm.unet.{key}: only read with ldm.unet.num_class_embeds (MAISI's modality embedding), which "
+                     "is null" for key in ("modality", "modality_key") if getattr(unet, key) is not None]
+        return problems
+    if (unet.modality is None) == (unet.modality_key is None):
+        problems.append(
+            "ldm.unet.modality / ldm.unet.modality_key: MAISI's UNet takes each volume's modality (num_class_embeds "
+            f"{unet.num_class_embeds}); set " + ("one of them, e.g. modality: ct" if unet.modality is None
+                                                 else "one of them, not both")
+        )
+    if unet.modality is not None:
+        code = MAISI_MODALITIES.get(unet.modality)
+        if code is None:
+            problems.append(f"ldm.unet.modality: {unet.modality!r} is not in MAISI's modality vocabulary "
+                            f"({', '.join(MAISI_MODALITIES)})")
+        elif code >= unet.num_class_embeds:
+            problems.append(f"ldm.unet.modality / ldm.unet.num_class_embeds: '{unet.modality}' is class {code}, "
+                            f"outside an embedding of {unet.num_class_embeds} classes")
+    if unet.modality_key is not None:
+        if data.source != "datalist":
+            problems.append(f"ldm.unet.modality_key / data.source: only a datalist's entries carry a modality field, "
+                            f"data.source is '{data.source}'; use ldm.unet.modality for one modality")
+        taken = {"image", "split"} | {c.name for c in data.conditions}
+        if unet.modality_key in taken or not unet.modality_key.strip():
+            problems.append(f"ldm.unet.modality_key: {unet.modality_key!r} is not a free datalist field ('image', "
+                            "'split' and the data.conditions names are taken)")
+    if config.ldm.conditioning.categorical_via == "class_embedding" and any(
+            c.type == "categorical" for c in data.conditions):
+        problems.append("ldm.conditioning.categorical_via / ldm.unet.architecture: MAISI's UNet's class embedding "
+                        "holds the modality; its categorical data.conditions go through 'cross_attention'")
+    return problems

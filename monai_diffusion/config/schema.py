@@ -417,9 +417,29 @@ AUTOENCODER_MAISI_ONLY = ("num_splits", "dim_split", "norm_float16", "save_mem")
 # ------------------------------------------------------------------------ LDM
 
 
-class UNetConfig(Section):
-    """``ldm.unet``: the diffusion UNet over the latent (MONAI's DiffusionModelUNet)."""
+# MAISI's modality vocabulary: the class label its DiffusionModelUNetMaisi and ControlNetMaisi take for each name
+# (NVIDIA-Medtech/NV-Generate-CTMR configs/modality_mapping.json). 0 ('unknown') is also the null class of
+# classifier-free guidance; MAISI's training maps a share of the ct_* codes to ct and the mri_* codes to mri.
+MAISI_MODALITIES: dict[str, int] = {
+    "unknown": 0, "ct": 1, "ct_wo_contrast": 2, "ct_contrast": 3, "mri": 8, "mri_t1": 9, "mri_t2": 10,
+    "mri_flair": 11, "mri_pd": 12, "mri_dwi": 13, "mri_adc": 14, "mri_ssfp": 15, "mri_mra": 16, "mri_t1c": 17,
+    "mri_swi": 20, "mri_t1_skull_stripped": 29, "mri_t2_skull_stripped": 30, "mri_flair_skull_stripped": 31,
+    "mri_swi_skull_stripped": 32, "mri_mra_skull_stripped": 33,
+}
 
+
+class UNetConfig(Section):
+    """``ldm.unet``: the diffusion UNet over the latent: MONAI's DiffusionModelUNet, or MAISI's
+    DiffusionModelUNetMaisi, which also takes each volume's voxel spacing and its modality. Keys of MAISI's UNet
+    only are refused with MONAI's."""
+
+    architecture: Literal["monai", "maisi"] = Field(
+        "monai",
+        description="'monai': MONAI's DiffusionModelUNet. 'maisi': MONAI's DiffusionModelUNetMaisi "
+        "(monai.apps.generation.maisi), the network of MAISI's released diffusion models, with its spacing input "
+        "(include_spacing_input) and modality class (num_class_embeds; modality or modality_key); "
+        "train-controlnet then builds ControlNetMaisi.",
+    )
     num_channels: list[int] = Field([32, 64, 64], description="DiffusionModelUNet channels per level.")
     attention_levels: list[bool] = Field([False, True, True], description="Attention per UNet level.")
     num_res_blocks: int | list[int] = Field(1, description="Residual blocks per UNet level.")
@@ -435,6 +455,35 @@ class UNetConfig(Section):
         False, description="Down- and upsample with residual blocks instead of convolutions (MONAI's "
         "resblock_updown; MAISI: true)."
     )
+    include_spacing_input: bool = Field(
+        True,
+        description="architecture 'maisi': MAISI's include_spacing_input: the UNet takes each volume's voxel spacing "
+        "(mm per axis, from its affine after data.spacing's resampling; given to the network x100 as MAISI does), "
+        "kept in the checkpoint with the training data's affine; `sample --spacing` sets it (default: the training "
+        "data's).",
+    )
+    num_class_embeds: int | None = Field(
+        128, ge=1,
+        description="architecture 'maisi': MAISI's num_class_embeds: the size of the modality embedding (its released "
+        "rflow networks: 128). The UNet then takes each volume's modality (modality or modality_key), as a code of "
+        "MAISI's vocabulary (modality_mapping.json: unknown 0, ct 1, ..., mri 8, mri_t1 9, ...). None: no modality "
+        "input.",
+    )
+    modality: str | None = Field(
+        None,
+        description="architecture 'maisi': the modality of every training volume, a name of MAISI's vocabulary (e.g. "
+        "`ct`, `mri_t1`); also `sample`'s default. Give this or modality_key.",
+    )
+    modality_key: str | None = Field(
+        None,
+        description="architecture 'maisi': the datalist field holding each volume's modality (a name of MAISI's "
+        "vocabulary), e.g. `modality` or MAISI's `class`; `sample` defaults to the most frequent one of the training "
+        "split (kept in the checkpoint). Give this or modality.",
+    )
+
+
+# ldm.unet keys of MAISI's UNet only (refused with architecture 'monai' when changed from their defaults).
+UNET_MAISI_ONLY = ("include_spacing_input", "num_class_embeds", "modality", "modality_key")
 
 
 class SchedulerConfig(Section):

@@ -54,11 +54,12 @@ from typing import Any
 
 import torch
 
-from monai_diffusion.conditioning import ConditionEncoder
+from monai_diffusion.conditioning import MODALITY_KEY, ConditionEncoder
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import downsampling, step_config
 from monai_diffusion.engine.loop import train_step
 from monai_diffusion.engine.precision import Precision, resolve_precision
+from monai_diffusion.latents import SPACING_KEY
 from monai_diffusion.losses import perceptual_weights_at_hand
 from monai_diffusion.networks.builders import build_autoencoder, build_unet
 from monai_diffusion.steps import (
@@ -315,6 +316,9 @@ def build_step(config: Config, options: Options, device: torch.device, precision
             data = {"image": torch.rand(t.batch_size, *images_shape)}
         for spec in encoder.conditions if encoder is not None else ():
             data[spec["name"]] = [0.0 if spec["type"] == "continuous" else spec["categories"][0]] * t.batch_size
+        if encoder is not None and encoder.maisi is not None:  # MAISI's UNet: each volume's spacing and modality
+            data[SPACING_KEY] = torch.ones(t.batch_size, len(size))
+            data[MODALITY_KEY] = [encoder.maisi["modality"]] * t.batch_size
         return data
 
     if options.stage == "encode":

@@ -7,10 +7,12 @@ from collections.abc import Sequence
 
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
+from monai.apps.generation.maisi.networks.controlnet_maisi import ControlNetMaisi
+from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 from monai.networks.nets import ControlNet, DiffusionModelUNet, PatchDiscriminator
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, RFlowScheduler
 
-from monai_diffusion.config.schema import AutoencoderConfig, ControlNetConfig, LDMConfig, SchedulerConfig
+from monai_diffusion.config.schema import AutoencoderConfig, ControlNetConfig, LDMConfig, SchedulerConfig, UNetConfig
 from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 
 # Config keys that fix the autoencoder's tensor shapes (what build_autoencoder reads, training options aside): a
@@ -43,6 +45,9 @@ LDM_SHAPE_KEYS = AUTOENCODER_SHAPE_KEYS + [
     "ldm.unet.include_fc",
     "ldm.unet.use_combined_linear",
     "ldm.unet.resblock_updown",
+    "ldm.unet.architecture",
+    "ldm.unet.include_spacing_input",
+    "ldm.unet.num_class_embeds",
     "ldm.scheduler.type",
     "ldm.scheduler.num_train_timesteps",
     "ldm.scheduler.schedule",
@@ -52,6 +57,8 @@ LDM_SHAPE_KEYS = AUTOENCODER_SHAPE_KEYS + [
     # What the UNet is conditioned on (with the vocabularies and statistics the checkpoint keeps).
     "data.conditions",
     "ldm.conditioning.categorical_via",
+    "ldm.unet.modality",
+    "ldm.unet.modality_key",
 ]
 # A ControlNet mirrors its LDM's UNet and adds its own conditioning embedding for the label maps.
 CONTROLNET_SHAPE_KEYS = LDM_SHAPE_KEYS + [
@@ -148,26 +155,39 @@ def build_discriminator(ae: AutoencoderConfig, spatial_dims: int = 3) -> PatchDi
     )
 
 
-def _unet_arguments(unet) -> dict:
-    """The arguments MONAI's DiffusionModelUNet and ControlNet share, from the ``ldm.unet`` section."""
-    return dict(
-        channels=tuple(unet.num_channels),
-        attention_levels=tuple(unet.attention_levels),
-        num_res_blocks=unet.num_res_blocks if isinstance(unet.num_res_blocks, int) else tuple(unet.num_res_blocks),
-        num_head_channels=unet.num_head_channels
-        if isinstance(unet.num_head_channels, int)
+def _unet_arguments(unet: UNetConfig) -> dict:
+    """The arguments MONAI's DiffusionModelUNet and ControlNet share with MAISI's, from the ``ldm.unet`` section
+    (MAISI's classes call the channels ``num_channels``, MONAI's ``channels``)."""
+    maisi = unet.architecture == "maisi"
+    return {
+        "num_channels" if maisi else "channels": tuple(unet.num_channels),
+        "attention_levels": tuple(unet.attention_levels),
+        "num_res_blocks": unet.num_res_blocks if isinstance(unet.num_res_blocks, int) else tuple(unet.num_res_blocks),
+        "num_head_channels": unet.num_head_channels if isinstance(unet.num_head_channels, int)
         else tuple(unet.num_head_channels),
-        norm_num_groups=unet.norm_num_groups,
-        resblock_updown=unet.resblock_updown,
-        include_fc=unet.include_fc,
-        use_combined_linear=unet.use_combined_linear,
-        use_flash_attention=True,
-    )
+        "norm_num_groups": unet.norm_num_groups,
+        "resblock_updown": unet.resblock_updown,
+        "include_fc": unet.include_fc,
+        "use_combined_linear": unet.use_combined_linear,
+        # MAISI's UNet refuses SDPA ("flash") attention without CUDA; the weights are the same either way.
+        "use_flash_attention": torch.cuda.is_available() if maisi else True,
+    }
+
+
+def _conditioning_arguments(unet: UNetConfig, conditioning: dict | None) -> dict:
+    """The conditioning arguments: the covariates' (``ConditionEncoder.unet_arguments()``), and for MAISI's networks
+    its modality embedding (``ldm.unet.num_class_embeds``; the rules keep covariates out of it)."""
+    arguments = dict(conditioning or {})
+    if unet.architecture == "maisi":
+        arguments["num_class_embeds"] = unet.num_class_embeds
+    return arguments
 
 
 def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3,
-               conditioning: dict | None = None) -> DiffusionModelUNet:
-    """The diffusion UNet over latents with ``latent_channels`` channels.
+               conditioning: dict | None = None) -> DiffusionModelUNet | DiffusionModelUNetMaisi:
+    """The diffusion UNet over latents with ``latent_channels`` channels: MONAI's, or MAISI's with its spacing input
+    and modality embedding (``ldm.unet.architecture``; MAISI's argument names, NV-Generate-CTMR's
+    ``diffusion_unet_def``).
 
     Args:
         ldm: the ``ldm`` section.
@@ -176,29 +196,37 @@ def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3,
         conditioning: MONAI's ``with_conditioning``, ``cross_attention_dim`` and ``num_class_embeds`` for a
             conditional UNet (``ConditionEncoder.unet_arguments()``); None: unconditional.
     """
+    arguments = _unet_arguments(ldm.unet) | _conditioning_arguments(ldm.unet, conditioning)
+    if ldm.unet.architecture == "maisi":
+        return DiffusionModelUNetMaisi(spatial_dims=spatial_dims, in_channels=latent_channels,
+                                       out_channels=latent_channels, include_spacing_input=ldm.unet.include_spacing_input,
+                                       include_top_region_index_input=False, include_bottom_region_index_input=False,
+                                       **arguments)
     return DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=latent_channels, out_channels=latent_channels,
-                              **_unet_arguments(ldm.unet), **(conditioning or {}))
+                              **arguments)
 
 
 def build_controlnet(ldm: LDMConfig, controlnet: ControlNetConfig, latent_channels: int, spatial_dims: int = 3,
-                     *, conditioning: dict | None = None) -> ControlNet:
-    """MONAI's ControlNet for the UNet of ``ldm`` (same levels, blocks, attention and conditioning, so the UNet's
-    weights can start it), taking label maps with ``controlnet.num_labels - 1`` channels through a conditioning
-    embedding of ``controlnet.conditioning_embedding_num_channels``.
+                     *, conditioning: dict | None = None) -> ControlNet | ControlNetMaisi:
+    """MONAI's ControlNet (MAISI's ControlNetMaisi for MAISI's UNet) for the UNet of ``ldm`` (same levels, blocks,
+    attention and conditioning, so the UNet's weights can start it), taking label maps with
+    ``controlnet.num_labels - 1`` channels through a conditioning embedding of
+    ``controlnet.conditioning_embedding_num_channels``. MAISI's takes the modality but not the spacing.
 
     Args:
         ldm: the LDM's ``ldm`` section (the frozen UNet's shape).
         controlnet: the ``controlnet`` section.
         latent_channels, spatial_dims, conditioning: as :func:`build_unet`.
     """
-    return ControlNet(
+    arguments = dict(
         spatial_dims=spatial_dims,
         in_channels=latent_channels,
         conditioning_embedding_in_channels=controlnet.num_labels - 1,
         conditioning_embedding_num_channels=tuple(controlnet.conditioning_embedding_num_channels),
         **_unet_arguments(ldm.unet),
-        **(conditioning or {}),
+        **_conditioning_arguments(ldm.unet, conditioning),
     )
+    return ControlNetMaisi(**arguments) if ldm.unet.architecture == "maisi" else ControlNet(**arguments)
 
 
 def build_scheduler(

@@ -80,3 +80,46 @@ def test_splits_must_cut_every_level_of_every_size_into_whole_slabs():
     ok = {"voxel_size": [32, 32, 32], "patch_size": [16, 32, 16]}
     config_from_dict(raw | {"autoencoder": raw["autoencoder"] | {"training": ok},
                             "ldm": {"sampling": {"tiled_decode": True, "tile_size": [4, 8, 4]}}})
+
+
+MAISI_UNET = {"architecture": "maisi", "num_channels": [8, 16], "attention_levels": [False, True],
+              "num_head_channels": 8, "norm_num_groups": 8}
+
+
+@pytest.mark.parametrize("key, value", [("include_spacing_input", False), ("num_class_embeds", 64),
+                                        ("modality", "ct"), ("modality_key", "modality")])
+def test_keys_of_maisis_unet_are_refused_with_monais(key, value):
+    assert problems_of({"ldm": {"unet": {key: value}}}) == [
+        f"ldm.unet.{key}: applies to architecture 'maisi' (MAISI's DiffusionModelUNetMaisi), ldm.unet.architecture "
+        "is 'monai'"]
+
+
+@pytest.mark.parametrize("unet, data, expected", [
+    ({}, {}, "ldm.unet.modality / ldm.unet.modality_key: MAISI's UNet takes each volume's modality"),
+    ({"modality": "ct", "modality_key": "class"}, {"source": "datalist", "datalist": "d.json"},
+     "set one of them, not both"),
+    ({"modality": "pet"}, {}, "ldm.unet.modality: 'pet' is not in MAISI's modality vocabulary"),
+    ({"modality": "mri_t1", "num_class_embeds": 8}, {}, "'mri_t1' is class 9, outside an embedding of 8 classes"),
+    ({"modality_key": "modality"}, {}, "ldm.unet.modality_key / data.source: only a datalist's entries"),
+    ({"modality_key": "image"}, {"source": "datalist", "datalist": "d.json"}, "'image' is not a free datalist field"),
+    ({"num_class_embeds": None, "modality": "ct"}, {},
+     "ldm.unet.modality: only read with ldm.unet.num_class_embeds"),
+])
+def test_each_rule_of_maisis_unet(unet, data, expected):
+    problems = problems_of({"data": data, "ldm": {"unet": MAISI_UNET | unet}})
+    assert any(expected in p for p in problems), problems
+
+
+def test_maisis_class_embedding_holds_the_modality_so_categorical_covariates_use_cross_attention():
+    raw = {"data": {"source": "datalist", "datalist": "d.json", "conditions": [{"name": "sex", "type": "categorical"}]},
+           "ldm": {"unet": MAISI_UNET | {"modality": "ct"}, "conditioning": {"categorical_via": "class_embedding"}}}
+    assert any(p.startswith("ldm.conditioning.categorical_via / ldm.unet.architecture") for p in problems_of(raw))
+    raw["ldm"]["conditioning"]["categorical_via"] = "cross_attention"
+    config_from_dict(raw)
+
+
+def test_guidance_towards_maisis_modality_needs_it_dropped_in_training():
+    raw = {"ldm": {"unet": MAISI_UNET | {"modality": "ct"}, "conditioning": {"dropout": 0.0},
+                   "sampling": {"guidance_scale": 3.0}}}
+    assert any(p.startswith("ldm.sampling.guidance_scale / ldm.conditioning.dropout") for p in problems_of(raw))
+    config_from_dict(raw | {"ldm": raw["ldm"] | {"conditioning": {"dropout": 0.1}}})
