@@ -78,13 +78,10 @@ def test_parameter_counts_equal_the_originals():
             with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False, use_checkpointing=False,
             use_convtranspose=False, norm_float16=True, num_splits=4, dim_split=1))
         maisi_unet = count(DiffusionModelUNetMaisi(**MAISI_UNET, include_spacing_input=True, num_class_embeds=128))
-        maisi_unet_unconditional = count(DiffusionModelUNetMaisi(**MAISI_UNET, include_spacing_input=False,
-                                                                 num_class_embeds=None))
     assert built[TUTORIAL] == (brats_autoencoder, tutorial_unet) == (21_000_353, 191_230_472)
     assert built[BUNDLE] == (brats_autoencoder, bundle_unet) == (21_000_353, 189_325_576)  # include_fc false
-    # MAISI's UNet without its spacing input and modality embedding, which an unconditional LDM does not have.
-    assert built[MAISI] == (maisi_autoencoder, maisi_unet_unconditional) == (20_944_897, 178_566_276)
-    assert maisi_unet == 180_500_868  # the figure the MAISI recipe's header gives for the conditional one
+    # MAISI's own classes, its UNet with the spacing input and modality embedding (the recipe header's figures).
+    assert built[MAISI] == (maisi_autoencoder, maisi_unet) == (20_944_897, 180_500_868)
 
 
 def test_the_tutorials_16_gb_config_is_the_header_s_set_line():
