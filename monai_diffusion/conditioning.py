@@ -375,8 +375,9 @@ class ConditionEncoder:
         if self.takes_spacing:
             columns[SPACING_KEY] = batch_spacing(batch)
         if self.modalities is not None:
-            # Cached batches carry it under MODALITY_KEY, image batches under its datalist field; else the configured one.
-            key = MODALITY_KEY if MODALITY_KEY in batch else self.maisi["modality_key"]
+            # Image batches carry it under its datalist field, cached ones under MODALITY_KEY; else the configured one.
+            field = self.maisi["modality_key"]
+            key = field if field is not None and field in batch else MODALITY_KEY if MODALITY_KEY in batch else None
             columns[MODALITY_KEY] = batch[key] if key is not None else [self.maisi["modality"]] * size
         rows = [{name: _element(values, i) for name, values in columns.items()} for i in range(size)]
         return self.encode(rows, [f"batch item {i}" for i in range(size)])

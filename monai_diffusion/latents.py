@@ -348,13 +348,14 @@ def build_latent_cache(
 
 class LatentDataset(torch.utils.data.Dataset):
     """Cached posteriors as ``{"mu": (C, *latent), "sigma": (C, *latent)}``, read from disk per item, with the
-    voxel spacing of the volume (``SPACING_KEY``, from the entry's affine) and the item's ``fields`` beside them (its
-    covariates, a ControlNet's control input): what is not part of the encoded image stays out of the cache, which
-    the conditional and unconditional runs on the same volumes share."""
+    item's ``fields`` beside them (its covariates, a ControlNet's control input) and, with ``spacing``, the volume's
+    voxel spacing (``SPACING_KEY``, mm, from the entry's affine; MAISI's UNet takes it): what is not part of the
+    encoded image stays out of the cache, which the conditional and unconditional runs on the same volumes share."""
 
-    def __init__(self, files: Sequence[Path], fields: Sequence[dict] | None = None) -> None:
+    def __init__(self, files: Sequence[Path], fields: Sequence[dict] | None = None, *, spacing: bool = False) -> None:
         self.files = [Path(f) for f in files]
         self.fields = list(fields) if fields is not None else [{} for _ in self.files]
+        self.spacing = spacing
 
     def __len__(self) -> int:
         return len(self.files)
@@ -362,7 +363,7 @@ class LatentDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         entry = load_cache_entry(self.files[index])
         item = {**self.fields[index], "mu": entry["mu"], "sigma": entry["sigma"]}
-        if entry.get("affine") is not None:  # the volume's voxel spacing (MAISI's UNet takes it)
+        if self.spacing:
             item[SPACING_KEY] = voxel_spacing(entry["affine"])
         return item
 
@@ -390,7 +391,7 @@ def training_items(config: Config) -> list[dict]:
 
 def latent_loader(config: Config, training: LDMTrainingConfig, autoencoder: torch.nn.Module, items: Sequence[dict],
                   *, autoencoder_path: Path, autoencoder_hash: str, precision, dist: DistInfo,
-                  fields: Sequence[dict] | None = None, mask_key: str | None = None):
+                  fields: Sequence[dict] | None = None, mask_key: str | None = None, spacing: bool = False):
     """The training batches of a stage on latents (train-ldm, train-controlnet) and their sampler.
 
     With ``training.cache_latents`` every item is encoded once into the latent cache (:func:`build_latent_cache`;
@@ -408,6 +409,7 @@ def latent_loader(config: Config, training: LDMTrainingConfig, autoencoder: torc
         dist: this process's place in the run.
         fields: per item, what cached batches carry beside the posteriors.
         mask_key: the label-map field the on-the-fly chain transforms with the image (``data.mask_key``).
+        spacing: cached batches carry each volume's voxel spacing (``SPACING_KEY``; image batches have their affine).
 
     Returns:
         (loader, its DistributedSampler, the :class:`CacheResult` or None without a cache).
@@ -427,7 +429,7 @@ def latent_loader(config: Config, training: LDMTrainingConfig, autoencoder: torc
         dist=dist, describe={"autoencoder_checkpoint": str(autoencoder_path), "autoencoder_hash": autoencoder_hash,
                         "transforms": settings, "precision": precision.name},
     )
-    dataset = LatentDataset(cache.files, fields)
+    dataset = LatentDataset(cache.files, fields, spacing=spacing)
     sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=config.seed)
     # Own generator: iterating never draws from the global RNG, so a resumed run replays it exactly.
     loader = DataLoader(

@@ -77,7 +77,8 @@ def train(run_config: Config, resume: str | None = None) -> Path:
     ae_path, ae_hash = ldm.record.autoencoder_checkpoint, ldm.record.autoencoder_hash
     train_loader, train_sampler, _ = latent_loader(config, t, ldm.autoencoder, items, autoencoder_path=ae_path,
                                                    autoencoder_hash=ae_hash, precision=precision,
-                                                   dist=dist, fields=fields, mask_key=mask_key)
+                                                   dist=dist, fields=fields, mask_key=mask_key,
+                                                   spacing=encoder is not None and encoder.takes_spacing)
     budget = loop.step_budget(len(train_loader), t, config.fast_dev_run, dist.world_size)
 
     # ---- ControlNet, optimizer, EMA: the step benchmark and plan measure; a resumed run's state

@@ -92,7 +92,8 @@ def train(run_config: Config, resume: str | None = None) -> Path:
     deterministic = build_transforms(config.data, train=False, expected_channels=config.autoencoder.in_channels)
     train_loader, train_sampler, cache = latent_loader(config, t, autoencoder, items, autoencoder_path=ae_path,
                                                        autoencoder_hash=ae_hash, precision=precision,
-                                                       dist=dist, fields=fields)
+                                                       dist=dist, fields=fields,
+                                                       spacing=encoder is not None and encoder.takes_spacing)
 
     def first_posteriors():
         for index in range(min(t.scale_factor_volumes, len(items))):

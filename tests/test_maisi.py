@@ -19,7 +19,7 @@ from monai_diffusion.cli import main
 from monai_diffusion.config import config_from_dict, load_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.memory import plan
-from monai_diffusion.memory.probe import run_measurement
+from monai_diffusion.memory.probe import Options, measure, run_measurement
 
 # MAISI's VAE at its depth (3 levels: 4x) and a tiny width; 24^3 autoencoder volumes cut into 16^3 patches, split in
 # two slabs along axis 1 as MAISI's released network is; the LDM works on 16^3 volumes (4^3 latents).
@@ -167,3 +167,10 @@ def test_train_controlnet_builds_maisis_controlnet_beside_maisis_unet(maisi_unet
                  "--out", str(tmp_path / "controlled")]) == 0
     (nifti,) = (tmp_path / "controlled").glob("*.nii.gz")
     assert "voxel_spacing-1.5x1.5x1.5_modality-ct_mask-v0_seg" in nifti.name  # the map's spacing
+
+
+@pytest.mark.parametrize("stage", ["ldm", "controlnet"])
+def test_the_memory_probe_measures_maisis_unet_and_controlnet_steps(maisi_unet_run, stage):
+    """benchmark and plan measure the step that trains: batches with each volume's spacing and modality."""
+    record = measure(load_config(maisi_unet_run), Options(stage=stage, device="cpu", steps=1, warmup=0))
+    assert record["latent_shape"] == [4, 4, 4] and record["params"] > 0
