@@ -130,7 +130,7 @@ def test_maisis_unet_takes_each_volumes_spacing_and_modality_and_sample_requires
     assert nib.load(nifti).header.get_zooms() == (1.0, 1.0, 2.0)  # written at the spacing it was generated at
     # Guided: the unconditional half is MAISI's null modality 0, with the same spacing; the covariates' null condition.
     assert seen[0] == ([[100.0, 100.0, 200.0]] * 2, [0, 8])
-    rows = list(csv.DictReader(open(out / "samples.csv")))
+    rows = list(csv.DictReader((out / "samples.csv").read_text().splitlines()))
     assert (rows[0]["voxel_spacing"], rows[0]["modality"], rows[0]["guidance"]) == ("1x1x2", "mri", "2.0")
 
     default = tmp_path / "default"

@@ -37,8 +37,8 @@ def test_keys_of_our_autoencoder_are_refused_with_maisis(section, expected):
                                         ("save_mem", False)])
 def test_keys_of_maisis_autoencoder_are_refused_with_ours(key, value):
     problems = problems_of({"autoencoder": {key: value}})
-    assert problems == [f"autoencoder.{key}: applies to architecture 'maisi' (MAISI's AutoencoderKlMaisi), "
-                        "autoencoder.architecture is 'ours'"]
+    assert problems == [(f"autoencoder.{key}: applies to architecture 'maisi' (MAISI's AutoencoderKlMaisi), "
+                         "autoencoder.architecture is 'ours'")]
 
 
 def test_maisis_keys_are_typed():
@@ -90,8 +90,8 @@ MAISI_UNET = {"architecture": "maisi", "num_channels": [8, 16], "attention_level
                                         ("modality", "ct"), ("modality_key", "modality")])
 def test_keys_of_maisis_unet_are_refused_with_monais(key, value):
     assert problems_of({"ldm": {"unet": {key: value}}}) == [
-        f"ldm.unet.{key}: applies to architecture 'maisi' (MAISI's DiffusionModelUNetMaisi), ldm.unet.architecture "
-        "is 'monai'"]
+        (f"ldm.unet.{key}: applies to architecture 'maisi' (MAISI's DiffusionModelUNetMaisi), ldm.unet.architecture "
+         "is 'monai'")]
 
 
 @pytest.mark.parametrize("unet, data, expected", [
