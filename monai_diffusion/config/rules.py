@@ -8,6 +8,7 @@ checkpoint written before such a rule existed keeps loading.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterable, Sequence
 
@@ -157,6 +158,26 @@ def check_rules(config: Config, to_run: bool = False) -> list[str]:
     problems += _check_conditions(config)
     if data.mask_key is not None and factors is not None and spatial_dims in (2, 3):
         problems += _check_controlnet(config, factors.total)
+    problems += _check_loggers(config, to_run)
+    return problems
+
+
+# What output.loggers 'mlflow' needs, and the command that installs it.
+MLFLOW_INSTALL = "pip install 'monai-diffusion[mlflow]' (or: pip install mlflow-skinny)"
+
+
+def _check_loggers(config: Config, to_run: bool) -> list[str]:
+    """``output.loggers``: each logger once, the MLflow keys only with 'mlflow', and (for a config about to run)
+    the mlflow package installed, so a run does not fail after its setup."""
+    output, problems = config.output, []
+    repeated = sorted({name for name in output.loggers if output.loggers.count(name) > 1})
+    if repeated:
+        problems.append(f"output.loggers: {', '.join(map(repr, repeated))} listed more than once")
+    if "mlflow" not in output.loggers:
+        for key in _changed(output, ["mlflow_tracking_uri", "mlflow_experiment_name"]):
+            problems.append(f"output.{key}: only read with 'mlflow' in output.loggers, got {output.loggers}")
+    elif to_run and importlib.util.find_spec("mlflow") is None:
+        problems.append(f"output.loggers: 'mlflow' needs the mlflow package, which is not installed: {MLFLOW_INSTALL}")
     return problems
 
 

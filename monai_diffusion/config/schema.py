@@ -581,11 +581,31 @@ class DeviceConfig(Section):
 
 
 class OutputConfig(Section):
-    """``output``: where a run writes (checkpoints, logs, the resolved config) and how often it logs scalars."""
+    """``output``: where a run writes (checkpoints, logs, the resolved config), how often it logs scalars and which
+    experiment trackers receive them."""
 
     output_dir: Path = Field(Path("runs"), description="Every run writes to <output_dir>/<run_name>.")
     run_name: str | None = Field(None, description="Run folder name (None: <command>-<date>-<time>).")
-    log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar interval in optimizer steps.")
+    log_every_n_steps: int = Field(
+        10, ge=1, description="Interval of the training scalars (every logger), in optimizer steps."
+    )
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"],
+        description="Where a training run logs its scalars and panels: 'tensorboard' (event files in "
+        "<run>/tensorboard) and/or 'mlflow' (MLflow tracking, as MONAI's bundles log: the resolved config as "
+        "parameters, every scalar, the panels as artifacts, the final checkpoint's path as a tag; needs `pip install "
+        "'monai-diffusion[mlflow]'`). Empty: console and the run folder's files only.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="With loggers 'mlflow': where the runs go, an MLflow tracking URI (a server "
+        "'http://host:5000', 'sqlite:///mlflow.db', 'file:///path/mlruns'). None: a file store in <run>/mlruns.",
+    )
+    mlflow_experiment_name: str | None = Field(
+        None,
+        description="With loggers 'mlflow': the MLflow experiment (created when missing). None: the command, "
+        "e.g. 'train-autoencoder'.",
+    )
 
 
 class Config(Section):
