@@ -463,24 +463,12 @@ class LDMTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """The UNet, its EMA, optimizer, scaler and LR schedule, and the :class:`LatentRecord`."""
-        return {
-            "unet": self.unet.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            **self.record.state_dict(),
-        }
+        return {**_network_state(self, "unet", self.unet), **self.record.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """What :meth:`state_dict` saved (the record is read before the stage is built:
         :meth:`LatentRecord.from_checkpoint`); a checkpoint without EMA weights starts the EMA afresh."""
-        self.unet.load_state_dict(state["unet"])
-        _load_optimization(self, state)
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        elif self.ema is not None:
-            logger.warning("the checkpoint has no EMA weights: the EMA starts from the current weights")
+        _load_network_state(self, state, "unet", self.unet)
 
 
 def build_ldm_training(
@@ -564,11 +552,29 @@ def _epoch_end(lr_scheduler: LRScheduler, training: LDMTrainingConfig) -> None:
         lr_scheduler.step()
 
 
-def _load_optimization(parts: LDMTraining | ControlNetTraining, state: dict[str, Any]) -> None:
-    """The optimizer, scaler and LR schedule of a stage with one network, from its checkpoint."""
+def _network_state(parts: LDMTraining | ControlNetTraining, key: str, network: torch.nn.Module) -> dict[str, Any]:
+    """The checkpoint entries of a stage that trains one network: the network (under ``key``), its EMA, optimizer,
+    scaler and LR schedule."""
+    return {
+        key: network.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "lr_scheduler": parts.lr_scheduler.state_dict(),
+    }
+
+
+def _load_network_state(parts: LDMTraining | ControlNetTraining, state: dict[str, Any], key: str,
+                        network: torch.nn.Module) -> None:
+    """What :func:`_network_state` saved; a checkpoint without EMA weights starts the EMA from the current ones."""
+    network.load_state_dict(state[key])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None and state.get("ema") is not None:
+        parts.ema.load_state_dict(state["ema"])
+    elif parts.ema is not None:
+        logger.warning("the checkpoint has no EMA weights: the EMA starts from the current weights")
 
 
 def _update(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -657,22 +663,12 @@ class ControlNetTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """The ControlNet, its EMA, optimizer, scaler and LR schedule, and the :class:`ControlRecord`."""
-        return {
-            "controlnet": self.controlnet.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            **self.record.state_dict(),
-        }
+        return {**_network_state(self, "controlnet", self.controlnet), **self.record.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """What :meth:`state_dict` saved (the record is read before the stage is built:
         :meth:`ControlRecord.from_checkpoint`)."""
-        self.controlnet.load_state_dict(state["controlnet"])
-        _load_optimization(self, state)
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        _load_network_state(self, state, "controlnet", self.controlnet)
 
 
 @dataclass(frozen=True)

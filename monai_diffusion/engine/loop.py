@@ -403,7 +403,8 @@ def training_main(train: Callable[..., Path], command: str, doc: str, argv: list
     add_config_arguments(parser)
     add_resume_argument(parser, command)
     args = parser.parse_args(argv)
-    return run_training(train, config_from_args(args), args.resume)
+    # Only the autoencoder's training needs its discriminator to fit the volume (config.rules, to_run).
+    return run_training(train, config_from_args(args, to_run=command == "autoencoder"), args.resume)
 
 
 def run_training(train: Callable[..., Path], config: Config, resume: str | None) -> int:
