@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import conditional_raw, old_layout, run_python, save_autoencoder, tiny_config_dict, write_conditional_data
+from helpers import (conditional_raw, old_layout, run_python, save_autoencoder, tiny_config_dict,
+                     write_conditional_data, write_volumes)
 
 from monai_diffusion import train_autoencoder, train_controlnet, train_ldm
 from monai_diffusion.config import ConfigError, apply_overrides, config_from_dict
@@ -176,8 +177,6 @@ def ldm_raw(tmp_path: Path, *overrides: str) -> dict:
 def ldm_setup(tmp_path):
     """Volumes and MAISI's way of shipping an autoencoder (its state dict under unet_state_dict) as
     ldm.autoencoder_checkpoint; returns overrides -> Config, and the autoencoder's weights."""
-    from helpers import write_volumes
-
     write_volumes(tmp_path / "data", 3)
     config = config_from_dict(ldm_raw(tmp_path))
     weights = randomised(build_autoencoder(config.autoencoder, 3).state_dict(), seed=1)
