@@ -34,6 +34,7 @@ from monai_diffusion.config.stages import stage_config
 from monai_diffusion.diffusion import check_sampler, sample_latents
 from monai_diffusion.engine.checkpoint import check_shape_keys, find_checkpoint, load_checkpoint, newest_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, init_distributed
+from monai_diffusion.engine.ema import ema_weights
 from monai_diffusion.engine.logging import get_logger, save_png, save_sample, volume_panel
 from monai_diffusion.engine.loop import TrainingRun
 from monai_diffusion.engine.precision import Precision, resolve_precision
@@ -203,11 +204,6 @@ def validation_reconstructions(autoencoder: torch.nn.Module, loader, *, config: 
             run.writer.image("val/reconstruction", panel, step)
             save_png(panel, run.dir / "images" / f"reconstruction-step{step:08d}.png")
     return metrics
-
-
-def ema_weights(ema_state: dict) -> dict:
-    """The averaged model's weights in an ``AveragedModel.state_dict()`` (``module.`` prefix, ``n_averaged``)."""
-    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
 
 
 def newest_ldm_checkpoint(output_dir: Path, command: str = "ldm") -> Path:

@@ -3,7 +3,8 @@
 A stage (autoencoder, LDM, ControlNet) is built from the config by one function (the networks, the loss with its
 weights, optimizers, scalers, LR schedules, EMA) and answers the same few calls: ``micro_step`` (forward and
 backward of one batch under the run's precision and gradient accumulation), ``update`` (the optimizer step after
-the last micro-batch), ``epoch_end``, and ``state_dict`` / ``load_state_dict`` for what its checkpoint holds.
+the last micro-batch), ``epoch_end``, ``state_dict`` / ``load_state_dict`` for what its checkpoint holds, and
+``load_init`` for a fresh run's starting weights (``<stage>.training.init_checkpoint``).
 :func:`train_step` runs k micro-batches, then the update: the engine's loop
 (:func:`monai_diffusion.engine.loop.train_epochs`) calls it with real data, the memory harness
 (:mod:`monai_diffusion.memory.probe`) with random data of the same shape. What is planned and benchmarked is
@@ -34,12 +35,14 @@ from monai_diffusion.config.schema import (
     ControlNetTrainingConfig,
     DeviceConfig,
     LDMTrainingConfig,
+    TrainingConfig,
 )
 from monai_diffusion.diffusion import diffusion_loss
 from monai_diffusion.engine.distributed import DistInfo, gradient_sync, wrap_ddp
 from monai_diffusion.engine.ema import build_ema
 from monai_diffusion.engine.optim import StepResult, build_lr_scheduler, build_optimizer, optimizer_step
 from monai_diffusion.engine.precision import Precision
+from monai_diffusion.engine.weights import FileWeights, init_network
 from monai_diffusion.latents import LatentRecord
 from monai_diffusion.losses import (
     StructuralLoss,
@@ -133,6 +136,18 @@ def _per_step(schedule: LRScheduler | None, t: AutoencoderTrainingConfig | LDMTr
     return schedule if t.lr_schedule_interval == "step" else None
 
 
+def _init_weights(network: torch.nn.Module, t: TrainingConfig, section: str, ema: AveragedModel | None = None
+                  ) -> FileWeights | None:
+    """A fresh run's start: ``network`` from ``<section>.training.init_checkpoint`` (None: as built), and its EMA
+    from the same weights."""
+    if t.init_checkpoint is None:
+        return None
+    found = init_network(network, t.init_checkpoint, kind=section, strict=t.init_strict, section=f"{section}.training")
+    if ema is not None:
+        ema.module.load_state_dict(network.state_dict())
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ autoencoder
 
 
@@ -177,6 +192,7 @@ class AutoencoderTraining:
     best_val_l1: float = math.inf
 
     kind: ClassVar[str] = "autoencoder"
+    section: ClassVar[str] = "autoencoder"
 
     @property
     def lr_scheduler(self) -> LRScheduler:
@@ -235,6 +251,11 @@ class AutoencoderTraining:
             "lr_scheduler_d": self.lr_scheduler_d.state_dict() if disc else None,
             "best_val_l1": self.best_val_l1,
         }
+
+    def load_init(self) -> None:
+        """A fresh run's start: the autoencoder from ``autoencoder.training.init_checkpoint`` when set (the
+        discriminator keeps its initial weights)."""
+        _init_weights(self.autoencoder, self.training, self.section)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """What :meth:`state_dict` saved; a checkpoint without a discriminator leaves this one's fresh."""
@@ -436,6 +457,8 @@ class LDMTraining:
     condition_dropout: float = 0.0
     model: torch.nn.Module | None = None
 
+    section: ClassVar[str] = "ldm"
+
     def wrap(self, device: DeviceConfig, dist: DistInfo | None = None) -> list[torch.nn.Module]:
         """Run the forward through :func:`training_model` of the UNet (DDP, compile); returns it."""
         self.model = training_model(self.unet, device, dist)
@@ -464,6 +487,16 @@ class LDMTraining:
     def state_dict(self) -> dict[str, Any]:
         """The UNet, its EMA, optimizer, scaler and LR schedule, and the :class:`LatentRecord`."""
         return {**_network_state(self, "unet", self.unet), **self.record.state_dict()}
+
+    def load_init(self) -> None:
+        """A fresh run's start: the UNet (and its EMA) from ``ldm.training.init_checkpoint`` when set. A latent scale
+        factor the file carries is logged beside the one this run scales by: ``ldm.training.scale_factor`` chooses."""
+        found = _init_weights(self.unet, self.training, self.section, self.ema)
+        if found is not None and found.scale_factor is not None:
+            logger.info("ldm.training.init_checkpoint: %s was trained on latents scaled by %.8g; this run scales by "
+                        "%.8g%s", found.path, found.scale_factor, self.scale_factor,
+                        "" if self.training.scale_factor is not None else
+                        f" (computed; set ldm.training.scale_factor: {found.scale_factor:.8g} to keep the file's)")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """What :meth:`state_dict` saved (the record is read before the stage is built:
@@ -635,6 +668,8 @@ class ControlNetTraining:
     condition_dropout: float = 0.0
     model: torch.nn.Module | None = None
 
+    section: ClassVar[str] = "controlnet"
+
     def wrap(self, device: DeviceConfig, dist: DistInfo | None = None) -> list[torch.nn.Module]:
         """Run the forward through :func:`training_model` of the ControlNet (DDP, compile); returns it."""
         self.model = training_model(self.controlnet, device, dist)
@@ -664,6 +699,12 @@ class ControlNetTraining:
     def state_dict(self) -> dict[str, Any]:
         """The ControlNet, its EMA, optimizer, scaler and LR schedule, and the :class:`ControlRecord`."""
         return {**_network_state(self, "controlnet", self.controlnet), **self.record.state_dict()}
+
+    def load_init(self) -> None:
+        """A fresh run's start: the ControlNet (and its EMA) from ``controlnet.training.init_checkpoint`` when set,
+        in place of the UNet's copy it was built as (with ``init_strict`` false what the file lacks stays the
+        copy's)."""
+        _init_weights(self.controlnet, self.training, self.section, self.ema)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """What :meth:`state_dict` saved (the record is read before the stage is built:
