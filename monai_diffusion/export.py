@@ -163,7 +163,7 @@ def _requirement_name(text: str) -> str:
 # ------------------------------------------------------------------------------------------- data formats
 
 
-def _tensor(kind: str, fmt: str, channels: int, shape, dtype: str, value_range=(), channel_def: dict | None = None,
+def _tensor(kind: str, fmt: str, channels: int, shape, *, dtype: str, value_range=(), channel_def: dict | None = None,
             ) -> dict:
     return {"type": kind, "format": fmt, "num_channels": int(channels), "spatial_shape": [int(s) for s in shape],
             "dtype": dtype, "value_range": list(value_range), "is_patch_data": False,
@@ -184,10 +184,13 @@ def condition_inputs(encoder: ConditionEncoder | None) -> dict:
             elif encoder.categorical_via == "cross_attention":
                 for category in condition["categories"]:
                     features[str(len(features))] = f"{condition['name']} = {category} (one-hot)"
-        inputs["context"] = _tensor("tensor", "context", 1, [encoder.context_dim], "float32", channel_def=features)
+        inputs["context"] = _tensor("tensor", "context", 1, [encoder.context_dim], dtype="float32",
+                                    channel_def=features)
     if encoder.num_class_embeds is not None:
-        inputs["class_labels"] = _tensor("tensor", "class", 1, [], "int64", [0, encoder.num_class_embeds - 1],
-                                         {"0": "the null condition; 1 + the combination of categories otherwise"})
+        inputs["class_labels"] = _tensor("tensor", "class", 1, [], dtype="int64",
+                                         value_range=[0, encoder.num_class_embeds - 1],
+                                         channel_def={"0": "the null condition; 1 + the combination of categories "
+                                                           "otherwise"})
     return inputs
 
 
@@ -201,18 +204,21 @@ def data_formats(trained: Config, ldm: LoadedLDM, controlnet_config=None) -> dic
     kind = trained.ldm.scheduler.type
     timestep_dtype = "float32" if kind == "rflow" else "int64"
     prediction = "velocity" if kind == "rflow" else trained.ldm.scheduler.prediction_type
-    timesteps = _tensor("timesteps", "timesteps", 1, [], timestep_dtype, [0, trained.ldm.scheduler.num_train_timesteps])
-    latent = _tensor("latent", "latent", latent_channels, latent_spatial, "float32",
+    timesteps = _tensor("timesteps", "timesteps", 1, [], dtype=timestep_dtype,
+                        value_range=[0, trained.ldm.scheduler.num_train_timesteps])
+    latent = _tensor("latent", "latent", latent_channels, latent_spatial, dtype="float32",
                      channel_def={"0": f"noisy latent, scaled by the latent scale factor {ldm.scale_factor:.6g}"})
     formats = {
         "network_data_format": {
             "inputs": {"x": latent, "timesteps": timesteps, **condition_inputs(ldm.encoder)},
-            "outputs": {"pred": _tensor(prediction, "latent", latent_channels, latent_spatial, "float32",
+            "outputs": {"pred": _tensor(prediction, "latent", latent_channels, latent_spatial, dtype="float32",
                                         channel_def={"0": f"the {prediction} prediction ({kind})"})},
         },
         "autoencoder_data_format": {
-            "inputs": {"image": _tensor("image", "magnitude", channels, voxel_size, "float32", value_range, image_def)},
-            "outputs": {"pred": _tensor("image", "magnitude", channels, voxel_size, "float32", value_range, image_def)},
+            "inputs": {"image": _tensor("image", "magnitude", channels, voxel_size, dtype="float32",
+                                        value_range=value_range, channel_def=image_def)},
+            "outputs": {"pred": _tensor("image", "magnitude", channels, voxel_size, dtype="float32",
+                                        value_range=value_range, channel_def=image_def)},
         },
     }
     if controlnet_config is not None:
@@ -222,17 +228,20 @@ def data_formats(trained: Config, ldm: LoadedLDM, controlnet_config=None) -> dic
         formats["controlnet_data_format"] = {
             "inputs": {
                 "x": latent, "timesteps": timesteps,
-                "controlnet_cond": _tensor("labels", "segmentation", labels - 1, size, "float32", [0, 1],
-                                           {str(i - 1): f"share of label {i} in the voxel" for i in range(1, labels)}),
+                "controlnet_cond": _tensor("labels", "segmentation", labels - 1, size, dtype="float32",
+                                           value_range=[0, 1],
+                                           channel_def={str(i - 1): f"share of label {i} in the voxel"
+                                                        for i in range(1, labels)}),
                 **condition_inputs(ldm.encoder),
             },
             "outputs": {
-                "down_block_res_samples": _tensor("tensor", "residuals", unet_channels[0], latent_spatial, "float32",
+                "down_block_res_samples": _tensor("tensor", "residuals", unet_channels[0], latent_spatial,
+                                                  dtype="float32",
                                                   channel_def={"0": "a sequence: one residual per skip connection of "
                                                                "the UNet's down path, at its level's size"}),
                 "mid_block_res_sample": _tensor("tensor", "residuals", unet_channels[-1],
                                                 [s // 2 ** (len(unet_channels) - 1) for s in latent_spatial],
-                                                "float32"),
+                                                dtype="float32"),
             },
         }
     return formats
