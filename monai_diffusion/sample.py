@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.guidance is not None and args.guidance < 0:
         parser.error("--guidance must be >= 0")
-    config = config_from_args(args)
+    config = config_from_args(args, to_run=False)  # no autoencoder trains here
 
     def generate() -> None:
         rows, where = condition_rows(args, args.num_samples or config.ldm.sampling.num_samples)

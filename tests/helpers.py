@@ -117,9 +117,9 @@ def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
 
 
 def old_layout(state: dict, with_proj_attn: bool = True) -> dict:
-    """``state`` as MONAI Generative's AutoencoderKL named it (the BraTS bundle's released weights): attention
-    projections on the block itself (``proj_attn`` for the output projection), the upsampling convolution as
-    ``conv``."""
+    """``state`` as MONAI Generative's AutoencoderKL and DiffusionModelUNet named it (the BraTS bundle's released
+    weights): self-attention projections on the block itself (``proj_attn`` for the output projection), a
+    transformer block's output projection as ``to_out.0``, the upsampling convolution as ``conv``."""
     old = {}
     for key, value in state.items():
         if ".attn.out_proj." in key:
@@ -127,6 +127,8 @@ def old_layout(state: dict, with_proj_attn: bool = True) -> dict:
                 old[key.replace(".attn.out_proj.", ".proj_attn.")] = value
         elif ".attn." in key:
             old[key.replace(".attn.", ".")] = value
+        elif "transformer_blocks" in key and ".out_proj." in key:
+            old[key.replace(".out_proj.", ".to_out.0.")] = value
         else:
             old[key.replace("postconv", "conv")] = value
     return old

@@ -118,6 +118,11 @@ def check_rules(config: Config, to_run: bool = False) -> list[str]:
         if section.max_epochs is None and section.max_steps is None:
             problems.append(f"{name}.max_epochs / {name}.max_steps: set at least one bound")
         problems += _check_lr_schedule(name, section)
+        if section.init_checkpoint is None and _changed(section, ["init_strict"]):
+            problems.append(f"{name}.init_strict: only read with {name}.init_checkpoint")
+    if config.controlnet.training.scale_factor is not None:
+        problems.append("controlnet.training.scale_factor: not read, the ControlNet scales latents by its LDM's factor "
+                        "(set ldm.training.scale_factor when training the LDM)")
     t = ae.training
     if t.use_perceptual_loss and t.perceptual_weight == 0:
         problems.append("autoencoder.training.perceptual_weight: is 0 while use_perceptual_loss is true")

@@ -403,7 +403,8 @@ def training_main(train: Callable[..., Path], command: str, doc: str, argv: list
     add_config_arguments(parser)
     add_resume_argument(parser, command)
     args = parser.parse_args(argv)
-    return run_training(train, config_from_args(args), args.resume)
+    # Only the autoencoder's training needs its discriminator to fit the volume (config.rules, to_run).
+    return run_training(train, config_from_args(args, to_run=command == "autoencoder"), args.resume)
 
 
 def run_training(train: Callable[..., Path], config: Config, resume: str | None) -> int:
@@ -458,9 +459,15 @@ def resume_checkpoint(config: Config, command: str, resume: str | None,
 
 def restore_position(stage, state: dict | None, dist: DistInfo) -> Position:
     """A resumed run's stage (``stage.load_state_dict``: networks, optimizers, scalers, schedules, EMA) and this
-    rank's RNG from ``state``; returns where it stopped. A fresh run (``state`` None) starts at the beginning."""
+    rank's RNG from ``state``; returns where it stopped. A fresh run (``state`` None) starts at the beginning, its
+    network from ``<stage>.training.init_checkpoint`` when set (``stage.load_init``); a resumed run continues its
+    checkpoint's weights and does not read that file (it says so)."""
     if state is None:
+        stage.load_init()
         return Position()
+    if stage.training.init_checkpoint is not None and dist.is_main:
+        logger.info("%s.training.init_checkpoint (%s) is not read: the run resumes with its checkpoint's weights",
+                    stage.section, stage.training.init_checkpoint)
     stage.load_state_dict(state)
     restore_rank_rng(state["rng"], dist)
     return Position(state["step"], state["epoch"], state["batches_in_epoch"])
