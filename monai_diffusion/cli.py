@@ -19,6 +19,7 @@ COMMANDS = {
     "train-controlnet": ("monai_diffusion.train_controlnet", "train a ControlNet that makes the LDM follow label maps"),
     "sample": ("monai_diffusion.sample", "generate volumes (NIfTI + PNG)"),
     "evaluate": ("monai_diffusion.evaluate", "score a trained autoencoder or LDM run against baselines"),
+    "export": ("monai_diffusion.export", "write a trained LDM run (and its ControlNet) as a MONAI bundle"),
     "benchmark": ("monai_diffusion.memory.benchmark", "measure peak memory and step time"),
     "plan": ("monai_diffusion.memory.plan", "predict memory for a config and propose a fitting change"),
 }
@@ -27,7 +28,7 @@ DESCRIPTION = "Train 3D latent diffusion models on medical volumes (NIfTI) from 
 
 EPILOG = """\
 pipeline:
-  validate -> train-autoencoder -> train-ldm -> [train-controlnet] -> sample / evaluate
+  validate -> train-autoencoder -> train-ldm -> [train-controlnet] -> sample / evaluate / export
   plan and benchmark answer memory questions at any point.
 
 Run 'monai-diffusion COMMAND --help' for a command's options. 'python -m monai_diffusion' is the same

@@ -41,6 +41,7 @@ from monai_diffusion.config.stages import stage_config
 from monai_diffusion.diffusion import check_sampler, sample_latents
 from monai_diffusion.engine.checkpoint import check_shape_keys, find_checkpoint, load_checkpoint, newest_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, all_reduce_mean, barrier, cleanup_distributed, init_distributed
+from monai_diffusion.engine.ema import ema_weights
 from monai_diffusion.engine.logging import get_logger, save_png, save_sample, volume_panel
 from monai_diffusion.engine.loop import TrainingRun
 from monai_diffusion.engine.precision import Precision, resolve_precision
@@ -58,17 +59,23 @@ from monai_diffusion.metrics import SSIM_WINDOW
 from monai_diffusion.networks.builders import LDM_SHAPE_KEYS, build_controlnet, build_scheduler, build_unet
 
 __all__ = [
+    "MANIFEST",
     "SEED_STRIDE",
     "LoadedLDM",
+    "checked_conditions",
+    "condition_dropout",
     "ema_weights",
     "generate_volume",
     "load_ldm",
     "load_ldm_checkpoint",
     "newest_ldm_checkpoint",
     "sample",
+    "sample_description",
+    "sample_record",
     "validation_reconstructions",
     "validation_sample",
     "with_spacing",
+    "write_manifest",
 ]
 
 # Samples of one seed are drawn from generators seeded ``seed * SEED_STRIDE + index``: sample i is the same
@@ -213,11 +220,6 @@ def validation_reconstructions(autoencoder: torch.nn.Module, loader, *, config: 
             run.writer.image("val/reconstruction", panel, step)
             save_png(panel, run.dir / "images" / f"reconstruction-step{step:08d}.png")
     return metrics
-
-
-def ema_weights(ema_state: dict) -> dict:
-    """The averaged model's weights in an ``AveragedModel.state_dict()`` (``module.`` prefix, ``n_averaged``)."""
-    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}
 
 
 def newest_ldm_checkpoint(output_dir: Path, command: str = "ldm") -> Path:
@@ -443,8 +445,9 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_k
         control = control[None].to(device)
 
     # ---- what each sample is conditioned on (MAISI's UNet: and its spacing and modality)
-    rows, guidance = _condition_rows(ldm.encoder, conditions, where, guidance, num_samples=num_samples,
-                                     sampling=sampling, state=ldm.state)
+    rows, guidance = checked_conditions(
+        ldm.encoder, conditions, where, guidance, num_samples=num_samples, default_guidance=sampling.guidance_scale,
+        dropout=condition_dropout(ldm.state), model=f"the LDM {ldm.path}")
     num_samples = len(rows) if rows is not None else (num_samples or sampling.num_samples)
     covariates = rows is not None  # else their null condition (a conditional LDM's unconditional model)
     rows, affine = _maisi_rows(ldm.encoder, rows, num_samples, spacing=spacing, modality=modality, affine=affine,
@@ -460,7 +463,7 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_k
         ", tiled decode" if sampling.tiled_decode else "",
         f", guidance {guidance:g}" if rows is not None else "", out,
     )
-    records = [_record(index, seed, rows[index] if rows is not None else None, guidance, mask=mask)
+    records = [sample_record(index, seed, rows[index] if rows is not None else None, guidance, mask=mask)
                for index in range(num_samples)]
     described = rows is not None or mask is not None
     written = []
@@ -481,24 +484,33 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_k
         )
         record = records[index]
         nifti, _ = save_sample(volume[0], affine, out, record["file"][: -len(".nii.gz")], value_range=value_range,
-                               title=f"seed {seed} #{index}", description=_description(record) if described else None)
+                               title=f"seed {seed} #{index}",
+                               description=sample_description(record) if described else None)
         written.append(nifti)
         log.info("wrote %s", nifti)
     if described and dist.is_main:
         names = [name for name in ldm.encoder.row_names if covariates or name not in ldm.encoder.names] \
             if rows is not None else []
-        _write_manifest(out / MANIFEST, records, names)
+        write_manifest(out / MANIFEST, records, names)
     barrier()
     return written
 
 
-def _condition_rows(encoder, conditions, where, guidance, *, num_samples, sampling, state):
+def checked_conditions(encoder: ConditionEncoder | None, conditions: Sequence[dict] | None,
+                       where: Sequence[str] | None, guidance: float | None, *, num_samples: int | None,
+                       default_guidance: float, dropout: float, model: str) -> tuple[list[dict] | None, float]:
     """The rows of conditions to sample with (None: unconditional) and the guidance scale, checked against what the
-    LDM was trained with."""
-    path = state["path"]
+    LDM was trained with (``encoder``: its conditions; ``dropout``: its ``ldm.conditioning.dropout``; ``model``: how
+    errors name it). ``guidance`` None takes ``default_guidance``.
+
+    Raises:
+        ValueError: guidance without conditions, conditions for an unconditional LDM, a count that is not
+            ``num_samples``, unknown or missing names, values the encoder refuses, or guidance other than 1 from an
+            LDM trained without condition dropout.
+    """
     if conditions is None:
         if encoder is not None and encoder.modalities is not None:  # MAISI's UNet: guided towards the modality
-            return None, _guidance(sampling.guidance_scale if guidance is None else guidance, state)
+            return None, _guidance(default_guidance if guidance is None else guidance, dropout, model)
         if guidance is not None:
             raise ValueError(f"--guidance {guidance:g} steers samples towards their conditions; give them with "
                              "--condition KEY=VALUE or --conditions TABLE.csv")
@@ -507,7 +519,7 @@ def _condition_rows(encoder, conditions, where, guidance, *, num_samples, sampli
         return None, 1.0
     where = list(where) if where is not None else ["--condition"] * len(conditions)
     if encoder is None:
-        raise ValueError(f"{where[0]}: the LDM {path} was trained without conditions (data.conditions was empty); "
+        raise ValueError(f"{where[0]}: {model} was trained without conditions (data.conditions was empty); "
                          f"sample it without --condition / --conditions")
     if num_samples is not None and num_samples != len(conditions):
         raise ValueError(f"{where[0]}: {len(conditions)} rows of conditions make {len(conditions)} samples, not "
@@ -517,22 +529,21 @@ def _condition_rows(encoder, conditions, where, guidance, *, num_samples, sampli
         missing = [name for name in encoder.names if name not in row]
         if unknown or missing:
             raise ValueError(
-                f"{place}: the LDM {path} was trained with conditions {encoder.names}; "
+                f"{place}: {model} was trained with conditions {encoder.names}; "
                 + (f"{unknown} not among them" if unknown else "")
                 + ("; " if unknown and missing else "")
                 + (f"give {missing} too (every condition, or none for unconditional samples)" if missing else "")
             )
     if encoder.maisi is None:
         encoder.encode(conditions, where)  # every value checked before any sample is drawn (MAISI's: with its inputs)
-    return list(conditions), _guidance(sampling.guidance_scale if guidance is None else guidance, state)
+    return list(conditions), _guidance(default_guidance if guidance is None else guidance, dropout, model)
 
 
-def _guidance(guidance: float, state: dict) -> float:
+def _guidance(guidance: float, dropout: float, model: str) -> float:
     """The guidance scale, refused above or below 1 for a UNet that never learnt the unconditional model."""
-    dropout = state["config"].get("ldm", {}).get("conditioning", {}).get("dropout", 0.0)
     if guidance != 1 and dropout == 0:
-        raise ValueError(f"guidance {guidance:g} extrapolates from the unconditional model, but the LDM {state['path']} "
-                         f"was trained with ldm.conditioning.dropout 0 (it never learnt one); sample with guidance 1")
+        raise ValueError(f"guidance {guidance:g} extrapolates from the unconditional model, but {model} was "
+                         f"trained with ldm.conditioning.dropout 0 (it never learnt one); sample with guidance 1")
     return guidance
 
 
@@ -584,7 +595,13 @@ def _name_part(value) -> str:
     return re.sub(r"[^A-Za-z0-9.\-]", "_", text)
 
 
-def _record(index: int, seed: int, row: dict | None, guidance: float, *, mask: Path | None) -> dict:
+def condition_dropout(state: dict) -> float:
+    """The ``ldm.conditioning.dropout`` an LDM checkpoint was trained with, as its stored config says (0 where it
+    predates the key: it was trained without dropout)."""
+    return float(state["config"].get("ldm", {}).get("conditioning", {}).get("dropout", 0.0))
+
+
+def sample_record(index: int, seed: int, row: dict | None, guidance: float, *, mask: Path | None) -> dict:
     """A sample's manifest row: its file name (from its seed, conditions and mask), index, seeds, guidance, mask and
     conditions. Unconditional samples keep the plain ``sample-NNN`` name."""
     parts = [f"sample-{index:03d}"]
@@ -600,7 +617,7 @@ def _record(index: int, seed: int, row: dict | None, guidance: float, *, mask: P
     return record | ({f"{name}": value for name, value in row.items()} if row is not None else {})
 
 
-def _description(record: dict) -> str:
+def sample_description(record: dict) -> str:
     """The NIfTI header description of a sample: its conditions, guidance, seed (and mask)."""
     fixed = {"file", "index", "seed", "generator_seed", "guidance", "mask"}
     conditions = " ".join(f"{k}={_name_part(v) if not isinstance(v, str) else v}" for k, v in record.items()
@@ -612,7 +629,7 @@ def _description(record: dict) -> str:
     return text.strip()
 
 
-def _write_manifest(path: Path, records: list[dict], names: list[str]) -> None:
+def write_manifest(path: Path, records: list[dict], names: list[str]) -> None:
     """``samples.csv``: one row per sample file, its seeds, guidance, mask and conditions."""
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = ["file", "index", "seed", "generator_seed", "guidance", "mask", *names]

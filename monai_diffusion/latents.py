@@ -38,14 +38,9 @@ from monai_diffusion.config.schema import Config, LDMTrainingConfig
 from monai_diffusion.data import build_dataloaders, build_transforms, list_volumes, loader_worker_init, screen_volumes
 from monai_diffusion.data.datasets import FAST_DEV_TRAIN_ITEMS, cache_root
 from monai_diffusion.data.transforms import CLASS_KEY, deterministic_settings, selected_channels
-from monai_diffusion.engine.checkpoint import (
-    CheckpointError,
-    check_shape_keys,
-    find_checkpoint,
-    load_checkpoint,
-    newest_checkpoint,
-)
+from monai_diffusion.engine.checkpoint import check_shape_keys, find_checkpoint, newest_checkpoint
 from monai_diffusion.engine.distributed import DistInfo, barrier
+from monai_diffusion.engine.weights import load_weights, read_weights
 from monai_diffusion.networks.builders import AUTOENCODER_SHAPE_KEYS, build_autoencoder
 
 __all__ = [
@@ -105,66 +100,39 @@ def resolve_autoencoder_checkpoint(config: Config) -> Path:
 def load_autoencoder(path: Path, config: Config, device: torch.device) -> tuple[torch.nn.Module, str]:
     """The trained autoencoder from ``path``, checked against ``config``, frozen and in eval mode on ``device``.
 
-    ``path`` is a train-autoencoder checkpoint, or a plain state dict of MONAI's AutoencoderKL as MONAI's tutorial
-    and bundles save it (e.g. the BraTS bundle's ``model_autoencoder.pt``), in today's key layout or MONAI
-    Generative's older one (read with ``load_old_state_dict``). A plain state dict records no settings: the
-    config's ``autoencoder`` section must describe its network.
+    ``path`` is a train-autoencoder checkpoint, or weights of the network the config's ``autoencoder`` section
+    builds in a file made elsewhere (:func:`~monai_diffusion.engine.weights.read_weights`): a plain state dict as
+    MONAI's tutorial and bundles save it (e.g. the BraTS bundle's ``model_autoencoder.pt``), in today's key layout or
+    MONAI Generative's older one, or a released file that wraps one (MAISI's autoencoder under ``unet_state_dict``).
+    Such a file records no settings: the config's ``autoencoder`` section must describe its network.
 
     Returns:
         (autoencoder, hash of its weights as :func:`state_dict_hash`).
 
     Raises:
         FileNotFoundError: no file at ``path``.
-        ValueError: not an autoencoder checkpoint or state dict, its shape-defining settings differ from the
-            config's (every differing key listed with both values), or a state dict does not fit the config.
+        CheckpointError: a file that holds no autoencoder weights.
+        ValueError: another kind of checkpoint, its shape-defining settings differ from the config's (every
+            differing key listed with both values), or weights that do not fit the config's autoencoder (the first
+            differing tensors listed with both shapes).
     """
     path = Path(path)
-    try:
-        state = load_checkpoint(path)
-    except CheckpointError:
-        weights = _plain_state_dict(path)
-        if weights is None:
-            raise
-        return _autoencoder_from_state_dict(weights, path, config, device)
-    kind = state.get("kind")
-    if kind != "autoencoder" or "autoencoder" not in state:
-        raise ValueError(f"{path}: not an autoencoder checkpoint (kind={kind!r}); set ldm.autoencoder_checkpoint")
-    try:
-        check_shape_keys(state.get("config", {}), config.model_dump(mode="json"), AUTOENCODER_SHAPE_KEYS)
-    except ValueError as exc:
-        raise ValueError(f"Autoencoder checkpoint {path} does not match the config's autoencoder settings. {exc}") from None
+    found = read_weights(path, "autoencoder", what="ldm.autoencoder_checkpoint")
+    if found.checkpoint is not None:
+        try:
+            check_shape_keys(found.checkpoint.get("config", {}), config.model_dump(mode="json"),
+                             AUTOENCODER_SHAPE_KEYS)
+        except ValueError as exc:
+            raise ValueError(
+                f"Autoencoder checkpoint {path} does not match the config's autoencoder settings. {exc}"
+            ) from None
     autoencoder = build_autoencoder(config.autoencoder, len(config.data.voxel_size), use_checkpoint=False)
-    autoencoder.load_state_dict(state["autoencoder"])
+    load_weights(autoencoder, found, strict=True, what="ldm.autoencoder_checkpoint", kind="autoencoder",
+                 remedy="Set autoencoder.* to the network it was trained as.")
     autoencoder.to(device).eval().requires_grad_(False)
-    return autoencoder, state_dict_hash(state["autoencoder"])
-
-
-def _plain_state_dict(path: Path) -> dict[str, torch.Tensor] | None:
-    """The file's content when it is a bare state dict (parameter names -> tensors), else None."""
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not a readable torch file: the caller's error stands
-        return None
-    if isinstance(content, dict) and content and all(
-        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in content.items()
-    ):
-        return content
-    return None
-
-
-def _autoencoder_from_state_dict(weights: dict[str, torch.Tensor], path: Path, config: Config,
-                                 device: torch.device) -> tuple[torch.nn.Module, str]:
-    """The config's autoencoder with a plain state dict's weights (either key layout), frozen, and its hash."""
-    autoencoder = build_autoencoder(config.autoencoder, len(config.data.voxel_size), use_checkpoint=False)
-    try:
-        autoencoder.load_old_state_dict(weights)
-    except (KeyError, RuntimeError) as exc:
-        raise ValueError(
-            f"ldm.autoencoder_checkpoint: {path} is a plain state dict that does not fit the config's autoencoder "
-            f"section (set autoencoder.* to the network it was trained as): {type(exc).__name__}: {exc}"
-        ) from None
-    autoencoder.to(device).eval().requires_grad_(False)
-    logger.info("autoencoder weights from the plain state dict %s", path)
+    if found.checkpoint is not None:
+        return autoencoder, state_dict_hash(found.weights)
+    logger.info("autoencoder weights from %s (%s)", path, found.layout)
     return autoencoder, state_dict_hash(autoencoder.state_dict())
 
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--guidance must be >= 0")
     if args.spacing is not None and any(not value > 0 for value in args.spacing):
         parser.error("--spacing must be three positive numbers (mm)")
-    config = config_from_args(args)
+    config = config_from_args(args, to_run=False)  # no autoencoder trains here
 
     def generate() -> None:
         rows, where = condition_rows(args, args.num_samples or config.ldm.sampling.num_samples)

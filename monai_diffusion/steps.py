@@ -3,7 +3,8 @@
 A stage (autoencoder, LDM, ControlNet) is built from the config by one function (the networks, the loss with its
 weights, optimizers, scalers, LR schedules, EMA) and answers the same few calls: ``micro_step`` (forward and
 backward of one batch under the run's precision and gradient accumulation), ``update`` (the optimizer step after
-the last micro-batch), ``epoch_end``, and ``state_dict`` / ``load_state_dict`` for what its checkpoint holds.
+the last micro-batch), ``epoch_end``, ``state_dict`` / ``load_state_dict`` for what its checkpoint holds, and
+``load_init`` for a fresh run's starting weights (``<stage>.training.init_checkpoint``).
 :func:`train_step` runs k micro-batches, then the update: the engine's loop
 (:func:`monai_diffusion.engine.loop.train_epochs`) calls it with real data, the memory harness
 (:mod:`monai_diffusion.memory.probe`) with random data of the same shape. What is planned and benchmarked is
@@ -35,12 +36,14 @@ from monai_diffusion.config.schema import (
     ControlNetTrainingConfig,
     DeviceConfig,
     LDMTrainingConfig,
+    TrainingConfig,
 )
 from monai_diffusion.diffusion import diffusion_loss
 from monai_diffusion.engine.distributed import DistInfo, gradient_sync, wrap_ddp
 from monai_diffusion.engine.ema import build_ema
 from monai_diffusion.engine.optim import StepResult, build_lr_scheduler, build_optimizer, optimizer_step
 from monai_diffusion.engine.precision import Precision
+from monai_diffusion.engine.weights import FileWeights, init_network
 from monai_diffusion.latents import LatentRecord
 from monai_diffusion.losses import (
     StructuralLoss,
@@ -134,6 +137,18 @@ def _per_step(schedule: LRScheduler | None, t: AutoencoderTrainingConfig | LDMTr
     return schedule if t.lr_schedule_interval == "step" else None
 
 
+def _init_weights(network: torch.nn.Module, t: TrainingConfig, section: str, ema: AveragedModel | None = None
+                  ) -> FileWeights | None:
+    """A fresh run's start: ``network`` from ``<section>.training.init_checkpoint`` (None: as built), and its EMA
+    from the same weights."""
+    if t.init_checkpoint is None:
+        return None
+    found = init_network(network, t.init_checkpoint, kind=section, strict=t.init_strict, section=f"{section}.training")
+    if ema is not None:
+        ema.module.load_state_dict(network.state_dict())
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ autoencoder
 
 
@@ -178,6 +193,7 @@ class AutoencoderTraining:
     best_val_l1: float = math.inf
 
     kind: ClassVar[str] = "autoencoder"
+    section: ClassVar[str] = "autoencoder"
 
     @property
     def lr_scheduler(self) -> LRScheduler:
@@ -236,6 +252,11 @@ class AutoencoderTraining:
             "lr_scheduler_d": self.lr_scheduler_d.state_dict() if disc else None,
             "best_val_l1": self.best_val_l1,
         }
+
+    def load_init(self) -> None:
+        """A fresh run's start: the autoencoder from ``autoencoder.training.init_checkpoint`` when set (the
+        discriminator keeps its initial weights)."""
+        _init_weights(self.autoencoder, self.training, self.section)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """What :meth:`state_dict` saved; a checkpoint without a discriminator leaves this one's fresh."""
@@ -437,6 +458,8 @@ class LDMTraining:
     condition_dropout: float = 0.0
     model: torch.nn.Module | None = None
 
+    section: ClassVar[str] = "ldm"
+
     def wrap(self, device: DeviceConfig, dist: DistInfo | None = None) -> list[torch.nn.Module]:
         """Run the forward through :func:`training_model` of the UNet (DDP, compile); returns it."""
         self.model = training_model(self.unet, device, dist)
@@ -464,24 +487,22 @@ class LDMTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """The UNet, its EMA, optimizer, scaler and LR schedule, and the :class:`LatentRecord`."""
-        return {
-            "unet": self.unet.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            **self.record.state_dict(),
-        }
+        return {**_network_state(self, "unet", self.unet), **self.record.state_dict()}
+
+    def load_init(self) -> None:
+        """A fresh run's start: the UNet (and its EMA) from ``ldm.training.init_checkpoint`` when set. A latent scale
+        factor the file carries is logged beside the one this run scales by: ``ldm.training.scale_factor`` chooses."""
+        found = _init_weights(self.unet, self.training, self.section, self.ema)
+        if found is not None and found.scale_factor is not None:
+            logger.info("ldm.training.init_checkpoint: %s was trained on latents scaled by %.8g; this run scales by "
+                        "%.8g%s", found.path, found.scale_factor, self.scale_factor,
+                        "" if self.training.scale_factor is not None else
+                        f" (computed; set ldm.training.scale_factor: {found.scale_factor:.8g} to keep the file's)")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """What :meth:`state_dict` saved (the record is read before the stage is built:
         :meth:`LatentRecord.from_checkpoint`); a checkpoint without EMA weights starts the EMA afresh."""
-        self.unet.load_state_dict(state["unet"])
-        _load_optimization(self, state)
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
-        elif self.ema is not None:
-            logger.warning("the checkpoint has no EMA weights: the EMA starts from the current weights")
+        _load_network_state(self, state, "unet", self.unet)
 
 
 def build_ldm_training(
@@ -565,11 +586,29 @@ def _epoch_end(lr_scheduler: LRScheduler, training: LDMTrainingConfig) -> None:
         lr_scheduler.step()
 
 
-def _load_optimization(parts: LDMTraining | ControlNetTraining, state: dict[str, Any]) -> None:
-    """The optimizer, scaler and LR schedule of a stage with one network, from its checkpoint."""
+def _network_state(parts: LDMTraining | ControlNetTraining, key: str, network: torch.nn.Module) -> dict[str, Any]:
+    """The checkpoint entries of a stage that trains one network: the network (under ``key``), its EMA, optimizer,
+    scaler and LR schedule."""
+    return {
+        key: network.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        "optimizer": parts.optimizer.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "lr_scheduler": parts.lr_scheduler.state_dict(),
+    }
+
+
+def _load_network_state(parts: LDMTraining | ControlNetTraining, state: dict[str, Any], key: str,
+                        network: torch.nn.Module) -> None:
+    """What :func:`_network_state` saved; a checkpoint without EMA weights starts the EMA from the current ones."""
+    network.load_state_dict(state[key])
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.lr_scheduler.load_state_dict(state["lr_scheduler"])
     parts.scaler.load_state_dict(state["scaler"])
+    if parts.ema is not None and state.get("ema") is not None:
+        parts.ema.load_state_dict(state["ema"])
+    elif parts.ema is not None:
+        logger.warning("the checkpoint has no EMA weights: the EMA starts from the current weights")
 
 
 def _update(network: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -630,6 +669,8 @@ class ControlNetTraining:
     condition_dropout: float = 0.0
     model: torch.nn.Module | None = None
 
+    section: ClassVar[str] = "controlnet"
+
     def wrap(self, device: DeviceConfig, dist: DistInfo | None = None) -> list[torch.nn.Module]:
         """Run the forward through :func:`training_model` of the ControlNet (DDP, compile); returns it."""
         self.model = training_model(self.controlnet, device, dist)
@@ -658,22 +699,18 @@ class ControlNetTraining:
 
     def state_dict(self) -> dict[str, Any]:
         """The ControlNet, its EMA, optimizer, scaler and LR schedule, and the :class:`ControlRecord`."""
-        return {
-            "controlnet": self.controlnet.state_dict(),
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(),
-            **self.record.state_dict(),
-        }
+        return {**_network_state(self, "controlnet", self.controlnet), **self.record.state_dict()}
+
+    def load_init(self) -> None:
+        """A fresh run's start: the ControlNet (and its EMA) from ``controlnet.training.init_checkpoint`` when set,
+        in place of the UNet's copy it was built as (with ``init_strict`` false what the file lacks stays the
+        copy's)."""
+        _init_weights(self.controlnet, self.training, self.section, self.ema)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """What :meth:`state_dict` saved (the record is read before the stage is built:
         :meth:`ControlRecord.from_checkpoint`)."""
-        self.controlnet.load_state_dict(state["controlnet"])
-        _load_optimization(self, state)
-        if self.ema is not None and state.get("ema") is not None:
-            self.ema.load_state_dict(state["ema"])
+        _load_network_state(self, state, "controlnet", self.controlnet)
 
 
 @dataclass(frozen=True)

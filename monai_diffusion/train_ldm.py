@@ -106,16 +106,19 @@ def train(run_config: Config, resume: str | None = None) -> Path:
     if resumed is not None:
         scale_factor, affine = resumed.scale_factor, resumed.affine
         logger.info("latent scale factor %.6g (from the checkpoint)", scale_factor)
-    else:
-        scale_factor = compute_scale_factor(first_posteriors(), seed=config.seed) if dist.is_main else None
-        scale_factor = float(broadcast_object(scale_factor))
+    else:  # the factor given, or 1/std of the first training latents
+        how = "ldm.training.scale_factor"
+        scale_factor = t.scale_factor
+        if scale_factor is None:
+            scale_factor = compute_scale_factor(first_posteriors(), seed=config.seed) if dist.is_main else None
+            scale_factor = float(broadcast_object(scale_factor))
+            how = f"1/std over {min(t.scale_factor_volumes, len(items))} training volume(s)"
         if cache is not None:
             affine = load_cache_entry(cache.files[0])["affine"]
         else:
             affine = deterministic(dict(items[0]))["image"].affine
         affine = plain_affine(affine)
-        logger.info("latent scale factor %.6g (1/std over %d training volume(s))", scale_factor,
-                 min(t.scale_factor_volumes, len(items)))
+        logger.info("latent scale factor %.6g (%s)", scale_factor, how)
     record = LatentRecord(autoencoder_checkpoint=ae_path, autoencoder_hash=ae_hash, scale_factor=scale_factor,
                           latent_shape=latent_shape, affine=affine,
                           conditioning=encoder.state() if encoder is not None else None)

@@ -117,9 +117,9 @@ def save_autoencoder(config, path: Path, seed: int = 0) -> Path:
 
 
 def old_layout(state: dict, with_proj_attn: bool = True) -> dict:
-    """``state`` as MONAI Generative's AutoencoderKL named it (the BraTS bundle's released weights): attention
-    projections on the block itself (``proj_attn`` for the output projection), the upsampling convolution as
-    ``conv``."""
+    """``state`` as MONAI Generative's AutoencoderKL and DiffusionModelUNet named it (the BraTS bundle's released
+    weights): self-attention projections on the block itself (``proj_attn`` for the output projection), a
+    transformer block's output projection as ``to_out.0``, the upsampling convolution as ``conv``."""
     old = {}
     for key, value in state.items():
         if ".attn.out_proj." in key:
@@ -127,6 +127,8 @@ def old_layout(state: dict, with_proj_attn: bool = True) -> dict:
                 old[key.replace(".attn.out_proj.", ".proj_attn.")] = value
         elif ".attn." in key:
             old[key.replace(".attn.", ".")] = value
+        elif "transformer_blocks" in key and ".out_proj." in key:
+            old[key.replace(".out_proj.", ".to_out.0.")] = value
         else:
             old[key.replace("postconv", "conv")] = value
     return old
@@ -228,3 +230,34 @@ def conditional_raw(datalist: Path, output_dir: Path, categorical_via: str = "cr
         "output": {"output_dir": str(output_dir), "log_every_n_steps": 1},
         "seed": 3,
     }
+
+
+def check_mlflow_run(run_dir: Path, config, command: str | None = None, experiment: str | None = None):
+    """The MLflow run of a training run with ``output.loggers: [tensorboard, mlflow]`` (the default file store in
+    ``<run>/mlruns``; experiment ``experiment``, by default ``train-<command>``), checked against the run: finished;
+    its parameters are the flattened config; every scalar TensorBoard got, at every step, with the same value; the
+    final checkpoint's path as a tag; ``config.yaml`` among the artifacts. Returns ``(client, run)``."""
+    import mlflow
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from monai_diffusion.engine.logging import flatten_config
+
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3 reads a file store only with it
+    try:
+        client = mlflow.tracking.MlflowClient(tracking_uri=(run_dir / "mlruns").as_uri())
+    finally:
+        del os.environ["MLFLOW_ALLOW_FILE_STORE"]
+    [run] = client.search_runs([client.get_experiment_by_name(experiment or f"train-{command}").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert run.data.params == flatten_config(config.model_dump(mode="json"))
+    assert run.data.tags["checkpoint"] == str((run_dir / "checkpoints" / "last.pt").resolve())
+
+    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert tags and sorted(tags) == sorted(run.data.metrics)
+    for tag in tags:
+        history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, tag))
+        expected = [(e.step, pytest.approx(e.value, rel=1e-6, abs=1e-12)) for e in events.Scalars(tag)]
+        assert history == expected, tag
+    assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
+    return client, run

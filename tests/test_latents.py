@@ -295,7 +295,7 @@ def test_plain_state_dict_in_the_old_key_layout_is_an_autoencoder_checkpoint(tmp
 
     # A state dict of another network is refused, naming the file and the section to fix.
     other = tiny_config(tmp_path, with_encoder_nonlocal_attn=True, with_decoder_nonlocal_attn=True, latent_channels=3)
-    with pytest.raises(ValueError, match=r"model_autoencoder.pt is a plain state dict that does not fit .* autoencoder"):
+    with pytest.raises(ValueError, match=r"model_autoencoder.pt does not fit the autoencoder .*plain state dict"):
         load_autoencoder(path, other, torch.device("cpu"))
     # Anything else that is not a checkpoint stays an error about the checkpoint.
     torch.save({"epoch": 3}, tmp_path / "foreign.pt")

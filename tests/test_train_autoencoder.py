@@ -26,8 +26,8 @@ from monai_diffusion.networks.autoencoderkl import AutoencoderKL
 from monai_diffusion.networks.builders import build_autoencoder
 
 from signal_hook import TEST_SIGNAL_ENV
-from helpers import (differences, free_port, record_compiles, run_python, run_torchrun, tiny_config_dict, write_hub,
-                     write_volumes)
+from helpers import (check_mlflow_run, differences, free_port, record_compiles, run_python, run_torchrun,
+                     tiny_config_dict, write_hub, write_volumes)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,6 +53,22 @@ def test_cli_fast_dev_run_writes_checkpoint_logs_and_panel(tiny_config_file, tmp
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     assert (run / "config.yaml").is_file()
     assert "effective batch size 1" in result.stderr
+
+
+def test_mlflow_gets_the_config_every_scalar_the_panels_and_the_checkpoints(nifti_folder, tmp_path):
+    pytest.importorskip("mlflow")
+    config = make_config(nifti_folder, tmp_path, "output.loggers=[tensorboard, mlflow]",
+                         "autoencoder.training.max_steps=2")
+    run = train_autoencoder.train(config)
+    client, tracked = check_mlflow_run(run, config, "autoencoder")
+    assert tracked.data.params["autoencoder.downsample_factors"] == "[2]"
+    assert {"train/recon_l1", "train/kl", "train/lr", "val/l1", "val/psnr", "val/ssim"} <= set(tracked.data.metrics)
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "train/recon_l1")] == [1, 2]
+    assert tracked.data.tags["best_checkpoint"] == str((run / "checkpoints" / "best.pt").resolve())
+    # The panel the run folder keeps, as an artifact.
+    [panel] = client.list_artifacts(tracked.info.run_id, "val")
+    assert panel.path == "val/reconstruction-step00000002.png"
+    assert (run / "images" / "reconstruction-step00000002.png").is_file()
 
 
 def test_file_path_entry_point_runs():
@@ -364,6 +380,29 @@ def test_a_stop_signal_saves_the_last_step_and_resume_is_bit_exact(tmp_path, nif
     resumed = checkpoints(run)
     assert resumed.keys() == straight_run.keys()  # last, best and the kept step checkpoints
     assert differences(straight_run, resumed) == []  # weights, optimizers, scalers, LR schedules, RNG, position
+
+
+def test_a_stopped_run_is_killed_in_mlflow_and_its_resume_continues_the_same_run(tmp_path, nifti_folder, monkeypatch):
+    pytest.importorskip("mlflow")
+    config = make_config(nifti_folder, tmp_path, *STOP_SETTINGS, "output.loggers=[tensorboard, mlflow]")
+    monkeypatch.setenv(TEST_SIGNAL_ENV, "SIGTERM:4")  # after optimizer step 2
+    with pytest.raises(TrainingStopped):
+        train_autoencoder.train(config)
+    (run,) = tmp_path.glob("autoencoder-*")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=(run / "mlruns").as_uri())
+    [stopped] = client.search_runs([client.get_experiment_by_name("train-autoencoder").experiment_id])
+    assert stopped.info.status == "KILLED"
+    assert stopped.data.tags["checkpoint"] == str((run / "checkpoints" / "last.pt").resolve())
+
+    monkeypatch.delenv(TEST_SIGNAL_ENV)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
+    assert train_autoencoder.train(config, resume="auto") == run
+    _, resumed = check_mlflow_run(run, config, "autoencoder")  # the same run, every step's scalars as TensorBoard's
+    assert resumed.info.run_id == stopped.info.run_id
+    assert [m.step for m in client.get_metric_history(resumed.info.run_id, "train/recon_l1")] == [1, 2, 3, 4, 5]
 
 
 def test_a_second_ctrl_c_stops_at_once_and_a_failed_start_leaves_nothing(tmp_path, tiny_config_file, monkeypatch,

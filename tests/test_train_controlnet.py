@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 from signal_hook import TEST_SIGNAL_ENV
-from helpers import conditional_raw, differences, run_torchrun, save_autoencoder, write_conditional_data
+from helpers import (check_mlflow_run, conditional_raw, differences, run_torchrun, save_autoencoder,
+                     write_conditional_data)
 
 from monai_diffusion import train_controlnet as recipe
 from monai_diffusion.conditioning import Denoiser, control_size, read_control
@@ -124,6 +125,15 @@ def test_trains_from_the_latent_cache_and_samples_in_the_masks_space(setup, tmp_
 
 def state_affine(config) -> np.ndarray:
     return load_checkpoint(Path(config.controlnet.ldm_checkpoint) / "checkpoints" / "last.pt")["affine"].numpy()
+
+
+def test_mlflow_gets_the_config_every_scalar_the_sample_panel_and_the_checkpoint(setup):
+    pytest.importorskip("mlflow")
+    config = setup("output.loggers=[tensorboard, mlflow]", "output.mlflow_experiment_name=steering")
+    run = recipe.train(config)
+    client, tracked = check_mlflow_run(run, config, experiment="steering")
+    assert "train/loss" in tracked.data.metrics
+    assert [a.path for a in client.list_artifacts(tracked.info.run_id, "val")] == ["val/sample-step00000001.png"]
 
 
 def test_trains_on_the_fly_with_the_label_maps_moving_with_their_augmented_images(setup):

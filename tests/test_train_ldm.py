@@ -13,7 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from signal_hook import TEST_SIGNAL_ENV
-from helpers import SUBPROCESS_HOOKS, differences, old_layout, record_compiles, run_torchrun, save_autoencoder
+from helpers import (SUBPROCESS_HOOKS, check_mlflow_run, differences, old_layout, record_compiles, run_torchrun,
+                     save_autoencoder)
 import torch
 
 from monai_diffusion import latents
@@ -108,6 +109,16 @@ def test_cache_built_once_reused_and_rebuilt_for_a_new_autoencoder(setup, tmp_pa
     run = recipe.train(setup())
     assert len(calls) == 8 and len(list((tmp_path / "out" / "latent_cache").iterdir())) == 2
     assert load_checkpoint(run / "checkpoints" / "last.pt")["autoencoder_checkpoint"].endswith("autoencoder-2/checkpoints/best.pt")
+
+
+def test_mlflow_gets_the_config_every_scalar_the_sample_panel_and_the_checkpoint(setup):
+    pytest.importorskip("mlflow")
+    config = setup()
+    config.output.loggers = ["tensorboard", "mlflow"]
+    run = recipe.train(config)
+    client, tracked = check_mlflow_run(run, config, "ldm")
+    assert {"latent/scale_factor", "train/loss", "val/sample_mean"} <= set(tracked.data.metrics)
+    assert [a.path for a in client.list_artifacts(tracked.info.run_id, "val")] == ["val/sample-step00000001.png"]
 
 
 def test_exact_resume_with_ema_and_stored_scale_factor(setup, tmp_path, monkeypatch):

@@ -22,10 +22,11 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> Config:
-    """Load and validate the config named on the command line; on errors print them all and exit 2."""
+def config_from_args(args: argparse.Namespace, *, to_run: bool = True) -> Config:
+    """Load and validate the config named on the command line; on errors print them all and exit 2. ``to_run`` as
+    in :func:`~monai_diffusion.config.loading.load_config`."""
     try:
-        return load_config(args.config, args.overrides)
+        return load_config(args.config, args.overrides, to_run=to_run)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

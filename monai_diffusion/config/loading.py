@@ -181,9 +181,11 @@ def _drop(raw: dict, path: tuple) -> None:
         node.pop(path[-1], None)
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate it as a
-    config about to run (every rule, those a run needs included: the commands read their config here).
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, to_run: bool = True) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None), apply ``--set`` overrides, validate it (the
+    commands read their config here). ``to_run``: the rules a run of every stage needs apply too (``validate`` and
+    train-autoencoder); the commands that only use a trained autoencoder (train-ldm, train-controlnet, sample) pass
+    False, since a discriminator too deep for the volume never trains there.
 
     Raises:
         ConfigError: the file is missing or not YAML, an override is malformed, or the config is invalid.
@@ -204,7 +206,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         raw = apply_overrides(raw, overrides or [])
     except ValueError as exc:
         raise ConfigError(source, [str(exc)]) from None
-    return config_from_dict(raw, source, to_run=True)
+    return config_from_dict(raw, source, to_run=to_run)
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -8,6 +8,7 @@ checkpoint written before such a rule existed keeps loading.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterable, Sequence
 
@@ -124,6 +125,11 @@ def check_rules(config: Config, to_run: bool = False) -> list[str]:
         if section.max_epochs is None and section.max_steps is None:
             problems.append(f"{name}.max_epochs / {name}.max_steps: set at least one bound")
         problems += _check_lr_schedule(name, section)
+        if section.init_checkpoint is None and _changed(section, ["init_strict"]):
+            problems.append(f"{name}.init_strict: only read with {name}.init_checkpoint")
+    if config.controlnet.training.scale_factor is not None:
+        problems.append("controlnet.training.scale_factor: not read, the ControlNet scales latents by its LDM's factor "
+                        "(set ldm.training.scale_factor when training the LDM)")
     t = ae.training
     if t.use_perceptual_loss and t.perceptual_weight == 0:
         problems.append("autoencoder.training.perceptual_weight: is 0 while use_perceptual_loss is true")
@@ -166,6 +172,26 @@ def check_rules(config: Config, to_run: bool = False) -> list[str]:
     problems += _check_conditions(config)
     if data.mask_key is not None and factors is not None and spatial_dims in (2, 3):
         problems += _check_controlnet(config, factors.total)
+    problems += _check_loggers(config, to_run)
+    return problems
+
+
+# What output.loggers 'mlflow' needs, and the command that installs it.
+MLFLOW_INSTALL = "pip install 'monai-diffusion[mlflow]' (or: pip install mlflow-skinny)"
+
+
+def _check_loggers(config: Config, to_run: bool) -> list[str]:
+    """``output.loggers``: each logger once, the MLflow keys only with 'mlflow', and (for a config about to run)
+    the mlflow package installed, so a run does not fail after its setup."""
+    output, problems = config.output, []
+    repeated = sorted({name for name in output.loggers if output.loggers.count(name) > 1})
+    if repeated:
+        problems.append(f"output.loggers: {', '.join(map(repr, repeated))} listed more than once")
+    if "mlflow" not in output.loggers:
+        for key in _changed(output, ["mlflow_tracking_uri", "mlflow_experiment_name"]):
+            problems.append(f"output.{key}: only read with 'mlflow' in output.loggers, got {output.loggers}")
+    elif to_run and importlib.util.find_spec("mlflow") is None:
+        problems.append(f"output.loggers: 'mlflow' needs the mlflow package, which is not installed: {MLFLOW_INSTALL}")
     return problems
 
 

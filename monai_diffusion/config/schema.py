@@ -233,6 +233,22 @@ class TrainingConfig(Section):
     keep_last_checkpoints: int = Field(
         2, ge=1, description="How many step checkpoints to keep (plus last.pt, and the autoencoder's best.pt)."
     )
+    init_checkpoint: Path | None = Field(
+        None,
+        description="Weights the stage's network (the autoencoder, the UNet, the ControlNet) starts from instead of "
+        "its initial ones, read before the first step: a checkpoint or run folder of this tool (its network; an LDM's "
+        "or ControlNet's EMA weights when it kept them), a plain MONAI state dict (today's key names or MONAI "
+        "Generative's), or a released MAISI / model-zoo file (a dict holding unet_state_dict or "
+        "controlnet_state_dict). Unlike --resume, the optimizer, LR schedule and step count start fresh (and the "
+        "autoencoder's discriminator from its initial weights); a resumed run continues its checkpoint and does not "
+        "read this. None: start as built.",
+    )
+    init_strict: bool = Field(
+        True,
+        description="init_checkpoint must fit the network exactly: every tensor by name and shape, both ways, or the "
+        "run stops listing the first differences with both shapes. false: load the tensors that fit, keep the rest "
+        "as built, and log what was left out of the file and what the file lacked.",
+    )
 
 
 # ---------------------------------------------------------------- autoencoder
@@ -549,6 +565,13 @@ class LDMTrainingConfig(TrainingConfig):
     scale_factor_volumes: int = Field(
         8, ge=1, description="Training volumes used once to compute the latent scale factor (1/std)."
     )
+    scale_factor: float | None = Field(
+        None, gt=0,
+        description="The latent scale factor, as given (None: 1/std of scale_factor_volumes training latents, computed "
+        "once). When fine-tuning a released UNet (init_checkpoint) on the latents of the autoencoder it was trained "
+        "with, give it the factor it was trained with, which train-ldm logs when the file carries one (MAISI's "
+        "diffusion files do). A resumed run keeps its checkpoint's.",
+    )
 
 
 class ConditioningConfig(Section):
@@ -609,8 +632,9 @@ class LDMConfig(Section):
 
 class ControlNetTrainingConfig(LDMTrainingConfig):
     """The ControlNet's training: the LDM's settings (its latent cache, precision, accumulation, schedules, EMA),
-    applied to the ControlNet while the LDM stays frozen. ``scale_factor_volumes`` is not read: the latents are
-    scaled by the LDM's own factor."""
+    applied to the ControlNet while the LDM stays frozen. ``scale_factor_volumes`` and ``scale_factor`` are not read:
+    the latents are scaled by the LDM's own factor. Without ``init_checkpoint`` the ControlNet starts as a copy of
+    the LDM's UNet."""
 
 
 class ControlNetConfig(Section):
@@ -666,11 +690,31 @@ class DeviceConfig(Section):
 
 
 class OutputConfig(Section):
-    """``output``: where a run writes (checkpoints, logs, the resolved config) and how often it logs scalars."""
+    """``output``: where a run writes (checkpoints, logs, the resolved config), how often it logs scalars and which
+    experiment trackers receive them."""
 
     output_dir: Path = Field(Path("runs"), description="Every run writes to <output_dir>/<run_name>.")
     run_name: str | None = Field(None, description="Run folder name (None: <command>-<date>-<time>).")
-    log_every_n_steps: int = Field(10, ge=1, description="TensorBoard scalar interval in optimizer steps.")
+    log_every_n_steps: int = Field(
+        10, ge=1, description="Interval of the training scalars (every logger), in optimizer steps."
+    )
+    loggers: list[Literal["tensorboard", "mlflow"]] = Field(
+        ["tensorboard"],
+        description="Where a training run logs its scalars and panels: 'tensorboard' (event files in "
+        "<run>/tensorboard) and/or 'mlflow' (MLflow tracking, as MONAI's bundles log: the resolved config as "
+        "parameters, every scalar, the panels as artifacts, the final checkpoint's path as a tag; needs `pip install "
+        "'monai-diffusion[mlflow]'`). Empty: console and the run folder's files only.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        description="With loggers 'mlflow': where the runs go, an MLflow tracking URI (a server "
+        "'http://host:5000', 'sqlite:///mlflow.db', 'file:///path/mlruns'). None: a file store in <run>/mlruns.",
+    )
+    mlflow_experiment_name: str | None = Field(
+        None,
+        description="With loggers 'mlflow': the MLflow experiment (created when missing). None: the command, "
+        "e.g. 'train-autoencoder'.",
+    )
 
 
 class Config(Section):

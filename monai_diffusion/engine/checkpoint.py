@@ -32,6 +32,8 @@ __all__ = [
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
+    "read_torch_file",
+    "as_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
     "prune_checkpoints",
@@ -99,6 +101,52 @@ def save_checkpoint(path: Path, state: dict) -> None:
     _fsync_dir(path.parent)
 
 
+def read_torch_file(path: Path, map_location: Any = "cpu", weights_only: bool = True) -> Any:
+    """What ``torch.load`` reads from ``path`` (any content: a checkpoint, a bare state dict, a released file), with
+    errors that name the file.
+
+    Args:
+        path: the file.
+        map_location: where tensors go (``torch.load``'s argument); CPU by default so a GPU file loads anywhere.
+        weights_only: refuse arbitrary pickled objects (safe for files from elsewhere).
+
+    Raises:
+        FileNotFoundError: no file at ``path``.
+        CheckpointError: unreadable/corrupt file, or objects a safe load refuses.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise CheckpointError(_load_failure(path, err, weights_only)) from err
+
+
+def as_checkpoint(content: Any, path: Path) -> dict:
+    """``content`` (what :func:`read_torch_file` read from ``path``) when it is a checkpoint this version reads.
+
+    Raises:
+        CheckpointError: not a dict, or a missing/different ``format_version``.
+    """
+    if not isinstance(content, dict):
+        raise CheckpointError(
+            f"{path}: not a monai-diffusion checkpoint (holds a {type(content).__name__}, not a dict)"
+        )
+    version = content.get("format_version")
+    if version is None:
+        raise CheckpointError(
+            f"{path}: not a monai-diffusion checkpoint (no 'format_version'; a bare state dict?)"
+        )
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        raise CheckpointError(
+            f"{path}: checkpoint format_version {version!r}, this monai-diffusion reads version "
+            f"{FORMAT_VERSION}" + (" (written by a newer monai-diffusion; upgrade it)" if newer else "")
+        )
+    return content
+
+
 def load_checkpoint(path: Path, map_location: Any = "cpu", weights_only: bool = True) -> dict:
     """Load a checkpoint written by :func:`save_checkpoint`, with errors that name the file.
 
@@ -117,26 +165,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu", weights_only: bool = 
             missing/different ``format_version``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=weights_only)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
-        raise CheckpointError(_load_failure(path, err, weights_only)) from err
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: not a monai-diffusion checkpoint (holds a {type(state).__name__}, not a dict)")
-    version = state.get("format_version")
-    if version is None:
-        raise CheckpointError(
-            f"{path}: not a monai-diffusion checkpoint (no 'format_version'; a bare state dict?)"
-        )
-    if version != FORMAT_VERSION:
-        newer = isinstance(version, int) and version > FORMAT_VERSION
-        raise CheckpointError(
-            f"{path}: checkpoint format_version {version!r}, this monai-diffusion reads version "
-            f"{FORMAT_VERSION}" + (" (written by a newer monai-diffusion; upgrade it)" if newer else "")
-        )
-    return state
+    return as_checkpoint(read_torch_file(path, map_location, weights_only), path)
 
 
 def _load_failure(path: Path, err: Exception, weights_only: bool) -> str:

@@ -7,7 +7,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from monai_diffusion.engine.distributed import unwrap
 
-__all__ = ["build_ema"]
+__all__ = ["build_ema", "ema_weights"]
 
 
 def build_ema(model: nn.Module, decay: float) -> AveragedModel:
@@ -41,3 +41,9 @@ def build_ema(model: nn.Module, decay: float) -> AveragedModel:
     ema.requires_grad_(False)
     ema.eval()
     return ema
+
+
+def ema_weights(ema_state: dict) -> dict:
+    """The averaged model's weights in an ``AveragedModel.state_dict()`` (``module.`` prefix, ``n_averaged``): what
+    the bare network loads."""
+    return {key[len("module."):]: value for key, value in ema_state.items() if key.startswith("module.")}

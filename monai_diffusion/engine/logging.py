@@ -1,21 +1,30 @@
-"""Console logging, TensorBoard scalars/images, slice panels of 3D volumes, NIfTI outputs and peak memory.
+"""Console logging, a run's scalars and images (TensorBoard, MLflow), slice panels of 3D volumes, NIfTI outputs and
+peak memory.
 
-Everything here is rank-aware only through its arguments: the recipes build a
-:class:`RunLogger` with ``enabled=dist_info.is_main`` and call :func:`save_png` on rank 0.
+Everything here is rank-aware only through its arguments: the training loop builds a :class:`RunLogger` with
+``enabled=dist_info.is_main`` (:func:`open_run_logger`) and the recipes call :func:`save_png` on rank 0.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import re
 import sys
+import tempfile
+import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from monai_diffusion.config.schema import OutputConfig
 
 __all__ = [
     "LOGGER_NAME",
@@ -23,6 +32,9 @@ __all__ = [
     "get_logger",
     "set_log_rank",
     "RunLogger",
+    "MLflowRun",
+    "open_run_logger",
+    "flatten_config",
     "volume_panel",
     "save_png",
     "save_nifti",
@@ -90,22 +102,28 @@ def set_log_rank(rank: int, world_size: int) -> None:
     logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
-# -------------------------------------------------------------- TensorBoard
+# ------------------------------------------------------- TensorBoard, MLflow
 
 
 class RunLogger:
-    """TensorBoard writer for one run; a silent no-op when disabled (every rank but 0).
+    """What a training run logs: TensorBoard event files and/or an MLflow run; a silent no-op when disabled (every
+    rank but 0). The training loop builds it with :func:`open_run_logger` from ``output.loggers``.
 
     Args:
         log_dir: folder for the event files (created if missing).
         enabled: write anything at all; pass ``dist_info.is_main``.
+        tensorboard: write TensorBoard event files in ``log_dir``.
+        mlflow: an MLflow run that receives the same scalars and images (its panels as PNG artifacts) and the
+            tags; :meth:`close` ends it.
     """
 
-    def __init__(self, log_dir: Path, enabled: bool = True) -> None:
+    def __init__(self, log_dir: Path, enabled: bool = True, *, tensorboard: bool = True,
+                 mlflow: MLflowRun | None = None) -> None:
         self.log_dir = Path(log_dir)
         self.enabled = enabled
         self._writer = None
-        if enabled:
+        self._mlflow = mlflow if enabled else None
+        if enabled and tensorboard:
             # Imported here: tensorboard is slow to import and unused on ranks > 0.
             from torch.utils.tensorboard import SummaryWriter
 
@@ -119,41 +137,225 @@ class RunLogger:
             values: tag -> number (a one-element tensor is fine), e.g. ``{"train/loss": 0.12}``.
             step: global optimizer step (the x axis).
         """
-        if self._writer is None:
-            return
-        for tag, value in values.items():
-            if value is not None:
-                self._writer.add_scalar(tag, float(value), step)
+        numbers = {tag: float(value) for tag, value in values.items() if value is not None}
+        if self._writer is not None:
+            for tag, value in numbers.items():
+                self._writer.add_scalar(tag, value, step)
+        if self._mlflow is not None and numbers:
+            self._mlflow.scalars(numbers, step)
 
     def image(self, tag: str, image_hwc_uint8: np.ndarray, step: int) -> None:
         """Write an ``H x W x 3`` (or ``H x W``) uint8 image, e.g. from :func:`volume_panel`.
 
         Args:
-            tag: TensorBoard tag, e.g. ``"val/reconstruction"``.
+            tag: TensorBoard tag, e.g. ``"val/reconstruction"`` (MLflow: the artifact
+                ``val/reconstruction-step<N>.png``).
             image_hwc_uint8: the image.
             step: global optimizer step.
         """
-        if self._writer is None:
+        if self._writer is None and self._mlflow is None:
             return
         image = _check_image(image_hwc_uint8)
-        self._writer.add_image(tag, image, step, dataformats="HWC" if image.ndim == 3 else "HW")
+        if self._writer is not None:
+            self._writer.add_image(tag, image, step, dataformats="HWC" if image.ndim == 3 else "HW")
+        if self._mlflow is not None:
+            self._mlflow.image(tag, image, step)
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        """Tag the MLflow run, e.g. ``{"checkpoint": ".../last.pt"}`` (TensorBoard has no tags: nothing there)."""
+        if self._mlflow is not None:
+            self._mlflow.tags(values)
 
     def flush(self) -> None:
         """Push pending events to disk (TensorBoard otherwise flushes every 2 minutes)."""
         if self._writer is not None:
             self._writer.flush()
 
-    def close(self) -> None:
-        """Flush and close the writer; safe to call twice."""
+    def close(self, status: str = "FINISHED") -> None:
+        """Flush and close the writer and end the MLflow run with ``status`` (``FINISHED``, ``FAILED``,
+        ``KILLED``); safe to call twice (the first status stays)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._mlflow is not None:
+            self._mlflow.end(status)
+            self._mlflow = None
 
     def __enter__(self) -> RunLogger:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def open_run_logger(output: OutputConfig, run_dir: Path, *, command: str, config: Mapping[str, Any],
+                    enabled: bool, resumed: bool) -> RunLogger:
+    """The :class:`RunLogger` of a training run in ``run_dir``: TensorBoard in ``<run_dir>/tensorboard`` and/or an
+    MLflow run, as ``output.loggers`` says.
+
+    Args:
+        output: the config's ``output`` section (loggers, MLflow tracking URI and experiment).
+        run_dir: the run folder; the default MLflow store is ``<run_dir>/mlruns``.
+        command: ``autoencoder``, ``ldm`` or ``controlnet``; the default experiment is ``train-<command>``.
+        config: the resolved config (``model_dump(mode="json")``), logged as parameters.
+        enabled: write anything at all; pass ``dist_info.is_main``.
+        resumed: the run continues a checkpoint in ``run_dir``: its MLflow run continues too, when found.
+
+    Raises:
+        RuntimeError: MLflow could not start or find the run (the message names the tracking URI).
+    """
+    mlflow = None
+    if enabled and "mlflow" in output.loggers:
+        uri = output.mlflow_tracking_uri or (Path(run_dir) / "mlruns").resolve().as_uri()
+        mlflow = MLflowRun(uri, output.mlflow_experiment_name or f"train-{command}", run_dir=run_dir,
+                           params=flatten_config(config), resume=resumed)
+    return RunLogger(Path(run_dir) / "tensorboard", enabled=enabled, tensorboard="tensorboard" in output.loggers,
+                     mlflow=mlflow)
+
+
+# MLflow's own limit on a parameter's value in characters, where mlflow does not say (older releases: 500).
+MLFLOW_PARAM_LENGTH = 500
+# Parameters per MLflow log_batch call (MLflow's limit: 100).
+MLFLOW_PARAMS_PER_BATCH = 100
+# The tag that ties an MLflow run to its run folder, so a resumed run continues it.
+MLFLOW_RUN_DIR_TAG = "monai_diffusion.run_dir"
+# What ends a parameter value cut to MLflow's limit (the whole config is the run's config.yaml artifact).
+CUT_MARK = "...[cut]"
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """A nested config as dotted keys and text values, the way MLflow takes parameters.
+
+    ``{"autoencoder": {"num_channels": [32, 64], "training": {"lr": 1e-4}}}`` gives
+    ``{"autoencoder.num_channels": "[32, 64]", "autoencoder.training.lr": "0.0001"}``: sections become key
+    prefixes, lists and other values stay whole as JSON (strings as they are). Characters MLflow refuses in a
+    key (a user's class name in ``data.intensity_by_class``, say) become ``_``.
+    """
+    flat: dict[str, str] = {}
+    for key, value in config.items():
+        name = re.sub(r"[^\w./\- ]", "_", f"{prefix}{key}")
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_config(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, str) else json.dumps(value)
+    return flat
+
+
+@contextlib.contextmanager
+def _file_store_allowed(uri: str) -> Iterator[None]:
+    """Let MLflow open a file store (``file:`` URI or a plain path) while the client is built.
+
+    MLflow 3 keeps the file store in maintenance mode and refuses it unless ``MLFLOW_ALLOW_FILE_STORE`` is true; a
+    run folder's own store is one by design (no server, no database package). A value the user set is left alone.
+    MLflow caches the store per URI, so the client keeps it after this.
+    """
+    scheme = uri.split(":", 1)[0] if re.match(r"^[a-zA-Z][\w+.-]+:", uri) else ""
+    if scheme not in ("", "file") or "MLFLOW_ALLOW_FILE_STORE" in os.environ:
+        yield
+        return
+    os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"
+    try:
+        yield
+    finally:
+        os.environ.pop("MLFLOW_ALLOW_FILE_STORE", None)
+
+
+class MLflowRun:
+    """One MLflow run beside a training run: the resolved config as parameters (and ``config.yaml`` as an
+    artifact), the scalars TensorBoard gets as metrics, panels as PNG artifacts, tags (the final checkpoint).
+
+    Args:
+        tracking_uri: where MLflow keeps runs (a ``file:`` store, ``sqlite:///...``, ``http://host:port``).
+        experiment: the experiment's name; created when missing.
+        run_dir: the training run's folder: names the MLflow run and is tagged on it (``monai_diffusion.run_dir``).
+        params: parameters (:func:`flatten_config`); a value longer than MLflow's limit is cut, ending in
+            ``...[cut]``.
+        resume: continue the MLflow run tagged with ``run_dir`` when there is one (its parameters keep their first
+            values: MLflow does not change a logged parameter); else start a new one.
+
+    Raises:
+        RuntimeError: MLflow could not open the store or start the run.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, *, run_dir: Path, params: Mapping[str, str],
+                 resume: bool) -> None:
+        from mlflow.exceptions import MlflowException
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        run_dir = Path(run_dir).resolve()
+        try:
+            with _file_store_allowed(tracking_uri):
+                self._client = MlflowClient(tracking_uri=tracking_uri)
+            found = self._client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found is not None else self._client.create_experiment(experiment)
+            run = self._find_run(experiment_id, run_dir) if resume else None
+            continued = run is not None
+            if run is None:
+                run = self._client.create_run(experiment_id, run_name=run_dir.name,
+                                              tags={MLFLOW_RUN_DIR_TAG: str(run_dir)})
+                logged: Mapping[str, str] = {}
+            else:
+                self._client.update_run(run.info.run_id, status="RUNNING")
+                logged = run.data.params
+            self.run_id = run.info.run_id
+            self._log_params(params, logged)
+            if (run_dir / "config.yaml").is_file():
+                self._client.log_artifact(self.run_id, str(run_dir / "config.yaml"))
+        except MlflowException as exc:
+            raise RuntimeError(f"output.loggers 'mlflow': could not start a run in experiment {experiment!r} at "
+                               f"{tracking_uri} (output.mlflow_tracking_uri): {exc}") from exc
+        get_logger().info("MLflow run %s%s in experiment %r at %s", self.run_id, " (continued)" if continued else "",
+                          experiment, tracking_uri)
+
+    def _find_run(self, experiment_id: str, run_dir: Path):
+        """The run tagged with ``run_dir`` (the newest), or None."""
+        if "'" in str(run_dir):  # not expressible in MLflow's filter syntax: a new run
+            return None
+        runs = self._client.search_runs([experiment_id], f"tags.`{MLFLOW_RUN_DIR_TAG}` = '{run_dir}'",
+                                        max_results=1, order_by=["attributes.start_time DESC"])
+        return runs[0] if runs else None
+
+    def _log_params(self, params: Mapping[str, str], logged: Mapping[str, str]) -> None:
+        from mlflow.entities import Param
+
+        try:
+            from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH as limit
+        except ImportError:
+            limit = MLFLOW_PARAM_LENGTH
+        values = {key: value if len(value) <= limit else value[: limit - len(CUT_MARK)] + CUT_MARK
+                  for key, value in params.items()}
+        changed = sorted(key for key, value in values.items() if key in logged and logged[key] != value)
+        if changed:
+            get_logger().warning("MLflow keeps a run's parameters as first logged: %s changed since and keep their "
+                                 "values there (config.yaml has the new ones)", ", ".join(changed))
+        new = [Param(key, value) for key, value in values.items() if key not in logged]
+        for start in range(0, len(new), MLFLOW_PARAMS_PER_BATCH):
+            self._client.log_batch(self.run_id, params=new[start : start + MLFLOW_PARAMS_PER_BATCH])
+
+    def scalars(self, values: Mapping[str, float], step: int) -> None:
+        """Log ``tag: value`` metrics at ``step``."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._client.log_batch(self.run_id, metrics=[Metric(tag, value, now, step) for tag, value in values.items()])
+
+    def image(self, tag: str, image: np.ndarray, step: int) -> None:
+        """Log an image as the PNG artifact ``<tag>-step<N>.png`` (``val/reconstruction`` -> folder ``val``)."""
+        folder, _, name = tag.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / f"{name}-step{step:08d}.png"
+            save_png(image, path)
+            self._client.log_artifact(self.run_id, str(path), artifact_path=folder or None)
+
+    def tags(self, values: Mapping[str, str]) -> None:
+        """Set tags on the run."""
+        for key, value in values.items():
+            self._client.set_tag(self.run_id, key, value)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """End the run with ``status`` (``FINISHED``, ``FAILED`` or ``KILLED``)."""
+        self._client.set_terminated(self.run_id, status)
 
 
 # ------------------------------------------------------------------- panels

@@ -58,7 +58,7 @@ from monai_diffusion.engine.distributed import (
     cleanup_distributed,
     init_distributed,
 )
-from monai_diffusion.engine.logging import RunLogger, get_logger, peak_memory_mb
+from monai_diffusion.engine.logging import RunLogger, get_logger, open_run_logger, peak_memory_mb
 from monai_diffusion.engine.optim import NonFiniteGuard, StepResult
 from monai_diffusion.engine.precision import Precision, resolve_precision
 
@@ -403,7 +403,8 @@ def training_main(train: Callable[..., Path], command: str, doc: str, argv: list
     add_config_arguments(parser)
     add_resume_argument(parser, command)
     args = parser.parse_args(argv)
-    return run_training(train, config_from_args(args), args.resume)
+    # Only the autoencoder's training needs its discriminator to fit the volume (config.rules, to_run).
+    return run_training(train, config_from_args(args, to_run=command == "autoencoder"), args.resume)
 
 
 def run_training(train: Callable[..., Path], config: Config, resume: str | None) -> int:
@@ -458,9 +459,15 @@ def resume_checkpoint(config: Config, command: str, resume: str | None,
 
 def restore_position(stage, state: dict | None, dist: DistInfo) -> Position:
     """A resumed run's stage (``stage.load_state_dict``: networks, optimizers, scalers, schedules, EMA) and this
-    rank's RNG from ``state``; returns where it stopped. A fresh run (``state`` None) starts at the beginning."""
+    rank's RNG from ``state``; returns where it stopped. A fresh run (``state`` None) starts at the beginning, its
+    network from ``<stage>.training.init_checkpoint`` when set (``stage.load_init``); a resumed run continues its
+    checkpoint's weights and does not read that file (it says so)."""
     if state is None:
+        stage.load_init()
         return Position()
+    if stage.training.init_checkpoint is not None and dist.is_main:
+        logger.info("%s.training.init_checkpoint (%s) is not read: the run resumes with its checkpoint's weights",
+                    stage.section, stage.training.init_checkpoint)
     stage.load_state_dict(state)
     restore_rank_rng(state["rng"], dist)
     return Position(state["step"], state["epoch"], state["batches_in_epoch"])
@@ -475,7 +482,7 @@ class TrainingRun:
         command: ``autoencoder``, ``ldm`` or ``controlnet``: the folder's prefix and its checkpoints' ``kind``.
         config: the stage's config, kept in each checkpoint.
         dist: this process's place in the run.
-        writer: TensorBoard scalars and images (rank 0 writes).
+        writer: scalars, images and tags for TensorBoard and / or MLflow (``output.loggers``; rank 0 writes).
         resumed: whether the run continues a checkpoint (a new run's folder goes when it ends before its first
             optimizer step).
     """
@@ -491,10 +498,19 @@ class TrainingRun:
 def open_training_run(run_config: Config, config: Config, command: str, dist: DistInfo, *,
                       resume_path: Path | None, state: dict | None) -> TrainingRun:
     """The run folder (:func:`open_run_dir`: the resumed checkpoint's or a new one, ``run_config`` saved in it) and
-    its TensorBoard writer. Call it once setup has succeeded: a start that fails earlier leaves no folder."""
+    its writer (TensorBoard and / or MLflow, ``output.loggers``; MLflow gets ``run_config`` as parameters). Call it
+    once setup has succeeded: a start that fails earlier, or here, leaves no new folder."""
     run_dir = open_run_dir(run_config, command, dist, resume_path, state=state)
-    return TrainingRun(dir=run_dir, command=command, config=config, dist=dist,
-                       writer=RunLogger(run_dir / "tensorboard", enabled=dist.is_main), resumed=state is not None)
+    try:
+        writer = open_run_logger(run_config.output, run_dir, command=command,
+                                 config=run_config.model_dump(mode="json"), enabled=dist.is_main,
+                                 resumed=state is not None)
+    except BaseException:
+        if state is None:
+            discard_failed_start(run_dir, dist)
+        raise
+    return TrainingRun(dir=run_dir, command=command, config=config, dist=dist, writer=writer,
+                       resumed=state is not None)
 
 
 def train_step(stage, batches: Sequence, *, step: int,
@@ -632,8 +648,14 @@ def _epochs(stage, loader: Iterable, sampler, budget: StepBudget, *, run: Traini
                            keep=t.keep_last_checkpoints, dist=dist)
             if step < budget.max_steps and epoch + 1 < budget.max_epochs and (signum := stop.agreed()):
                 raise TrainingStopped(signum, step, run.dir / "checkpoints" / "last.pt")
-    except BaseException:
-        writer.close()
+        # Where the final state is (and the best validation's, where the command keeps one), for the tracker.
+        checkpoints = run.dir / "checkpoints"
+        writer.tags({tag: str((checkpoints / name).resolve()) for tag, name in
+                     (("checkpoint", "last.pt"), ("best_checkpoint", "best.pt")) if (checkpoints / name).is_file()})
+    except BaseException as exc:
+        if isinstance(exc, TrainingStopped):
+            writer.tags({"checkpoint": str(exc.checkpoint.resolve())})
+        writer.close(status="KILLED" if isinstance(exc, (TrainingStopped, KeyboardInterrupt)) else "FAILED")
         if not run.resumed and step == 0:
             discard_failed_start(run.dir, dist)
         raise

@@ -1,9 +1,16 @@
-"""Config -> networks and schedulers. Plain constructor calls with keyword arguments, nothing looked up by name."""
+"""Config -> networks and schedulers. Plain constructor calls with keyword arguments, nothing looked up by name.
+
+Each network and scheduler is first a :class:`Definition` (its class and constructor arguments, from the config):
+the builders construct it, and ``export`` writes the same definition into a MONAI bundle's config (``_target_`` and
+its arguments), so the bundle builds the very network the run trained.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
@@ -67,34 +74,67 @@ CONTROLNET_SHAPE_KEYS = LDM_SHAPE_KEYS + [
 ]
 
 
-def build_autoencoder(
-    ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoint: bool | None = None, chunk_elements: int | None = None
-) -> AutoencoderKL | AutoencoderKlMaisi:
-    """The autoencoder described by the ``autoencoder`` section: ours, or MAISI's (``autoencoder.architecture``).
+@dataclass(frozen=True)
+class Definition:
+    """A network (or scheduler) as its class and keyword arguments.
 
-    Args:
-        ae: the ``autoencoder`` config section.
-        spatial_dims: 3 for volumes (``len(data.voxel_size)``).
-        use_checkpoint: the memory-saving training path (MAISI's: its ``use_checkpointing``); None takes
-            ``ae.training.use_gradient_checkpointing``.
-        chunk_elements: slab size of the memory-saving path (None: the network's default per device); the
-            benchmark varies it. Not read by MAISI's network (its slabs are ``num_splits``).
+    Attributes:
+        target: the class.
+        arguments: its constructor's keyword arguments (numbers, strings, booleans, None and tuples of them).
     """
-    use_checkpoint = ae.training.use_gradient_checkpointing if use_checkpoint is None else use_checkpoint
+
+    target: type
+    arguments: dict[str, Any]
+
+    def build(self):
+        return self.target(**self.arguments)
+
+    def bundle_config(self) -> dict[str, Any]:
+        """The definition as a MONAI bundle config component: ``{"_target_": "module.Class", **arguments}`` with
+        tuples as JSON lists (MONAI's networks take any sequence)."""
+
+        def plain(value):
+            return [plain(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+        return {"_target_": f"{self.target.__module__}.{self.target.__qualname__}",
+                **{key: plain(value) for key, value in self.arguments.items()}}
+
+
+def autoencoder_definition(
+    ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoint: bool | None = None, chunk_elements: int | None = None
+) -> Definition:
+    """The autoencoder described by the ``autoencoder`` section, unbuilt (:func:`build_autoencoder`'s arguments): ours,
+    or MAISI's (``autoencoder.architecture``)."""
+    num_levels = len(ae.num_channels)
     if ae.architecture == "maisi":
-        autoencoder = _maisi_autoencoder(ae, spatial_dims, use_checkpoint)
-    else:
-        autoencoder = _our_autoencoder(ae, spatial_dims, use_checkpoint, chunk_elements)
-    if ae.initial_sigma is not None:
-        # The log-variance projection's bias sets where sigma starts: log(sigma^2) = 2 log(sigma).
-        torch.nn.init.constant_(autoencoder.quant_conv_log_sigma.conv.bias, 2 * math.log(ae.initial_sigma))
-    return autoencoder
+        return _maisi_autoencoder_definition(
+            ae, spatial_dims, ae.training.use_gradient_checkpointing if use_checkpoint is None else use_checkpoint)
+    return Definition(AutoencoderKL, dict(
+        spatial_dims=spatial_dims,
+        in_channels=ae.in_channels,
+        out_channels=ae.in_channels,
+        channels=tuple(ae.num_channels),
+        num_res_blocks=ae.num_res_blocks if isinstance(ae.num_res_blocks, int) else tuple(ae.num_res_blocks),
+        attention_levels=tuple(ae.attention_levels) if ae.attention_levels is not None else (False,) * num_levels,
+        latent_channels=ae.latent_channels,
+        norm_num_groups=ae.norm_num_groups,
+        with_encoder_nonlocal_attn=ae.with_encoder_nonlocal_attn,
+        with_decoder_nonlocal_attn=ae.with_decoder_nonlocal_attn,
+        use_checkpoint=ae.training.use_gradient_checkpointing if use_checkpoint is None else use_checkpoint,
+        use_convtranspose=ae.use_convtranspose,
+        include_fc=ae.include_fc,
+        use_combined_linear=ae.use_combined_linear,
+        use_flash_attention=ae.use_flash_attention,
+        downsample_factors=ae.downsample_factors,
+        residual_resampling=ae.residual_resampling,
+        chunk_elements=chunk_elements,
+    ))
 
 
-def _maisi_autoencoder(ae: AutoencoderConfig, spatial_dims: int, use_checkpoint: bool) -> AutoencoderKlMaisi:
+def _maisi_autoencoder_definition(ae: AutoencoderConfig, spatial_dims: int, use_checkpoint: bool) -> Definition:
     """MONAI's AutoencoderKlMaisi with MAISI's argument names (NV-Generate-CTMR's ``autoencoder_def``)."""
     num_levels = len(ae.num_channels)
-    return AutoencoderKlMaisi(
+    return Definition(AutoencoderKlMaisi, dict(
         spatial_dims=spatial_dims,
         in_channels=ae.in_channels,
         out_channels=ae.in_channels,
@@ -116,32 +156,27 @@ def _maisi_autoencoder(ae: AutoencoderConfig, spatial_dims: int, use_checkpoint:
         dim_split=ae.dim_split,
         norm_float16=ae.norm_float16,
         save_mem=ae.save_mem,
-    )
+    ))
 
 
-def _our_autoencoder(ae: AutoencoderConfig, spatial_dims: int, use_checkpoint: bool,
-                     chunk_elements: int | None) -> AutoencoderKL:
-    num_levels = len(ae.num_channels)
-    return AutoencoderKL(
-        spatial_dims=spatial_dims,
-        in_channels=ae.in_channels,
-        out_channels=ae.in_channels,
-        channels=tuple(ae.num_channels),
-        num_res_blocks=ae.num_res_blocks if isinstance(ae.num_res_blocks, int) else tuple(ae.num_res_blocks),
-        attention_levels=tuple(ae.attention_levels) if ae.attention_levels is not None else (False,) * num_levels,
-        latent_channels=ae.latent_channels,
-        norm_num_groups=ae.norm_num_groups,
-        with_encoder_nonlocal_attn=ae.with_encoder_nonlocal_attn,
-        with_decoder_nonlocal_attn=ae.with_decoder_nonlocal_attn,
-        use_checkpoint=use_checkpoint,
-        use_convtranspose=ae.use_convtranspose,
-        include_fc=ae.include_fc,
-        use_combined_linear=ae.use_combined_linear,
-        use_flash_attention=ae.use_flash_attention,
-        downsample_factors=ae.downsample_factors,
-        residual_resampling=ae.residual_resampling,
-        chunk_elements=chunk_elements,
-    )
+def build_autoencoder(
+    ae: AutoencoderConfig, spatial_dims: int = 3, use_checkpoint: bool | None = None, chunk_elements: int | None = None
+) -> AutoencoderKL | AutoencoderKlMaisi:
+    """The autoencoder described by the ``autoencoder`` section: ours, or MAISI's (``autoencoder.architecture``).
+
+    Args:
+        ae: the ``autoencoder`` config section.
+        spatial_dims: 3 for volumes (``len(data.voxel_size)``).
+        use_checkpoint: the memory-saving training path (MAISI's: its ``use_checkpointing``); None takes
+            ``ae.training.use_gradient_checkpointing``.
+        chunk_elements: slab size of the memory-saving path (None: the network's default per device); the
+            benchmark varies it. Not read by MAISI's network (its slabs are ``num_splits``).
+    """
+    autoencoder = autoencoder_definition(ae, spatial_dims, use_checkpoint, chunk_elements).build()
+    if ae.initial_sigma is not None:
+        # The log-variance projection's bias sets where sigma starts: log(sigma^2) = 2 log(sigma).
+        torch.nn.init.constant_(autoencoder.quant_conv_log_sigma.conv.bias, 2 * math.log(ae.initial_sigma))
+    return autoencoder
 
 
 def build_discriminator(ae: AutoencoderConfig, spatial_dims: int = 3) -> PatchDiscriminator:
@@ -183,6 +218,18 @@ def _conditioning_arguments(unet: UNetConfig, conditioning: dict | None) -> dict
     return arguments
 
 
+def unet_definition(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3,
+                    conditioning: dict | None = None) -> Definition:
+    """The diffusion UNet of :func:`build_unet`, unbuilt."""
+    arguments = dict(spatial_dims=spatial_dims, in_channels=latent_channels, out_channels=latent_channels,
+                     **_unet_arguments(ldm.unet), **_conditioning_arguments(ldm.unet, conditioning))
+    if ldm.unet.architecture == "maisi":
+        return Definition(DiffusionModelUNetMaisi, arguments | dict(
+            include_spacing_input=ldm.unet.include_spacing_input, include_top_region_index_input=False,
+            include_bottom_region_index_input=False))
+    return Definition(DiffusionModelUNet, arguments)
+
+
 def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3,
                conditioning: dict | None = None) -> DiffusionModelUNet | DiffusionModelUNetMaisi:
     """The diffusion UNet over latents with ``latent_channels`` channels: MONAI's, or MAISI's with its spacing input
@@ -196,14 +243,20 @@ def build_unet(ldm: LDMConfig, latent_channels: int, spatial_dims: int = 3,
         conditioning: MONAI's ``with_conditioning``, ``cross_attention_dim`` and ``num_class_embeds`` for a
             conditional UNet (``ConditionEncoder.unet_arguments()``); None: unconditional.
     """
-    arguments = _unet_arguments(ldm.unet) | _conditioning_arguments(ldm.unet, conditioning)
-    if ldm.unet.architecture == "maisi":
-        return DiffusionModelUNetMaisi(spatial_dims=spatial_dims, in_channels=latent_channels,
-                                       out_channels=latent_channels, include_spacing_input=ldm.unet.include_spacing_input,
-                                       include_top_region_index_input=False, include_bottom_region_index_input=False,
-                                       **arguments)
-    return DiffusionModelUNet(spatial_dims=spatial_dims, in_channels=latent_channels, out_channels=latent_channels,
-                              **arguments)
+    return unet_definition(ldm, latent_channels, spatial_dims, conditioning).build()
+
+
+def controlnet_definition(ldm: LDMConfig, controlnet: ControlNetConfig, latent_channels: int, spatial_dims: int = 3,
+                          *, conditioning: dict | None = None) -> Definition:
+    """The ControlNet of :func:`build_controlnet`, unbuilt."""
+    return Definition(ControlNetMaisi if ldm.unet.architecture == "maisi" else ControlNet, dict(
+        spatial_dims=spatial_dims,
+        in_channels=latent_channels,
+        conditioning_embedding_in_channels=controlnet.num_labels - 1,
+        conditioning_embedding_num_channels=tuple(controlnet.conditioning_embedding_num_channels),
+        **_unet_arguments(ldm.unet),
+        **_conditioning_arguments(ldm.unet, conditioning),
+    ))
 
 
 def build_controlnet(ldm: LDMConfig, controlnet: ControlNetConfig, latent_channels: int, spatial_dims: int = 3,
@@ -218,21 +271,20 @@ def build_controlnet(ldm: LDMConfig, controlnet: ControlNetConfig, latent_channe
         controlnet: the ``controlnet`` section.
         latent_channels, spatial_dims, conditioning: as :func:`build_unet`.
     """
-    arguments = dict(
-        spatial_dims=spatial_dims,
-        in_channels=latent_channels,
-        conditioning_embedding_in_channels=controlnet.num_labels - 1,
-        conditioning_embedding_num_channels=tuple(controlnet.conditioning_embedding_num_channels),
-        **_unet_arguments(ldm.unet),
-        **_conditioning_arguments(ldm.unet, conditioning),
-    )
-    return ControlNetMaisi(**arguments) if ldm.unet.architecture == "maisi" else ControlNet(**arguments)
+    return controlnet_definition(ldm, controlnet, latent_channels, spatial_dims, conditioning=conditioning).build()
 
 
 def build_scheduler(
     sched: SchedulerConfig, kind: str | None = None, latent_shape: Sequence[int] | None = None
 ) -> DDPMScheduler | DDIMScheduler | RFlowScheduler:
-    """The noise scheduler: ``kind`` (ddpm|ddim|rflow) or the configured training type.
+    """The noise scheduler: ``kind`` (ddpm|ddim|rflow) or the configured training type (:func:`scheduler_definition`,
+    built)."""
+    return scheduler_definition(sched, kind, latent_shape).build()
+
+
+def scheduler_definition(sched: SchedulerConfig, kind: str | None = None,
+                         latent_shape: Sequence[int] | None = None) -> Definition:
+    """The noise scheduler of :func:`build_scheduler`, unbuilt.
 
     Args:
         sched: the ``ldm.scheduler`` section (timesteps, beta schedule, prediction type).
@@ -245,7 +297,7 @@ def build_scheduler(
     spatial_dims = len(latent_shape) - 1 if latent_shape is not None else 3
     latent_numel = math.prod(latent_shape[1:]) if latent_shape is not None else None
     if kind == "rflow":
-        return RFlowScheduler(
+        return Definition(RFlowScheduler, dict(
             num_train_timesteps=sched.num_train_timesteps,
             use_discrete_timesteps=sched.use_discrete_timesteps,
             sample_method=sched.sample_method,
@@ -255,7 +307,7 @@ def build_scheduler(
             transform_scale=sched.transform_scale,
             base_img_size_numel=sched.base_img_size_numel or latent_numel or 32768,
             spatial_dim=spatial_dims,
-        )
+        ))
     beta = {"beta_start": sched.beta_start, "beta_end": sched.beta_end} if sched.schedule != "cosine" else {}
     common = dict(
         num_train_timesteps=sched.num_train_timesteps,
@@ -264,6 +316,4 @@ def build_scheduler(
         clip_sample=sched.clip_sample,
         **beta,
     )
-    if kind == "ddim":
-        return DDIMScheduler(**common)
-    return DDPMScheduler(**common)
+    return Definition(DDIMScheduler if kind == "ddim" else DDPMScheduler, common)

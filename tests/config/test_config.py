@@ -155,6 +155,12 @@ def test_unknown_key_without_a_close_match_lists_the_known_keys():
         # device
         ({"device": {"compile_mode": "max-autotune"}},
          "device.compile_mode: only read with device.compile true ('max-autotune' has no effect)"),
+        # output: experiment trackers
+        ({"output": {"loggers": ["tensorboard", "tensorboard"]}}, "output.loggers: 'tensorboard' listed more than once"),
+        ({"output": {"mlflow_tracking_uri": "http://localhost:5000"}},
+         "output.mlflow_tracking_uri: only read with 'mlflow' in output.loggers, got ['tensorboard']"),
+        ({"output": {"loggers": [], "mlflow_experiment_name": "brains"}},
+         "output.mlflow_experiment_name: only read with 'mlflow' in output.loggers, got []"),
     ],
 )
 def test_each_cross_field_rule(raw, expected):
@@ -194,6 +200,28 @@ def test_a_discriminator_that_fits_or_none_at_all_passes():
     for training in ({"disc_num_layers": 2}, {"adv_weight": 0}):
         config_from_dict({"data": {"voxel_size": [16, 16, 16]}, "autoencoder": {"training": training}}, to_run=True)
     config_from_dict({"data": {"voxel_size": [24, 24, 24]}, "autoencoder": {"num_channels": [32, 64]}}, to_run=True)
+
+
+def test_loggers_take_tensorboard_and_mlflow_only():
+    assert config_from_dict({}).output.loggers == ["tensorboard"]
+    assert config_from_dict({"output": {"loggers": ["mlflow"]}}).output.loggers == ["mlflow"]
+    assert any(p.startswith("output.loggers.0") and "'tensorboard' or 'mlflow'" in p
+               for p in problems_of({"output": {"loggers": ["wandb"]}})), problems_of({"output": {"loggers": ["wandb"]}})
+
+
+def test_mlflow_without_its_package_is_refused_before_a_run_naming_the_key_and_the_install(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    raw = {"output": {"loggers": ["tensorboard", "mlflow"]}}
+    config_from_dict(raw)  # a run's stored config, read again to rebuild its networks, is read without it
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as info:  # what every command reads its config with
+        load_config(path)
+    assert info.value.problems == ["output.loggers: 'mlflow' needs the mlflow package, which is not installed: "
+                                   "pip install 'monai-diffusion[mlflow]' (or: pip install mlflow-skinny)"]
 
 
 def test_a_saved_config_lists_every_key_and_still_validates():

@@ -93,3 +93,31 @@ def test_the_discriminator_size_rule_is_monais_patch_discriminator(size):
         except (ValueError, RuntimeError):  # instance norm of one element, or a kernel larger than the padded input
             trains = False
         assert trains == (min(size) >= discriminator_min_size(layers)), (size, layers)
+
+
+def test_a_definition_written_as_a_bundle_config_builds_the_same_network_through_monais_parser():
+    import json
+
+    from monai.bundle import ConfigParser
+
+    from monai_diffusion.networks.builders import autoencoder_definition, scheduler_definition, unet_definition
+
+    config = config_from_dict({
+        "data": {"voxel_size": [16, 16, 16]},
+        "autoencoder": {"num_channels": [8, 16], "norm_num_groups": 8, "downsample_factors": [[2, 2, 1]]},
+        "ldm": {"unet": {"num_channels": [16, 32], "attention_levels": [False, True], "num_head_channels": [0, 8],
+                         "norm_num_groups": 8}, "scheduler": {"type": "rflow"}},
+    })
+    definitions = {"autoencoder": autoencoder_definition(config.autoencoder, use_checkpoint=False),
+                   "unet": unet_definition(config.ldm, 3, conditioning={"with_conditioning": True,
+                                                                        "cross_attention_dim": 4,
+                                                                        "num_class_embeds": None}),
+                   "scheduler": scheduler_definition(config.ldm.scheduler, latent_shape=(3, 8, 8, 16))}
+    written = json.loads(json.dumps({name: d.bundle_config() for name, d in definitions.items()}))
+    assert written["unet"]["_target_"] == "monai.networks.nets.diffusion_model_unet.DiffusionModelUNet"
+    assert written["autoencoder"]["downsample_factors"] == [[2, 2, 1]]  # tuples become JSON lists
+    parser = ConfigParser(written)
+    for name in ("autoencoder", "unet"):
+        assert parameters(parser.get_parsed_content(name)) == parameters(definitions[name].build())
+    scheduler = parser.get_parsed_content("scheduler")
+    assert isinstance(scheduler, RFlowScheduler) and scheduler.base_img_size_numel == 8 * 8 * 16
