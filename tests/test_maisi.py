@@ -11,15 +11,19 @@ import json
 
 import nibabel as nib
 import pytest
+import torch
 import yaml
 from helpers import conditional_raw, save_autoencoder, tiny_config_dict, write_conditional_data, write_volumes
+from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
 from monai_diffusion.cli import main
+from monai_diffusion.conditioning import ConditionEncoder
 from monai_diffusion.config import config_from_dict, load_config
 from monai_diffusion.engine.checkpoint import load_checkpoint
 from monai_diffusion.memory import plan
 from monai_diffusion.memory.probe import Options, measure, run_measurement
+from monai_diffusion.networks.builders import build_autoencoder, build_unet
 
 # MAISI's VAE at its depth (3 levels: 4x) and a tiny width; 24^3 autoencoder volumes cut into 16^3 patches, split in
 # two slabs along axis 1 as MAISI's released network is; the LDM works on 16^3 volumes (4^3 latents).
@@ -174,3 +178,28 @@ def test_the_memory_probe_measures_maisis_unet_and_controlnet_steps(maisi_unet_r
     """benchmark and plan measure the step that trains: batches with each volume's spacing and modality."""
     record = measure(load_config(maisi_unet_run), Options(stage=stage, device="cpu", steps=1, warmup=0))
     assert record["latent_shape"] == [4, 4, 4] and record["params"] > 0
+
+
+def test_fine_tuning_starts_from_files_in_maisis_release_layout(maisi_unet_run, tmp_path):
+    """NV-Generate-CTMR ships its VAE as a plain state dict (autoencoder_v1.pt) and its UNet and ControlNet inside
+    dicts (diff_unet_3d_rflow-ct.pt: unet_state_dict, scale_factor, ...; controlnet_state_dict): MAISI's networks
+    built from the config read them as they are, and the fine-tuned model samples with a spacing and modality."""
+    config = load_config(maisi_unet_run)
+    torch.manual_seed(1)
+    vae = build_autoencoder(config.autoencoder)
+    torch.save(vae.state_dict(), tmp_path / "autoencoder_v1.pt")
+    unet = build_unet(config.ldm, 4, 3, ConditionEncoder.placeholder(config).unet_arguments())
+    assert type(vae) is AutoencoderKlMaisi and type(unet) is DiffusionModelUNetMaisi
+    torch.save({"epoch": 1000, "loss": 0.1, "num_train_timesteps": 1000, "scale_factor": torch.tensor(1.25),
+                "unet_state_dict": unet.state_dict()}, tmp_path / "diff_unet_3d_rflow-ct.pt")
+    released = ["--set", f"ldm.autoencoder_checkpoint={tmp_path / 'autoencoder_v1.pt'}",
+                "--set", f"ldm.training.init_checkpoint={tmp_path / 'diff_unet_3d_rflow-ct.pt'}",
+                "--set", "ldm.training.scale_factor=1.25", "--set", "ldm.training.lr=1e-12"]
+    assert main(["train-ldm", "--config", str(maisi_unet_run), *released]) == 0
+    (run,) = (tmp_path / "out").glob("ldm-*")
+    state = load_checkpoint(run / "checkpoints" / "last.pt")
+    assert state["scale_factor"] == 1.25
+    assert torch.allclose(state["unet"]["spacing_layer.0.weight"], unet.state_dict()["spacing_layer.0.weight"])
+    assert main(["sample", "--checkpoint", str(run), "-n", "1", "--steps", "2", "--spacing", "1.5", "1.5", "2",
+                 "--modality", "ct", "--out", str(tmp_path / "samples")]) == 0
+    assert len(list((tmp_path / "samples").glob("*.nii.gz"))) == 1
