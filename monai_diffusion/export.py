@@ -542,8 +542,9 @@ def export_bundle(run: Path, out: Path, *, controlnet: Path | None = None, overr
 
     Raises:
         FileNotFoundError: a run, checkpoint or the autoencoder is missing.
-        ValueError: ``out`` exists (not empty) without ``overwrite``; ``run`` is not an LDM checkpoint;
-            ``controlnet`` is not a ControlNet checkpoint, or one trained on other LDM weights.
+        ValueError: ``out`` exists (not empty) without ``overwrite``; ``run`` is not an LDM checkpoint, or one of
+            MAISI's UNet (whose spacing and modality the bundle does not pass yet); ``controlnet`` is not a
+            ControlNet checkpoint, or one trained on other LDM weights.
     """
     log = get_logger()
     out = Path(out)
@@ -557,6 +558,10 @@ def export_bundle(run: Path, out: Path, *, controlnet: Path | None = None, overr
     run_dir = run_folder(checkpoint)
     config = config_from_dict(apply_overrides(state["config"], list(overrides or [])),
                               source=f"{checkpoint} (stored config)")
+    if config.ldm.unet.architecture == "maisi":
+        raise ValueError(f"{checkpoint}: MAISI's UNet (ldm.unet.architecture 'maisi') takes a voxel spacing and a "
+                         "modality that the bundle's sampler does not pass yet; sample it with monai-diffusion sample "
+                         "--spacing/--modality")
     config.device.compile = False
     cpu = torch.device("cpu")
     ldm = load_ldm(state, config, cpu)

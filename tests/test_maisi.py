@@ -203,3 +203,10 @@ def test_fine_tuning_starts_from_files_in_maisis_release_layout(maisi_unet_run, 
     assert main(["sample", "--checkpoint", str(run), "-n", "1", "--steps", "2", "--spacing", "1.5", "1.5", "2",
                  "--modality", "ct", "--out", str(tmp_path / "samples")]) == 0
     assert len(list((tmp_path / "samples").glob("*.nii.gz"))) == 1
+
+
+def test_export_refuses_maisis_unet_until_the_bundle_passes_its_inputs(maisi_unet_run, tmp_path, caplog):
+    assert main(["train-ldm", "--config", str(maisi_unet_run)]) == 0
+    (run,) = (tmp_path / "out").glob("ldm-*")
+    assert main(["export", str(run), "--format", "bundle", str(tmp_path / "bundle")]) == 1
+    assert "MAISI's UNet (ldm.unet.architecture 'maisi') takes a voxel spacing and a modality" in caplog.text
