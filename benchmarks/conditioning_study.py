@@ -5,7 +5,21 @@ Run from the repository root (CPU, about half an hour with the defaults):
 
     python benchmarks/conditioning_study.py --workdir runs/conditioning-study --out docs/conditioning-study.json
 
-What it does, all through the project's own commands and functions:
+and over several training seeds, to state only what holds in every one (about 1.5 hours for three on 2 CPU cores):
+
+    python benchmarks/conditioning_study.py --training-seeds 0 7 13 --workdir runs/conditioning-seeds
+
+Each training seed S is a study of its own with ``--set seed=S`` (the seed of the weights, the sampling noise and
+the train/held-out split: each seed holds out its own 6 brains), run in ``<workdir>/seed-S`` and written to
+``<workdir>/seed-S/study.json``. ``<workdir>/study.json`` (or ``--out``) then holds every seed's results, the
+aggregate (mean, standard deviation and min-max across seeds of each headline figure) and, per claim, whether it
+holds in every seed; the aggregate is also printed as markdown tables. The study resumes: a seed whose study.json
+exists is read, not run again (its settings must be this call's), unless ``--rerun`` names it (``--rerun`` alone:
+every seed); a seed that runs starts from an empty folder, so runs of two attempts never mix. Without
+``--training-seeds`` the study trains one seed, the config's, in ``<workdir>`` itself and writes its results to
+``<workdir>/study.json``, as it always did.
+
+What it does per seed, all through the project's own commands and functions:
 
 1. trains ``config/examples/conditional_demo.yaml``: the autoencoder, the LDM conditioned on brain_scale (with
    condition dropout for classifier-free guidance) and the ControlNet on the training split's label maps (each a
@@ -19,8 +33,34 @@ What it does, all through the project's own commands and functions:
    its label map through the ControlNet, and as baselines with the LDM's null condition and with the conditional
    LDM told the brain's true brain_scale (guidance 3); reported is the Dice between each sample's threshold
    segmentation and the map's brain (labels > 0), beside the real held-out images' own Dice, how often the ControlNet
-   sample beats the null-condition one of the same map and seed, and the rank correlation between the map's brain
-   volume and the sample's.
+   sample beats the null-condition one (and the brain_scale-told one) of the same map and seed, and the rank
+   correlation between the map's brain volume and the sample's;
+4. tissue pattern: for the same samples and the real held-out images, the mean intensity within each tissue region
+   of the map (1 CSF, 2 grey, 3 white matter; background excluded). The real images' order of those means (over all
+   held-out images; CSF < grey < white in these T1 brains) is the reference; reported per method are the share of
+   samples whose three means lie in that order and the mean intensity per region.
+
+The claims checked in every seed: the ControlNet's mean Dice above the LDM told the true brain_scale's and above the
+null condition's, Spearman at guidance 3 above guidance 1, and the tissue order reproduced (the real images' order
+is CSF < grey < white and more than half of the ControlNet's samples have it).
+
+The ControlNet's recipe levers, each through the study's flags or ``--set`` (later ``--set`` wins):
+
+    --controlnet-steps 2000                                          its training steps (default 600)
+    --set controlnet.training.lr=0.0002                              its learning rate (preset 0.0005)
+    --set controlnet.conditioning_embedding_num_channels=[16,32,64]  the map enters at the latent size x 2^(len - 1):
+                                                                     [16,32] half the image's resolution, [16,32,64]
+                                                                     full (at most 3 entries with the factor 4)
+    --set controlnet.conditioning_scale=2                            weight of its residuals when sampling (training
+                                                                     uses 1; preset 1)
+
+An ablation is one workdir per setting, each with the same training seeds (every setting retrains all three stages,
+about 1.5 hours for three seeds):
+
+    for steps in 600 2000; do
+        python benchmarks/conditioning_study.py --training-seeds 0 7 13 --controlnet-steps $steps \\
+            --workdir runs/conditioning-controlnet-steps-$steps
+    done
 """
 
 from __future__ import annotations
@@ -28,6 +68,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import subprocess
 import sys
@@ -37,6 +78,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "config" / "examples" / "conditional_demo.yaml"
 COVARIATE = "brain_scale"
+# The demo's tissue labels (0, the background, is left out) and the share of the ControlNet's samples that must
+# have the real images' order of their mean intensities for the tissue pattern to count as reproduced.
+TISSUES = {1: "CSF", 2: "grey", 3: "white"}
+TISSUE_MAJORITY = 0.5
+# The methods of the label-map comparison (the third, the LDM told the true brain_scale, names its guidance).
+REAL, CONTROLNET, NULL = "real held-out images", "ControlNet (mask)", "LDM, null condition"
+
+
+def told(guidance: float) -> str:
+    return f"LDM, true brain_scale, guidance {guidance:g}"
 
 
 # ------------------------------------------------------------------------------------------------- measures
@@ -94,10 +145,139 @@ def covariate_summary(conditions: list[float], volumes_ml: list[float]) -> dict:
     }
 
 
+def region_means(image, labels, names: dict[int, str] = TISSUES) -> dict[str, float | None]:
+    """The mean intensity of ``image`` within each labelled region of ``labels`` (same shape), by region name; None
+    for a label the map does not hold. Labels not in ``names`` (the background) are left out."""
+    means = {}
+    for label, name in names.items():
+        region = labels == label
+        means[name] = float(image[region].double().mean()) if bool(region.any()) else None
+    return means
+
+
+def intensity_order(means: dict[str, float | None]) -> list[str]:
+    """The regions from the darkest to the brightest (regions without a mean left out)."""
+    return sorted((name for name, value in means.items() if value is not None), key=lambda name: means[name])
+
+
+def follows_order(means: dict[str, float | None], order: list[str]) -> bool:
+    """Whether every region of ``order`` has a mean and the means rise strictly along it."""
+    values = [means.get(name) for name in order]
+    return None not in values and all(a < b for a, b in zip(values, values[1:]))
+
+
+def tissue_summary(samples: list[dict[str, float | None]], order: list[str]) -> dict:
+    """A method's tissue pattern: how many of its samples' region means (``region_means``) lie in ``order``, and
+    each region's mean intensity over the samples that hold it."""
+    in_order = sum(follows_order(means, order) for means in samples)
+    mean_intensity = {}
+    for name in samples[0] if samples else ():
+        values = [means[name] for means in samples if means[name] is not None]
+        mean_intensity[name] = round(statistics.fmean(values), 4) if values else None
+    return {"n": len(samples), "in_real_order": in_order,
+            "share_in_real_order": round(in_order / len(samples), 3) if samples else None,
+            "mean_intensity": mean_intensity}
+
+
+# ------------------------------------------------------------------------------------------------- across seeds
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (None for one value) and min-max of a figure across seeds."""
+    return {"mean": round(statistics.fmean(values), 4),
+            "std": round(statistics.stdev(values), 4) if len(values) > 1 else None,
+            "min": min(values), "max": max(values)}
+
+
+def headline_figures(results: dict, *, guidance: float) -> dict[str, float]:
+    """One seed's headline figures by name: Spearman and slope at guidance 1, ``guidance`` and the null condition,
+    each method's mean Dice, the ControlNet's won pairs and each method's share of samples in the real tissue
+    order."""
+    figures = {}
+    for label in ("guidance 1", f"guidance {guidance:g}", "null condition"):
+        figures[f"Spearman, {label}"] = results["covariate"][label]["spearman"]
+    for label in ("guidance 1", f"guidance {guidance:g}", "null condition"):
+        figures[f"slope mL per +0.1, {label}"] = results["covariate"][label]["slope_ml_per_0.1"]
+    for method, scores in results["masks"].items():
+        figures[f"mean Dice, {method}"] = scores["mean_dice"]
+    controlnet = results["masks"][CONTROLNET]
+    figures["ControlNet beats null condition, pairs won"] = controlnet["wins_over_null_condition"]
+    figures[f"ControlNet beats {told(guidance)}, pairs won"] = controlnet["wins_over_told_brain_scale"]
+    for method, summary in results["tissue"]["methods"].items():
+        figures[f"tissue order share, {method}"] = summary["share_in_real_order"]
+    return figures
+
+
+def claims(results: dict, *, guidance: float) -> dict[str, bool]:
+    """Whether each claim of docs/conditioning.md holds in one seed's results."""
+    masks, covariate, tissue = results["masks"], results["covariate"], results["tissue"]
+    dice = {method: scores["mean_dice"] for method, scores in masks.items()}
+    share = tissue["methods"][CONTROLNET]["share_in_real_order"]
+    return {
+        "ControlNet Dice > LDM told the true brain_scale": dice[CONTROLNET] > dice[told(guidance)],
+        "ControlNet Dice > null condition": dice[CONTROLNET] > dice[NULL],
+        f"Spearman at guidance {guidance:g} > at guidance 1":
+            covariate[f"guidance {guidance:g}"]["spearman"] > covariate["guidance 1"]["spearman"],
+        "tissue order CSF < grey < white reproduced":
+            tissue["real order"] == list(TISSUES.values()) and share is not None and share > TISSUE_MAJORITY,
+    }
+
+
+def criteria(guidance: float) -> dict[str, str]:
+    """What each claim of :func:`claims` compares, in words."""
+    return {
+        "ControlNet Dice > LDM told the true brain_scale":
+            f"the ControlNet samples' mean Dice above the LDM's at the true brain_scale, guidance {guidance:g}",
+        "ControlNet Dice > null condition": "the ControlNet samples' mean Dice above the LDM's null condition's",
+        f"Spearman at guidance {guidance:g} > at guidance 1":
+            f"rank correlation of brain_scale and brain volume higher at guidance {guidance:g} than at 1",
+        "tissue order CSF < grey < white reproduced":
+            f"the real held-out images' order of mean intensity per region is CSF < grey < white, and more than "
+            f"{TISSUE_MAJORITY:.0%} of the ControlNet's samples have it",
+    }
+
+
+def aggregate(per_seed: dict[str, dict], *, guidance: float) -> dict:
+    """Across training seeds (``{seed: that seed's results}``): each headline figure's spread with its value per
+    seed, and each claim's verdict per seed with whether it holds in every seed."""
+    figures = {seed: headline_figures(results, guidance=guidance) for seed, results in per_seed.items()}
+    verdicts = {seed: claims(results, guidance=guidance) for seed, results in per_seed.items()}
+    names = list(next(iter(figures.values())))
+    return {
+        "seeds": list(per_seed),
+        "figures": {name: spread([figures[seed][name] for seed in per_seed])
+                    | {"per_seed": {seed: figures[seed][name] for seed in per_seed}} for name in names},
+        "claims": {claim: {"holds_in_every_seed": all(verdicts[seed][claim] for seed in per_seed),
+                           "per_seed": {seed: verdicts[seed][claim] for seed in per_seed},
+                           "criterion": criteria(guidance)[claim]}
+                   for claim in next(iter(verdicts.values()))},
+    }
+
+
+def number(value: float | None, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}g}"
+
+
+def markdown(summary: dict) -> str:
+    """The aggregate as two markdown tables: the figures (mean, standard deviation, min-max, per seed) and the
+    claims (in every seed, per seed)."""
+    seeds = summary["seeds"]
+    lines = [f"| figure | mean | std | min to max | seeds {', '.join(seeds)} |", "|---|---|---|---|---|"]
+    for name, figure in summary["figures"].items():
+        lines.append(f"| {name} | {number(figure['mean'])} | {number(figure['std'], 2)} | "
+                     f"{number(figure['min'])} to {number(figure['max'])} | "
+                     f"{', '.join(number(figure['per_seed'][seed]) for seed in seeds)} |")
+    lines += ["", f"| claim | holds in every seed | seeds {', '.join(seeds)} |", "|---|---|---|"]
+    for claim, verdict in summary["claims"].items():
+        lines.append(f"| {claim} | {'yes' if verdict['holds_in_every_seed'] else '**no**'} | "
+                     f"{', '.join('yes' if verdict['per_seed'][seed] else 'no' for seed in seeds)} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------- panels
 
 
-def write_panels(samples: Path, panels: Path, held_out: list[dict], mask_chain, mask_key: str,
+def write_panels(samples: Path, panels: Path, held_out: list[dict], mask_chain, *, mask_key: str,
                  guidance: float) -> list[Path]:
     """Two PNGs from the study's samples: the first seed at the lowest, middle and highest brain_scale with guidance
     (and the null condition), and for the first two held-out brains their label map beside the ControlNet's sample
@@ -155,25 +335,28 @@ def timed_run(command: list[str], log: Path) -> float:
         return time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "conditioning-study")
-    parser.add_argument("--out", type=Path, default=None, help="JSON with every figure (default: <workdir>/study.json)")
-    parser.add_argument("--ae-steps", type=int, default=400)
-    parser.add_argument("--ldm-steps", type=int, default=1500)
-    parser.add_argument("--controlnet-steps", type=int, default=600)
-    parser.add_argument("--levels", type=int, default=9, help="brain_scale values from 0.8 to 1.2")
-    parser.add_argument("--seeds", type=int, default=2, help="samples per level, and per held-out label map")
-    parser.add_argument("--guidance", type=float, default=3.0, help="the strong guidance compared with 1")
-    parser.add_argument("--inference-steps", type=int, default=50)
-    parser.add_argument("--threshold", type=float, default=0.2, help="brain: intensity above this (range [0, 1])")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
-    parser.add_argument("--panels", type=Path, default=None,
-                        help="folder for the PNG panels of docs/conditioning.md (default: <workdir>/panels)")
-    parser.add_argument("--panels-only", action="store_true",
-                        help="only draw the panels from the samples a finished study left in --workdir")
-    args = parser.parse_args(argv)
+def study_settings(args: argparse.Namespace, overrides: list[str]) -> dict:
+    """What a seed's figures depend on, beside the code: kept in its results, compared when the study resumes."""
+    return {"config": str(CONFIG.relative_to(ROOT)), "overrides": overrides, "threshold": args.threshold,
+            "levels": args.levels, "seeds": args.seeds, "guidance": args.guidance}
 
+
+def settings_problem(stored: dict, current: dict) -> str | None:
+    """How a finished seed's settings differ from this call's (where the runs were written aside), or None."""
+    def comparable(settings: dict) -> dict:
+        kept = {key: value for key, value in settings.items() if key != "torch_threads"}
+        kept["overrides"] = [o for o in settings.get("overrides", []) if not o.startswith("output.output_dir=")]
+        return kept
+
+    stored, current = comparable(stored), comparable(current)
+    differing = [f"{key}: {stored.get(key)!r} there, {current.get(key)!r} now" for key in current
+                 if stored.get(key) != current[key]]
+    return "; ".join(differing) or None
+
+
+def study_seed(args: argparse.Namespace, workdir: Path, overrides: list[str], *, panels: Path) -> dict:
+    """The study of one training seed: trains the three stages into ``workdir`` with ``overrides`` (which give the
+    seed and the output folder), samples, measures and draws its panels into ``panels``; returns its results."""
     import nibabel as nib
     import numpy as np
     import torch
@@ -184,24 +367,16 @@ def main(argv: list[str] | None = None) -> int:
     from monai_diffusion.data.transforms import build_mask_transforms
     from monai_diffusion.generation import sample
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    workdir = args.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / "log.txt"
-    overrides = [f"output.output_dir={workdir}", f"autoencoder.training.max_steps={args.ae_steps}",
-                 f"ldm.training.max_steps={args.ldm_steps}", f"controlnet.training.max_steps={args.controlnet_steps}",
-                 f"ldm.sampling.num_inference_steps={args.inference_steps}", *args.overrides]
     sets = [option for override in overrides for option in ("--set", override)]
     config = load_config(str(CONFIG), overrides)
-    results: dict = {"settings": {"config": str(CONFIG.relative_to(ROOT)), "overrides": overrides,
-                                  "threshold": args.threshold, "levels": args.levels, "seeds": args.seeds,
-                                  "guidance": args.guidance, "torch_threads": torch.get_num_threads()},
-                     "wall_time_s": {}}
+    results: dict = {"settings": study_settings(args, overrides) | {"torch_threads": torch.get_num_threads()},
+                     "seed": config.seed, "wall_time_s": {}}
 
     # ---- 1. train the three stages, each a real run of the command
     cli = [sys.executable, "-m", "monai_diffusion.cli"]
-    for stage in () if args.panels_only else ("train-autoencoder", "train-ldm", "train-controlnet"):
-        print(f"{stage} ...", flush=True)
+    for stage in ("train-autoencoder", "train-ldm", "train-controlnet"):
+        print(f"seed {config.seed}: {stage} ...", flush=True)
         results["wall_time_s"][stage] = round(timed_run([*cli, stage, "--config", str(CONFIG), *sets], log), 1)
     ldm_run = max(workdir.glob("ldm-*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
     controlnet_run = max(workdir.glob("controlnet-*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
@@ -210,12 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     image_chain = build_transforms(config.data, train=False, expected_channels=config.autoencoder.in_channels)
     mask_chain = build_mask_transforms(config.data, MASK_KEY)
 
-    def brain(volume) -> torch.Tensor:
-        return torch.as_tensor(volume).as_subclass(torch.Tensor)[0] > args.threshold
-
-    def load_samples(paths: list[Path]) -> list[torch.Tensor]:
+    def read(path: Path) -> torch.Tensor:
         # Samples are already on the data grid and in the intensity range: read as written.
-        return [brain(torch.as_tensor(np.asarray(nib.load(str(p)).dataobj, dtype=np.float32))[None]) for p in paths]
+        return torch.as_tensor(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32))
+
+    def plain(volume) -> torch.Tensor:
+        """The first channel of a (channel, *spatial) data-chain output, as a plain tensor."""
+        return torch.as_tensor(volume).as_subclass(torch.Tensor)[0]
+
+    def brain(volume: torch.Tensor) -> torch.Tensor:
+        return volume > args.threshold
 
     def generate(name: str, **kwargs) -> list[Path]:
         return sample(config, checkpoint=kwargs.pop("checkpoint", ldm_run), out=workdir / "samples" / name,
@@ -223,12 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- 2. the covariate: real volumes, then samples at evenly spaced brain_scale
     train_items, held_out = list_volumes(config.data, config.seed)
-    panels = args.panels or workdir / "panels"
-    if args.panels_only:
-        for path in write_panels(workdir / "samples", panels, held_out, mask_chain, config.data.mask_key, args.guidance):
-            print(f"wrote {path}")
-        return 0
-    real = [(float(item[COVARIATE]), int(brain(image_chain(dict(item))["image"]).sum()) * voxel_ml)
+    results["held_out"] = [Path(item["image"]).name for item in held_out]
+    real = [(float(item[COVARIATE]), int(brain(plain(image_chain(dict(item))["image"])).sum()) * voxel_ml)
             for item in train_items]
     results["covariate"] = {"real training volumes": covariate_summary(*map(list, zip(*real)))}
     low, high = 0.8, 1.2
@@ -238,49 +413,192 @@ def main(argv: list[str] | None = None) -> int:
     for label, kwargs in (("guidance 1", {"conditions": rows, "guidance": 1.0}),
                           (f"guidance {args.guidance:g}", {"conditions": rows, "guidance": args.guidance}),
                           ("null condition", {"num_samples": len(rows)})):
-        print(f"sampling {label} ...", flush=True)
-        volumes = [int(b.sum()) * voxel_ml for b in load_samples(generate(label.replace(" ", "-"), **kwargs))]
-        results["covariate"][label] = covariate_summary([r[COVARIATE] for r in rows], volumes)
+        print(f"seed {config.seed}: sampling {label} ...", flush=True)
+        sizes = [int(brain(read(path)).sum()) * voxel_ml for path in generate(label.replace(" ", "-"), **kwargs)]
+        results["covariate"][label] = covariate_summary([r[COVARIATE] for r in rows], sizes)
     results["wall_time_s"]["covariate sampling"] = round(time.perf_counter() - start, 1)
 
-    # ---- 3. label maps of held-out brains: ControlNet vs the LDM alone
+    # ---- 3. and 4. label maps of held-out brains: ControlNet vs the LDM alone, outline (Dice) and tissue pattern
     start = time.perf_counter()
-    scores: dict[str, list[float]] = {"real held-out images": [], "ControlNet (mask)": [], "LDM, null condition": [],
-                                      f"LDM, true brain_scale, guidance {args.guidance:g}": []}
-    volumes: dict[str, list[tuple[float, float]]] = {label: [] for label in scores}  # (mask's, sample's) in mL
+    told_label = told(args.guidance)
+    methods = [REAL, CONTROLNET, NULL, told_label]
+    scores: dict[str, list[float]] = {method: [] for method in methods}
+    volumes: dict[str, list[tuple[float, float]]] = {method: [] for method in methods}  # (mask's, sample's) in mL
+    tissue: dict[str, list[dict]] = {method: [] for method in methods}  # per sample: mean intensity per region
+
+    def measure(method: str, volume: torch.Tensor, labels: torch.Tensor) -> None:
+        mask = labels > 0
+        scores[method].append(dice(brain(volume), mask))
+        volumes[method].append((int(mask.sum()) * voxel_ml, int(brain(volume).sum()) * voxel_ml))
+        tissue[method].append(region_means(volume, labels))
+
     for number, item in enumerate(held_out):
-        mask = torch.as_tensor(mask_chain({MASK_KEY: item[config.data.mask_key]})[MASK_KEY])[0] > 0
-        real_brain = brain(image_chain(dict(item))["image"])
-        scores["real held-out images"].append(dice(real_brain, mask))
-        volumes["real held-out images"].append((int(mask.sum()) * voxel_ml, int(real_brain.sum()) * voxel_ml))
+        labels = plain(mask_chain({MASK_KEY: item[config.data.mask_key]})[MASK_KEY])
+        measure(REAL, plain(image_chain(dict(item))["image"]), labels)
         runs = {
-            "ControlNet (mask)": {"checkpoint": controlnet_run, "mask": Path(item[config.data.mask_key]),
-                                  "num_samples": args.seeds},
-            "LDM, null condition": {"num_samples": args.seeds},
-            f"LDM, true brain_scale, guidance {args.guidance:g}": {
-                "conditions": [{COVARIATE: item[COVARIATE]}] * args.seeds, "guidance": args.guidance},
+            CONTROLNET: {"checkpoint": controlnet_run, "mask": Path(item[config.data.mask_key]),
+                         "num_samples": args.seeds},
+            NULL: {"num_samples": args.seeds},
+            told_label: {"conditions": [{COVARIATE: item[COVARIATE]}] * args.seeds, "guidance": args.guidance},
         }
-        for label, kwargs in runs.items():
-            print(f"held-out brain {number + 1}/{len(held_out)}: {label} ...", flush=True)
-            for generated in load_samples(generate(f"{label}-{number}".replace(" ", "-").replace(",", ""), **kwargs)):
-                scores[label].append(dice(generated, mask))
-                volumes[label].append((int(mask.sum()) * voxel_ml, int(generated.sum()) * voxel_ml))
-    # Paired: the same held-out map and the same seed, with and without the ControlNet.
-    wins = sum(a > b for a, b in zip(scores["ControlNet (mask)"], scores["LDM, null condition"]))
+        for method, kwargs in runs.items():
+            print(f"seed {config.seed}: held-out brain {number + 1}/{len(held_out)}: {method} ...", flush=True)
+            for path in generate(f"{method}-{number}".replace(" ", "-").replace(",", ""), **kwargs):
+                measure(method, read(path), labels)
     results["masks"] = {
-        label: {"n": len(values), "mean_dice": round(statistics.fmean(values), 3), "min_dice": round(min(values), 3),
-                "volume_spearman": round(spearman(*map(list, zip(*volumes[label]))), 3)}
-        for label, values in scores.items()
+        method: {"n": len(values), "mean_dice": round(statistics.fmean(values), 3), "min_dice": round(min(values), 3),
+                 "volume_spearman": round(spearman(*map(list, zip(*volumes[method]))), 3)}
+        for method, values in scores.items()
     }
-    results["masks"]["ControlNet (mask)"]["beats null condition"] = f"{wins} of {len(scores['LDM, null condition'])}"
+    # Paired: the same held-out map and the same seed (the same noise), with and without the ControlNet.
+    wins_null = sum(a > b for a, b in zip(scores[CONTROLNET], scores[NULL]))
+    wins_told = sum(a > b for a, b in zip(scores[CONTROLNET], scores[told_label]))
+    results["masks"][CONTROLNET] |= {"beats null condition": f"{wins_null} of {len(scores[NULL])}",
+                                     "wins_over_null_condition": wins_null, "wins_over_told_brain_scale": wins_told,
+                                     "pairs": len(scores[NULL])}
+    real_order = intensity_order(tissue_summary(tissue[REAL], [])["mean_intensity"])
+    results["tissue"] = {"real order": real_order,
+                         "methods": {method: tissue_summary(tissue[method], real_order) for method in methods}}
     results["wall_time_s"]["mask sampling"] = round(time.perf_counter() - start, 1)
 
-    for path in write_panels(workdir / "samples", panels, held_out, mask_chain, config.data.mask_key, args.guidance):
+    for path in write_panels(workdir / "samples", panels, held_out, mask_chain,
+                             mask_key=config.data.mask_key, guidance=args.guidance):
         print(f"wrote {path}")
+    return results
+
+
+def draw_panels(workdir: Path, overrides: list[str], panels: Path, guidance: float) -> None:
+    """The panels of a study that has finished in ``workdir``, drawn again from its samples."""
+    from monai_diffusion.config import load_config
+    from monai_diffusion.conditioning import MASK_KEY
+    from monai_diffusion.data import list_volumes
+    from monai_diffusion.data.transforms import build_mask_transforms
+
+    config = load_config(str(CONFIG), overrides)
+    _, held_out = list_volumes(config.data, config.seed)
+    mask_chain = build_mask_transforms(config.data, MASK_KEY)
+    for path in write_panels(workdir / "samples", panels, held_out, mask_chain,
+                             mask_key=config.data.mask_key, guidance=guidance):
+        print(f"wrote {path}")
+
+
+def write_json(path: Path, content: dict) -> None:
+    """Whole or not at all: a study stopped while writing leaves no results file a resume would take as done."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(content, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=ROOT / "runs" / "conditioning-study")
+    parser.add_argument("--out", type=Path, default=None, help="JSON with every figure (default: <workdir>/study.json)")
+    parser.add_argument("--training-seeds", type=int, nargs="+", default=None, metavar="SEED",
+                        help="run the study once per seed (--set seed=SEED, in <workdir>/seed-SEED) and report the "
+                             "spread across them and which claims hold in every one (default: one seed, the "
+                             "config's, in <workdir>)")
+    parser.add_argument("--rerun", type=int, nargs="*", default=None, metavar="SEED",
+                        help="with --training-seeds: run these seeds again although their results exist (no seed: "
+                             "every one)")
+    parser.add_argument("--ae-steps", type=int, default=400)
+    parser.add_argument("--ldm-steps", type=int, default=1500)
+    parser.add_argument("--controlnet-steps", type=int, default=600)
+    parser.add_argument("--levels", type=int, default=9, help="brain_scale values from 0.8 to 1.2")
+    parser.add_argument("--seeds", type=int, default=2, help="samples per level, and per held-out label map")
+    parser.add_argument("--guidance", type=float, default=3.0, help="the strong guidance compared with 1")
+    parser.add_argument("--inference-steps", type=int, default=50)
+    parser.add_argument("--threshold", type=float, default=0.2, help="brain: intensity above this (range [0, 1])")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="more config overrides")
+    parser.add_argument("--panels", type=Path, default=None,
+                        help="folder for the PNG panels of docs/conditioning.md (default: <workdir>/panels; with "
+                             "--training-seeds each seed's are in its folder, and the first seed's also here)")
+    parser.add_argument("--panels-only", action="store_true",
+                        help="only draw the panels from the samples a finished study left in --workdir")
+    return parser
+
+
+def study_overrides(args: argparse.Namespace, output_dir: Path | None, *, seed: int | None = None) -> list[str]:
+    """The config overrides of a study in ``output_dir``: the study's steps, then ``--set``, then the training
+    seed (None: the config's)."""
+    return ([f"output.output_dir={output_dir}"] if output_dir is not None else []) + [
+        f"autoencoder.training.max_steps={args.ae_steps}", f"ldm.training.max_steps={args.ldm_steps}",
+        f"controlnet.training.max_steps={args.controlnet_steps}",
+        f"ldm.sampling.num_inference_steps={args.inference_steps}", *args.overrides,
+    ] + ([f"seed={seed}"] if seed is not None else [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.training_seeds is None and args.rerun is not None:
+        parser.error("--rerun: only with --training-seeds (without them the study always runs)")
+    if args.training_seeds is not None:
+        if any(override.split("=", 1)[0].strip() == "seed" for override in args.overrides):
+            parser.error("--set seed=... and --training-seeds: give the seeds with --training-seeds only")
+        if len(set(args.training_seeds)) != len(args.training_seeds):
+            parser.error(f"--training-seeds: each seed once, got {args.training_seeds}")
+        if args.rerun and not set(args.rerun) <= set(args.training_seeds):
+            parser.error(f"--rerun {args.rerun}: not among --training-seeds {args.training_seeds}")
+
+    import torch
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
     out = args.out or workdir / "study.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+
+    if args.training_seeds is None:  # one seed, the config's, in the workdir itself
+        overrides = study_overrides(args, workdir)
+        panels = args.panels or workdir / "panels"
+        if args.panels_only:
+            draw_panels(workdir, overrides, panels, args.guidance)
+            return 0
+        results = study_seed(args, workdir, overrides, panels=panels)
+        write_json(out, results)
+        print(json.dumps(results, indent=2))
+        return 0
+
+    # ---- several training seeds: each a study of its own in <workdir>/seed-S, then the spread across them
+    rerun = set(args.training_seeds if args.rerun == [] else args.rerun or [])
+    per_seed: dict[str, dict] = {}
+    for seed in args.training_seeds:
+        folder = workdir / f"seed-{seed}"
+        overrides = study_overrides(args, folder, seed=seed)
+        if args.panels_only:
+            draw_panels(folder, overrides, folder / "panels", args.guidance)
+            continue
+        done = folder / "study.json"
+        if done.is_file() and seed not in rerun:
+            results = json.loads(done.read_text())
+            problem = settings_problem(results["settings"], study_settings(args, overrides))
+            if problem:
+                raise SystemExit(f"{done}: seed {seed} ran with other settings ({problem}); run it again with "
+                                 f"--rerun {seed}, or use another --workdir")
+            print(f"seed {seed}: results of an earlier run, {done} (--rerun {seed} runs it again)", flush=True)
+        else:
+            if folder.exists():
+                shutil.rmtree(folder)  # a half-finished attempt's runs must not be taken for this one's
+            folder.mkdir(parents=True)
+            results = study_seed(args, folder, overrides, panels=folder / "panels")
+            write_json(done, results)
+        per_seed[str(seed)] = results
+    if args.panels:
+        args.panels.mkdir(parents=True, exist_ok=True)
+        for png in sorted((workdir / f"seed-{args.training_seeds[0]}" / "panels").glob("*.png")):
+            shutil.copy2(png, args.panels / png.name)
+            print(f"wrote {args.panels / png.name}")
+    if args.panels_only:
+        return 0
+
+    summary = aggregate(per_seed, guidance=args.guidance)
+    write_json(out, {"settings": study_settings(args, study_overrides(args, None))
+                     | {"training_seeds": args.training_seeds},
+                     "per_seed": per_seed, "aggregate": summary})
+    table = markdown(summary)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
     return 0
 
 
