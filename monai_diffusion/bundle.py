@@ -4,10 +4,11 @@
 The bundle's config builds each network by ``_target_`` with the constructor arguments the run's builders used
 (:class:`~monai_diffusion.networks.builders.Definition`), loads its weights with :func:`load_weights` and hands them
 to :class:`LatentDiffusionSampler`, which draws every sample exactly as ``monai-diffusion sample`` does: the same
-seeded noise (``seed * SEED_STRIDE + index``), denoising loop, guidance, ControlNet input, decoding, clipping, file
-names and NIfTI headers, from :mod:`~monai_diffusion.generation`'s own functions. A bundle therefore needs this
-package installed (its ``metadata.json`` lists it among the required packages): the price of volumes that are the
-same as the run's own samples, voxel for voxel, rather than a re-implementation that could drift from them.
+seeded noise (``seed * SEED_STRIDE + index``), denoising loop, guidance, ControlNet input, MAISI's UNet's spacing and
+modality, decoding, clipping, file names and NIfTI headers, from :mod:`~monai_diffusion.generation`'s own functions.
+A bundle therefore needs this package installed (its ``metadata.json`` lists it among the required packages): the
+price of volumes that are the same as the run's own samples, voxel for voxel, rather than a re-implementation that
+could drift from them.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from monai_diffusion.generation import (
     SEED_STRIDE,
     checked_conditions,
     generate_volume,
+    maisi_rows,
+    manifest_names,
     sample_description,
     sample_record,
     write_manifest,
@@ -120,6 +123,8 @@ class LatentDiffusionSampler:
         guidance_scale: float = 1.0,
         mask: str | os.PathLike | None = None,
         control_scale: float = 1.0,
+        spacing: Sequence[float] | None = None,
+        modality: str | None = None,
     ) -> list[Path]:
         """Write ``num_samples`` volumes (``sample-NNN.nii.gz`` and ``.png``) to ``output_dir``; returns the NIfTI
         files. Sample i of ``seed`` is ``monai-diffusion sample``'s sample i of that seed.
@@ -130,10 +135,15 @@ class LatentDiffusionSampler:
             guidance_scale: classifier-free guidance of conditioned samples.
             mask: a label map the samples follow (a bundle with a ControlNet); the samples take its affine.
             control_scale: the weight of the ControlNet's residuals.
+            spacing: MAISI's UNet: the voxel spacing in mm to generate at, also the samples' affine (``sample
+                --spacing``; None: the training data's, or the label map's).
+            modality: MAISI's UNet: the samples' modality, a name of MAISI's vocabulary (``sample --modality``;
+                None: the run's).
 
         Raises:
             ValueError: conditions the LDM was not trained with (as ``sample`` refuses them), a mask without a
-                ControlNet or a ControlNet without a mask.
+                ControlNet or a ControlNet without a mask, a spacing or modality the UNet does not take or cannot
+                take.
         """
         log = get_logger()
         # Numbers as sample's options give them, whatever the bundle's command line parsed ("2" is an int there).
@@ -158,6 +168,9 @@ class LatentDiffusionSampler:
             size = control_size(self.latent_shape[1:], self.control_channels)
             control, affine = read_control(Path(mask), self.mask_data, self.num_labels, size)
             control = control[None].to(self.device)
+        covariates = rows is not None  # else their null condition (a conditional LDM's unconditional model)
+        rows, affine = maisi_rows(self.encoder, rows, num_samples, spacing=spacing, modality=modality, affine=affine,
+                                  model="the bundle's LDM", options=("spacing", "modality"))
         out = Path(output_dir)
         log.info("sampling %d volume(s) with %s, %d steps, seed %d -> %s", num_samples,
                  type(self.scheduler).__name__, num_inference_steps, seed, out)
@@ -169,7 +182,8 @@ class LatentDiffusionSampler:
             generator = torch.Generator(device=self.device).manual_seed(seed * SEED_STRIDE + index)
             denoiser, condition = self.network, None
             if self.encoder is not None:
-                condition = self.encoder.encode(rows[index:index + 1]) if rows is not None else self.encoder.null(1)
+                condition = self.encoder.encode(rows[index:index + 1], covariates=covariates) if rows is not None \
+                    else self.encoder.null(1)
             if condition is not None or self.controlnet is not None:
                 denoiser = Denoiser(self.network, condition.to(self.device) if condition is not None else None,
                                     guidance, self.controlnet, control=control, control_scale=control_scale)
@@ -184,5 +198,5 @@ class LatentDiffusionSampler:
             written.append(nifti)
             log.info("wrote %s", nifti)
         if described:
-            write_manifest(out / MANIFEST, records, self.encoder.names if rows is not None else [])
+            write_manifest(out / MANIFEST, records, manifest_names(self.encoder, rows, covariates=covariates))
         return written

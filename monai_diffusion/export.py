@@ -7,7 +7,7 @@ last.pt; or a checkpoint file) and the autoencoder it was trained on, and writes
   ``models/``, the noise scheduler, and :class:`~monai_diffusion.bundle.LatentDiffusionSampler`, which generates
   volumes as ``monai-diffusion sample`` does (``python -m monai.bundle run --config_file configs/inference.json``);
 - ``configs/metadata.json``: MONAI's bundle metadata (versions, required packages, each network's data format, the
-  conditions and their vocabularies, the evaluation's figures);
+  conditions and their vocabularies, MAISI's UNet's spacing and modality among them, the evaluation's figures);
 - ``configs/logging.conf``;
 - ``models/model.pt`` (the UNet: its EMA weights where the run kept them), ``models/autoencoder.pt`` and, with
   ``--controlnet RUN``, ``models/controlnet.pt``: plain state dicts;
@@ -34,13 +34,14 @@ import torch
 from monai.bundle import ConfigParser
 
 from monai_diffusion import __version__, command_description
-from monai_diffusion.conditioning import ConditionEncoder, control_size
+from monai_diffusion.conditioning import MODALITY_KEY, ConditionEncoder, control_size
 from monai_diffusion.config.loading import apply_overrides, config_from_dict, save_config
 from monai_diffusion.config.schema import Config
 from monai_diffusion.config.stages import stage_config
 from monai_diffusion.engine.checkpoint import CheckpointError, load_checkpoint
 from monai_diffusion.engine.logging import exit_status, get_logger
 from monai_diffusion.generation import LoadedLDM, condition_dropout, ema_weights, load_ldm, load_ldm_checkpoint
+from monai_diffusion.latents import SPACING_KEY, voxel_spacing
 from monai_diffusion.networks.builders import (
     Definition,
     autoencoder_definition,
@@ -171,7 +172,8 @@ def _tensor(kind: str, fmt: str, channels: int, shape, *, dtype: str, value_rang
 
 
 def condition_inputs(encoder: ConditionEncoder | None) -> dict:
-    """The UNet's (and ControlNet's) conditioning inputs, each feature of the context vector named."""
+    """The UNet's (and ControlNet's) conditioning inputs, each feature of the context vector named; MAISI's UNet's
+    spacing and modality (its ControlNet takes the modality only)."""
     if encoder is None:
         return {}
     inputs = {}
@@ -191,7 +193,47 @@ def condition_inputs(encoder: ConditionEncoder | None) -> dict:
                                          value_range=[0, encoder.num_class_embeds - 1],
                                          channel_def={"0": "the null condition; 1 + the combination of categories "
                                                            "otherwise"})
+    if encoder.takes_spacing:
+        inputs["spacing_tensor"] = _tensor("tensor", "spacing", 1, [3], dtype="float32",
+                                           channel_def={"0": "the voxel spacing in mm per axis x 100 (MAISI's "
+                                                             "scaling); the bundle's `spacing`"})
+    if encoder.modalities is not None:
+        codes = ", ".join(f"{name} {code}" for name, code in encoder.modalities.items())
+        inputs["class_labels"] = _tensor("tensor", "class", 1, [], dtype="int64",
+                                         value_range=[0, max(encoder.modalities.values())],
+                                         channel_def={"0": f"MAISI's modality code ({codes}; 0, unknown, is the null "
+                                                           "condition); the bundle's `modality`"})
     return inputs
+
+
+def maisi_defaults(ldm: LoadedLDM, *, with_controlnet: bool) -> dict:
+    """The bundle's ``spacing`` and ``modality`` for MAISI's UNet, each where the UNet takes it: the training data's
+    voxel spacing (None with a ControlNet: the label map's, as ``sample`` takes it) and the run's modality, which
+    ``sample`` defaults to."""
+    encoder, defaults = ldm.encoder, {}
+    if encoder is not None and encoder.takes_spacing:
+        defaults["spacing"] = None if with_controlnet else voxel_spacing(ldm.affine).tolist()
+    if encoder is not None and encoder.modalities is not None:
+        defaults["modality"] = encoder.maisi["modality"]
+    return defaults
+
+
+def maisi_conditions(ldm: LoadedLDM, *, with_controlnet: bool) -> list[dict]:
+    """MAISI's UNet's own inputs as ``metadata.json`` lists them after the covariates: the bundle key that sets
+    each, its default, and the modality's vocabulary."""
+    defaults, listed = maisi_defaults(ldm, with_controlnet=with_controlnet), []
+    if "spacing" in defaults:
+        listed.append({"name": SPACING_KEY, "type": "voxel_spacing", "bundle_key": "spacing", "unit": "mm",
+                       "default": defaults["spacing"],
+                       "description": "the voxel spacing to generate at, mm per axis (null: the label map's); the "
+                                      "samples' affine takes it; the UNet's spacing_tensor is it x 100"})
+    if "modality" in defaults:
+        listed.append({"name": MODALITY_KEY, "type": "categorical", "bundle_key": "modality",
+                       "categories": list(ldm.encoder.modalities), "codes": dict(ldm.encoder.modalities),
+                       "default": defaults["modality"],
+                       "description": "the samples' modality, a name of MAISI's vocabulary (modality_mapping.json); "
+                                      "the UNet's class_labels is its code, 0 (unknown) the null condition"})
+    return listed
 
 
 def data_formats(trained: Config, ldm: LoadedLDM, controlnet_config=None) -> dict:
@@ -232,7 +274,8 @@ def data_formats(trained: Config, ldm: LoadedLDM, controlnet_config=None) -> dic
                                            value_range=[0, 1],
                                            channel_def={str(i - 1): f"share of label {i} in the voxel"
                                                         for i in range(1, labels)}),
-                **condition_inputs(ldm.encoder),
+                **{name: value for name, value in condition_inputs(ldm.encoder).items()
+                   if name != "spacing_tensor"},  # MAISI's ControlNet takes no spacing
             },
             "outputs": {
                 "down_block_res_samples": _tensor("tensor", "residuals", unet_channels[0], latent_spatial,
@@ -269,6 +312,8 @@ def inference_config(trained: Config, ldm: LoadedLDM, *, definitions: dict[str, 
     }
     if ldm.encoder is not None:
         config |= {"conditions": None, "guidance_scale": sampling.guidance_scale}
+    maisi = maisi_defaults(ldm, with_controlnet=controlnet_config is not None)
+    config |= maisi
     if controlnet_config is not None:
         config |= {"mask": None, "control_scale": controlnet_config.conditioning_scale}
     config |= {
@@ -281,6 +326,10 @@ def inference_config(trained: Config, ldm: LoadedLDM, *, definitions: dict[str, 
     }
     if controlnet_config is not None:
         config["controlnet_def"] = definitions["controlnet"].bundle_config()
+    if trained.ldm.unet.architecture == "maisi":  # MAISI's UNet refuses SDPA without CUDA: as the builders choose
+        for key in ("network_def", "controlnet_def"):
+            if key in config:
+                config[key]["use_flash_attention"] = "$torch.cuda.is_available()"
     config |= {
         "autoencoder": "$load_weights(@autoencoder_def, @model_dir + '/autoencoder.pt', "
                        "@device)",
@@ -314,6 +363,7 @@ def inference_config(trained: Config, ldm: LoadedLDM, *, definitions: dict[str, 
     if ldm.encoder is not None:
         sampler |= {"condition_encoder": "@condition_encoder", "condition_dropout": condition_dropout(ldm.state)}
         generate += ["conditions=@conditions", "guidance_scale=@guidance_scale"]
+    generate += [f"{key}=@{key}" for key in maisi]
     if controlnet_config is not None:
         data = trained.data
         sampler |= {
@@ -338,6 +388,17 @@ def data_source(trained: Config) -> str:
     return f"the datalist {Path(data.datalist or '').name}"
 
 
+def network_names(trained: Config) -> dict[str, tuple[str, str]]:
+    """Whose class each of the bundle's networks is, and its name: ``autoencoder``, ``unet``, ``controlnet``."""
+    maisi = trained.ldm.unet.architecture == "maisi"
+    return {
+        "autoencoder": ("MONAI's", "AutoencoderKlMaisi") if trained.autoencoder.architecture == "maisi"
+        else ("monai-diffusion's", "AutoencoderKL"),
+        "unet": ("MONAI's", "DiffusionModelUNetMaisi" if maisi else "DiffusionModelUNet"),
+        "controlnet": ("MONAI's", "ControlNetMaisi" if maisi else "ControlNet"),
+    }
+
+
 def metadata(trained: Config, ldm: LoadedLDM, *, name: str, version_text: str, authors: str, copyright_text: str,
              run: Path, controlnet_config=None, metrics: dict[str, float]) -> dict:
     """``configs/metadata.json``."""
@@ -348,15 +409,22 @@ def metadata(trained: Config, ldm: LoadedLDM, *, name: str, version_text: str, a
     spacing = f" of {' x '.join(f'{s:g}' for s in trained.data.spacing)} mm" if trained.data.spacing else ""
     kind = trained.ldm.scheduler.type
     conditional = ldm.encoder is not None
-    task = ("Generation of 3D volumes" + (" conditioned on " + ", ".join(ldm.encoder.names) if conditional else "")
+    unet_name, ae_name = (" ".join(network_names(trained)[key]) for key in ("unet", "autoencoder"))
+    unet = trained.ldm.unet
+    maisi_unet = unet.architecture == "maisi"
+    inputs = [text for text, taken in (("a voxel spacing", unet.include_spacing_input),
+                                       ("a modality", unet.num_class_embeds is not None)) if taken]
+    task = ("Generation of 3D volumes" + (" conditioned on " + ", ".join(ldm.encoder.row_names) if conditional else "")
             + (" following a label map (ControlNet)" if controlnet_config is not None else "")
             + " with a latent diffusion model")
     description = (
         f"A latent diffusion model that generates {channels}-channel volumes of "
-        f"{' x '.join(map(str, voxel_size))} voxels{spacing} ({scaled}) from Gaussian noise: MONAI's "
-        f"DiffusionModelUNet denoises a {' x '.join(map(str, ldm.latent_shape))} latent ({kind}), which "
-        f"monai-diffusion's AutoencoderKL (per-level downsampling factors {trained.autoencoder.downsample_factors}) "
-        f"decodes. Trained with monai-diffusion {__version__} for {ldm.step} optimizer steps (run {run.name})."
+        f"{' x '.join(map(str, voxel_size))} voxels{spacing} ({scaled}) from Gaussian noise: {unet_name}"
+        + (f" (MAISI's UNet{': it also takes ' + ' and '.join(inputs) if inputs else ''})" if maisi_unet else "")
+        + f" denoises a {' x '.join(map(str, ldm.latent_shape))} latent ({kind}), which {ae_name}"
+        + (f" (per-level downsampling factors {trained.autoencoder.downsample_factors})"
+           if trained.autoencoder.architecture == "ours" else " (MAISI's VAE)")
+        + f" decodes. Trained with monai-diffusion {__version__} for {ldm.step} optimizer steps (run {run.name})."
     )
     references = [REFERENCES["ldm"], REFERENCES["brain"]]
     references += [REFERENCES["rflow"]] if kind == "rflow" else []
@@ -389,7 +457,8 @@ def metadata(trained: Config, ldm: LoadedLDM, *, name: str, version_text: str, a
     if conditional:
         meta["conditioning"] = {"categorical_via": ldm.encoder.categorical_via,
                                 "dropout": condition_dropout(ldm.state),
-                                "conditions": [dict(c) for c in ldm.encoder.conditions]}
+                                "conditions": [dict(c) for c in ldm.encoder.conditions]
+                                + maisi_conditions(ldm, with_controlnet=controlnet_config is not None)}
     if controlnet_config is not None:
         meta["label_classes"] = (f"a label map with values 0..{controlnet_config.num_labels - 1} (0: background), on "
                                  f"any grid: reoriented, resampled and cropped as the training volumes were")
@@ -408,6 +477,10 @@ def readme(trained: Config, ldm: LoadedLDM, *, meta: dict, run: Path, ae_step, c
     """``docs/README.md``: what the bundle generates, how it was trained, its evaluation, how to run it."""
     training = trained.ldm.training
     sampling = trained.ldm.sampling
+    ae, unet = trained.autoencoder, trained.ldm.unet
+    maisi = maisi_defaults(ldm, with_controlnet=controlnet_state is not None)
+    names = network_names(trained)
+    unet_name, ae_name, controlnet_name = (" ".join(names[key]) for key in ("unet", "autoencoder", "controlnet"))
     lines = [
         f"# {meta['name']}",
         "",
@@ -420,13 +493,15 @@ def readme(trained: Config, ldm: LoadedLDM, *, meta: dict, run: Path, ae_step, c
         "",
         f"- Data: {meta['data_source']}; volumes of {' x '.join(map(str, trained.data.voxel_size))} voxels "
         f"({meta['image_classes']}), orientation {trained.data.orientation}.",
-        f"- Autoencoder: monai-diffusion's AutoencoderKL, channels {trained.autoencoder.num_channels}, downsampling "
-        f"factors {trained.autoencoder.downsample_factors}, {trained.autoencoder.latent_channels} latent channels"
+        f"- Autoencoder: {ae_name}, channels {ae.num_channels}, "
+        + (f"downsampling factors {ae.downsample_factors}" if ae.architecture == "ours"
+           else f"{2 ** (len(ae.num_channels) - 1)}x per axis")
+        + f", {ae.latent_channels} latent channels"
         + (f", trained for {ae_step} steps" if ae_step is not None else "") + "; frozen while the LDM trained.",
         f"- Latent: {' x '.join(map(str, ldm.latent_shape))}, scale factor {ldm.scale_factor:.6g} (computed once from "
         "the training latents).",
-        f"- Diffusion UNet: MONAI's DiffusionModelUNet, channels {trained.ldm.unet.num_channels}, attention "
-        f"{trained.ldm.unet.attention_levels}; {trained.ldm.scheduler.type} with "
+        f"- Diffusion UNet: {unet_name}, channels {unet.num_channels}, attention {unet.attention_levels}; "
+        f"{trained.ldm.scheduler.type} with "
         f"{trained.ldm.scheduler.num_train_timesteps} training timesteps"
         + (f", {trained.ldm.scheduler.prediction_type} prediction" if trained.ldm.scheduler.type != "rflow" else "")
         + ".",
@@ -434,7 +509,7 @@ def readme(trained: Config, ldm: LoadedLDM, *, meta: dict, run: Path, ae_step, c
         f"seed {trained.seed}; the weights in `models/model.pt` are {ldm.weights}"
         + (f" (decay {training.ema_decay:g})" if ldm.weights == "EMA" else "") + ".",
     ]
-    if ldm.encoder is not None:
+    if ldm.encoder is not None and ldm.encoder.conditions:
         described = []
         for condition in ldm.encoder.conditions:
             if condition["type"] == "continuous":
@@ -445,9 +520,19 @@ def readme(trained: Config, ldm: LoadedLDM, *, meta: dict, run: Path, ae_step, c
         lines.append(f"- Conditions: {'; '.join(described)}, given to the UNet by "
                      f"{ldm.encoder.categorical_via.replace('_', ' ')}; condition dropout "
                      f"{condition_dropout(ldm.state):g} (classifier-free guidance).")
+    if maisi:
+        source = ldm.encoder.maisi
+        given = (["each training volume's voxel spacing (mm, from its affine; x 100 as MAISI feeds it)"]
+                 if "spacing" in maisi else [])
+        if "modality" in maisi:
+            given.append(f"its modality (datalist field `{source['modality_key']}`)" if source["modality_key"]
+                         else f"its modality (`{source['modality']}` for every volume)")
+            given[-1] += (f", dropped as MAISI drops it with probability {condition_dropout(ldm.state):g} (to "
+                          "`unknown`, ct_* / mri_* to ct / mri)")
+        lines.append(f"- MAISI's inputs: the UNet took {' and '.join(given)}.")
     if controlnet_state is not None:
         controlnet = config_from_dict(controlnet_state["config"], source="ControlNet").controlnet
-        lines.append(f"- ControlNet: MONAI's ControlNet on label maps with {controlnet.num_labels} values, "
+        lines.append(f"- ControlNet: {controlnet_name} on label maps with {controlnet.num_labels} values, "
                      f"{controlnet_state['step']} optimizer steps on the frozen LDM; weights in "
                      "`models/controlnet.pt` " + ("(EMA)" if controlnet_state.get("ema") is not None else "(raw)")
                      + ".")
@@ -474,12 +559,16 @@ def readme(trained: Config, ldm: LoadedLDM, *, meta: dict, run: Path, ae_step, c
                   f"| MMD real vs generated | {_number(ldm_report.get('mmd'))} |",
                   f"| FID ({ldm_report.get('fid_network')}) | {_number(ldm_report.get('fid'))} |", ""]
     run_options = "--num_samples 4 --seed 0"
-    if ldm.encoder is not None:
+    if ldm.encoder is not None and ldm.encoder.conditions:
         example = ", ".join(f"'{c['name']}': " + (f"{c['mean']:g}" if c["type"] == "continuous"
                                                    else repr(c["categories"][0])) for c in ldm.encoder.conditions)
         run_options += f" --conditions \"{{{example}}}\""
     if controlnet_state is not None:
         run_options += " --mask labels.nii.gz"
+    if maisi.get("spacing") is not None:  # with a ControlNet, the label map's
+        run_options += ' --spacing "[1.5, 1.5, 2.0]"'
+    if "modality" in maisi:
+        run_options += f" --modality {maisi['modality']}"
     lines += [
         "## Running it",
         "",
@@ -499,9 +588,27 @@ def readme(trained: Config, ldm: LoadedLDM, *, meta: dict, run: Path, ae_step, c
         "`configs/inference.json` can be given on the command line. Change `noise_scheduler#_target_` to "
         "`monai.networks.schedulers.ddim.DDIMScheduler` to sample a DDPM-trained model with DDIM.",
         "",
-        "The networks are MONAI's `DiffusionModelUNet`"
-        + (" and `ControlNet`" if controlnet_state is not None else "")
-        + " and monai-diffusion's `AutoencoderKL`, built by `_target_` in `configs/inference.json` from the weights "
+    ]
+    if maisi:
+        settings = []
+        if "spacing" in maisi:
+            default = maisi["spacing"]
+            settings.append("`spacing`, mm per axis (default "
+                            + (f"{default}, the training data's)" if default is not None else "null: the label map's)"))
+        if "modality" in maisi:
+            settings.append(f"`modality`, a name of MAISI's vocabulary ({', '.join(ldm.encoder.modalities)}; default "
+                            f"`{maisi['modality']}`)")
+        lines += [
+            "MAISI's UNet generates at a voxel spacing and for a modality, which the bundle takes as `monai-diffusion "
+            f"sample` takes `--spacing` and `--modality`: {'; '.join(settings)}. The UNet receives the spacing x 100 "
+            "and the modality's code (`configs/metadata.json` lists the vocabulary); the samples' affine takes the "
+            "spacing, and their file names and `samples.csv` record both.",
+            "",
+        ]
+    lines += [
+        "The networks are " + ", ".join(f"{whose} `{name}`" for key, (whose, name) in names.items()
+                                        if key != "controlnet" or controlnet_state is not None)
+        + ", built by `_target_` in `configs/inference.json` from the weights "
         "in `models/` (plain state dicts). The sampling loop is monai-diffusion's own "
         "(`monai_diffusion.bundle.LatentDiffusionSampler`): the bundle needs the package, and in return its volumes "
         "are exactly the run's.",
@@ -542,9 +649,8 @@ def export_bundle(run: Path, out: Path, *, controlnet: Path | None = None, overr
 
     Raises:
         FileNotFoundError: a run, checkpoint or the autoencoder is missing.
-        ValueError: ``out`` exists (not empty) without ``overwrite``; ``run`` is not an LDM checkpoint, or one of
-            MAISI's UNet (whose spacing and modality the bundle does not pass yet); ``controlnet`` is not a
-            ControlNet checkpoint, or one trained on other LDM weights.
+        ValueError: ``out`` exists (not empty) without ``overwrite``; ``run`` is not an LDM checkpoint;
+            ``controlnet`` is not a ControlNet checkpoint, or one trained on other LDM weights.
     """
     log = get_logger()
     out = Path(out)
@@ -558,10 +664,6 @@ def export_bundle(run: Path, out: Path, *, controlnet: Path | None = None, overr
     run_dir = run_folder(checkpoint)
     config = config_from_dict(apply_overrides(state["config"], list(overrides or [])),
                               source=f"{checkpoint} (stored config)")
-    if config.ldm.unet.architecture == "maisi":
-        raise ValueError(f"{checkpoint}: MAISI's UNet (ldm.unet.architecture 'maisi') takes a voxel spacing and a "
-                         "modality that the bundle's sampler does not pass yet; sample it with monai-diffusion sample "
-                         "--spacing/--modality")
     config.device.compile = False
     cpu = torch.device("cpu")
     ldm = load_ldm(state, config, cpu)

@@ -68,6 +68,8 @@ __all__ = [
     "generate_volume",
     "load_ldm",
     "load_ldm_checkpoint",
+    "maisi_rows",
+    "manifest_names",
     "newest_ldm_checkpoint",
     "sample",
     "sample_description",
@@ -450,8 +452,8 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_k
         dropout=condition_dropout(ldm.state), model=f"the LDM {ldm.path}")
     num_samples = len(rows) if rows is not None else (num_samples or sampling.num_samples)
     covariates = rows is not None  # else their null condition (a conditional LDM's unconditional model)
-    rows, affine = _maisi_rows(ldm.encoder, rows, num_samples, spacing=spacing, modality=modality, affine=affine,
-                               path=path)
+    rows, affine = maisi_rows(ldm.encoder, rows, num_samples, spacing=spacing, modality=modality, affine=affine,
+                              model=f"the LDM {path}")
 
     scheduler = build_scheduler(trained.ldm.scheduler, kind, ldm.latent_shape)
     intensity = trained.data.intensity
@@ -489,9 +491,7 @@ def _generate(config: Config, dist: DistInfo, num_samples, steps, *, scheduler_k
         written.append(nifti)
         log.info("wrote %s", nifti)
     if described and dist.is_main:
-        names = [name for name in ldm.encoder.row_names if covariates or name not in ldm.encoder.names] \
-            if rows is not None else []
-        write_manifest(out / MANIFEST, records, names)
+        write_manifest(out / MANIFEST, records, manifest_names(ldm.encoder, rows, covariates=covariates))
     barrier()
     return written
 
@@ -547,12 +547,19 @@ def _guidance(guidance: float, dropout: float, model: str) -> float:
     return guidance
 
 
-def _maisi_rows(encoder: ConditionEncoder | None, rows: list[dict] | None, num_samples: int, *,
-                spacing: Sequence[float] | None, modality: str | None, affine: torch.Tensor,
-                path: Path) -> tuple[list[dict] | None, torch.Tensor]:
+def maisi_rows(encoder: ConditionEncoder | None, rows: list[dict] | None, num_samples: int, *,
+               spacing: Sequence[float] | None, modality: str | None, affine: torch.Tensor,
+               model: str, options: Sequence[str] = ("--spacing", "--modality"),
+               ) -> tuple[list[dict] | None, torch.Tensor]:
     """The rows of conditions with MAISI's UNet's own inputs added (the spacing, default the ``affine``'s; the
     modality, default the checkpoint's), and the affine the samples are written with (scaled to that spacing). Other
-    UNets: the rows and affine as they are.
+    UNets: the rows and affine as they are. ``sample`` and the bundle's sampler both call it.
+
+    Args:
+        encoder, rows, num_samples: the LDM's conditions, the checked rows (None: none given), the samples' count.
+        spacing, modality: the values asked for (None: the defaults).
+        affine: the affine the samples would be written with (the training data's, or the label map's).
+        model, options: how errors name the LDM and the two settings.
 
     Raises:
         ValueError: a spacing or modality for a UNet that takes none (naming the option), or values MAISI's UNet
@@ -560,9 +567,9 @@ def _maisi_rows(encoder: ConditionEncoder | None, rows: list[dict] | None, num_s
     """
     takes_spacing = encoder is not None and encoder.takes_spacing
     takes_modality = encoder is not None and encoder.modalities is not None
-    for option, value, taken in (("--spacing", spacing, takes_spacing), ("--modality", modality, takes_modality)):
+    for option, value, taken in zip(options, (spacing, modality), (takes_spacing, takes_modality)):
         if value is not None and not taken:
-            raise ValueError(f"{option}: the LDM {path} has a UNet without that input (only MAISI's UNet, "
+            raise ValueError(f"{option}: {model} has a UNet without that input (only MAISI's UNet, "
                              "ldm.unet.architecture 'maisi', takes a voxel spacing and a modality)")
     if encoder is None or encoder.maisi is None:
         return rows, affine
@@ -578,6 +585,14 @@ def _maisi_rows(encoder: ConditionEncoder | None, rows: list[dict] | None, num_s
     rows = [row | inputs for row in (rows if given else [{}] * num_samples)]
     encoder.encode(rows, covariates=given)  # every value checked before any sample is drawn
     return rows, affine
+
+
+def manifest_names(encoder: ConditionEncoder | None, rows: list[dict] | None, *, covariates: bool) -> list[str]:
+    """The condition columns of ``samples.csv``: what each row holds (the covariates where they were given;
+    MAISI's spacing and modality), none without rows."""
+    if rows is None or encoder is None:
+        return []
+    return [name for name in encoder.row_names if covariates or name not in encoder.names]
 
 
 def with_spacing(affine: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:

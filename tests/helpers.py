@@ -67,6 +67,13 @@ def write_volumes(folder: Path, count: int, shape=(20, 20, 20), seed: int = 0) -
     return paths
 
 
+# MAISI's VAE (autoencoder.architecture maisi) at its depth (3 levels: 4x) and a tiny width, in two slabs along axis 1
+# as MAISI's released network runs.
+MAISI_AE = {"architecture": "maisi", "num_channels": [8, 8, 16], "norm_num_groups": 4, "latent_channels": 4,
+            "downsample_factors": None, "attention_levels": [False, False, False],
+            "with_encoder_nonlocal_attn": False, "with_decoder_nonlocal_attn": False, "num_splits": 2, "dim_split": 1}
+
+
 def tiny_config_dict(data_dir: Path, output_dir: Path) -> dict:
     """A whole pipeline small enough for CPU tests: 16^3 volumes, an [8, 16]-channel AE, 8^3 latents."""
     return {

@@ -1,5 +1,6 @@
 """export --format bundle: a MONAI bundle whose ``python -m monai.bundle run`` writes the volumes ``sample`` writes
-(unconditional; conditional with a ControlNet), whose metadata MONAI's ``verify_metadata`` accepts, and the errors."""
+(unconditional; conditional with a ControlNet; MAISI's UNet at a spacing and modality, alone and with MAISI's
+ControlNet), whose metadata MONAI's ``verify_metadata`` accepts, and the errors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import conditional_raw, save_autoencoder, write_conditional_data
+from helpers import MAISI_AE, conditional_raw, save_autoencoder, write_conditional_data
 
 from monai_diffusion import export, sample
 from monai_diffusion.config import apply_overrides, config_from_dict
@@ -222,3 +223,93 @@ def test_a_controlnet_is_exported_with_the_ldm_it_was_trained_on(controlnet_run,
     with pytest.raises(ValueError, match="was trained on other LDM weights"):
         export.export_bundle(other_ldm, tmp_path / "b", controlnet=controlnet)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ------------------------------------------------------------------------------------------- MAISI's UNet
+
+
+@pytest.fixture(scope="module")
+def maisi_runs(tmp_path_factory):
+    """An LDM with MAISI's UNet (its spacing input; the modality from each entry's `modality` field, ct or mri_t1;
+    the covariates radius and shape) over MAISI's VAE, and MAISI's ControlNet trained on it (1 step each)."""
+    root = tmp_path_factory.mktemp("export-maisi")
+    datalist = write_conditional_data(root / "data", count=4)
+    content = json.loads(datalist.read_text())
+    for index, entry in enumerate(content["training"]):
+        entry["modality"] = ["ct", "mri_t1"][index % 2]
+    datalist.write_text(json.dumps(content))
+    raw = conditional_raw(datalist, root / "out")
+    raw["autoencoder"] = MAISI_AE | {"num_splits": 1, "dim_split": 0, "training": {"adv_weight": 0.0}}
+    raw["ldm"]["unet"] |= {"architecture": "maisi", "modality_key": "modality"}
+    config = config_from_dict(raw)
+    save_autoencoder(config, root / "out" / "autoencoder-1" / "checkpoints" / "best.pt")
+    ldm = train_ldm(config)
+    controlnet = train_controlnet(config_from_dict(apply_overrides(raw, [f"controlnet.ldm_checkpoint={ldm}"])))
+    return root, ldm, controlnet
+
+
+def same_manifests(first: Path, second: Path) -> bool:
+    with open(first / "samples.csv") as a, open(second / "samples.csv") as b:
+        return list(csv.DictReader(a)) == list(csv.DictReader(b))
+
+
+def test_a_bundle_of_maisis_unet_generates_at_a_spacing_and_modality_as_sample_does(maisi_runs, tmp_path):
+    pytest.importorskip("fire", reason="python -m monai.bundle needs fire (the test extra)")
+    _, ldm, _ = maisi_runs
+    bundle = export.export_bundle(ldm, tmp_path / "bundle")
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    maisi = load_checkpoint(ldm / "checkpoints" / "last.pt")["conditioning"]["maisi"]
+    # Their defaults are the run's, as sample's: the training data's spacing, the training split's modality.
+    assert inference["spacing"] == [1.5, 1.5, 1.5] and inference["modality"] == maisi["modality"]
+    assert inference["network_def"]["_target_"].endswith("DiffusionModelUNetMaisi")
+    assert inference["network_def"]["use_flash_attention"] == "$torch.cuda.is_available()"
+
+    run_python("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--seed", "7",
+               "--num_samples", "2", "--num_inference_steps", "2", "--spacing", "[1, 1, 2]", "--modality", "mri",
+               "--guidance_scale", "2", "--output_dir", "generated", cwd=bundle)
+    assert sample.main(["--checkpoint", str(ldm), "--set", "device.device=cpu", "--seed", "7", "-n", "2", "--steps",
+                        "2", "--spacing", "1", "1", "2", "--modality", "mri", "--guidance", "2",
+                        "--out", str(tmp_path / "sampled")]) == 0
+    difference = max_difference(bundle / "generated", tmp_path / "sampled")
+    print(f"MAISI's UNet, bundle vs sample: largest voxel difference {difference}")
+    assert difference == 0.0
+    assert sorted(p.name for p in (bundle / "generated").glob("*.nii.gz")) == [
+        f"sample-00{i}_seed7_voxel_spacing-1x1x2_modality-mri.nii.gz" for i in range(2)]
+    (first, *_) = (bundle / "generated").glob("*.nii.gz")
+    assert nib.load(first).header.get_zooms() == (1.0, 1.0, 2.0)  # written at the spacing it was generated at
+    assert same_manifests(bundle / "generated", tmp_path / "sampled")
+
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(meta, METADATA_RULES)
+    conditions = {c["name"]: c for c in meta["conditioning"]["conditions"]}
+    assert list(conditions) == ["radius", "shape", "voxel_spacing", "modality"]
+    assert conditions["voxel_spacing"]["default"] == [1.5, 1.5, 1.5] and conditions["voxel_spacing"]["unit"] == "mm"
+    assert conditions["modality"]["codes"]["mri"] == 8 and conditions["modality"]["default"] == maisi["modality"]
+    assert {"spacing_tensor", "class_labels", "context"} <= set(meta["network_data_format"]["inputs"])
+    text = (bundle / "docs" / "README.md").read_text()
+    assert "DiffusionModelUNetMaisi" in text and "AutoencoderKlMaisi" in text and "`modality`" in text
+
+
+def test_a_bundle_of_maisis_unet_with_its_controlnet_follows_a_mask_as_sample_does(maisi_runs, tmp_path):
+    pytest.importorskip("fire", reason="python -m monai.bundle needs fire (the test extra)")
+    root, ldm, controlnet = maisi_runs
+    bundle = export.export_bundle(ldm, tmp_path / "bundle", controlnet=controlnet)
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["spacing"] is None  # the label map's, as sample takes it
+    assert inference["controlnet_def"]["_target_"].endswith("ControlNetMaisi")
+    mask = root / "data" / "v1_seg.nii.gz"
+    run_python("-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--seed", "3",
+               "--num_inference_steps", "2", "--mask", str(mask), "--conditions", "{'radius': 0.5, 'shape': 'a'}",
+               "--modality", "ct", "--output_dir", "generated", cwd=bundle)
+    assert sample.main(["--checkpoint", str(controlnet), "--set", "device.device=cpu", "--seed", "3", "--steps", "2",
+                        "--mask", str(mask), "--condition", "radius=0.5", "--condition", "shape=a", "--modality", "ct",
+                        "--out", str(tmp_path / "sampled")]) == 0
+    difference = max_difference(bundle / "generated", tmp_path / "sampled")
+    print(f"MAISI's UNet and ControlNet, bundle vs sample: largest voxel difference {difference}")
+    assert difference == 0.0
+    assert same_manifests(bundle / "generated", tmp_path / "sampled")
+    meta = json.loads((bundle / "configs" / "metadata.json").read_text())
+    controlnet_inputs = meta["controlnet_data_format"]["inputs"]
+    assert "class_labels" in controlnet_inputs and "spacing_tensor" not in controlnet_inputs  # the modality only
+
