@@ -4,9 +4,10 @@ Autoencoder run: every held-out volume (the run's validation split, or ``--data`
 (L1, PSNR, SSIM, MS-SSIM; MONAI metrics) beside plain trilinear resampling through a grid with as many values as
 the latent holds: a per-volume CSV, a summary table, and panels of the best and worst volumes.
 
-LDM run: ``--num-samples`` volumes are generated and compared with real ones: diversity (mean pairwise MS-SSIM
-among samples, next to the same figure among real volumes), MMD (MONAI's MMDMetric) and FID on the features of a
-3D network (MONAI's FIDMetric; MedicalNet by default, or a torch.export file of your own).
+LDM run: ``--num-samples`` (n) volumes are generated and compared with n real ones, each figure beside its floor,
+the same measure between two disjoint halves of the real volumes at the same n: MMD (MONAI's MMDMetric) and FID
+(MONAI's FIDMetric) by named protocol (``--fid``: MedicalNet's 3D features, or MAISI's 2.5D RadImageNet protocol),
+and diversity (mean pairwise MS-SSIM among samples, beside the real volumes' figure and the ratio).
 
 Everything lands in ``<run>/evaluation/`` (CSV, ``summary.json``, ``summary.md``, PNG panels) and in the run's
 TensorBoard under ``eval/``.
@@ -21,16 +22,17 @@ import json
 import math
 import statistics
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.metrics import FIDMetric, MMDMetric, PSNRMetric, SSIMMetric
+from monai.metrics import MMDMetric, PSNRMetric, SSIMMetric
 from tqdm import tqdm
 
 from monai_diffusion import command_description
 from monai_diffusion.config.loading import apply_overrides, config_from_dict
-from monai_diffusion.config.schema import Config
+from monai_diffusion.config.schema import Config, IntensityConfig
 from monai_diffusion.config.stages import downsampling, stage_config
 from monai_diffusion.data import build_transforms, list_volumes
 from monai_diffusion.data.sources import list_folder, read_csv_datalist, read_json_datalist
@@ -38,13 +40,22 @@ from monai_diffusion.engine.checkpoint import find_checkpoint, load_checkpoint
 from monai_diffusion.engine.distributed import init_distributed
 from monai_diffusion.engine.logging import RunLogger, exit_status, get_logger, save_png, volume_panel
 from monai_diffusion.engine.precision import resolve_precision
+from monai_diffusion.fid import (
+    MAISI_CENTER_SLICES_RATIO,
+    PROTOCOLS,
+    FeatureNetwork,
+    features,
+    fid_weights_option,
+    frechet,
+    load_feature_network,
+    maisi_intensity,
+    protocol_names,
+)
 from monai_diffusion.generation import sample
 from monai_diffusion.latents import reconstruct
 from monai_diffusion.metrics import SSIM_WINDOW, ms_ssim, ms_ssim_scales, resampling_baseline
 from monai_diffusion.networks.builders import build_autoencoder
 
-# The 3D networks MONAI's perceptual loss fetches through torch hub; any of them can give FID features.
-HUB_FEATURE_NETWORKS = ("medicalnet_resnet10_23datasets", "medicalnet_resnet50_23datasets")
 METRICS = ("l1", "psnr", "ssim", "ms_ssim")
 
 
@@ -235,43 +246,6 @@ def autoencoder_table(report: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- LDM
 
 
-def load_feature_network(name: str, device: torch.device) -> torch.nn.Module:
-    """The 3D network whose features FID compares: a MONAI perceptual-models hub name, or a ``torch.export`` file.
-
-    A file of your own is a network exported with ``torch.export.export(net, (torch.zeros(1, C, *voxel_size),))``
-    and saved with ``torch.export.save`` (it runs as exported, e.g. in eval mode if it was exported so).
-
-    Raises:
-        FileNotFoundError: the hub network cannot be fetched (no network, not in torch hub's folder).
-    """
-    path = Path(name).expanduser()
-    if path.is_file():
-        return torch.export.load(str(path)).module().to(device)
-    if name in HUB_FEATURE_NETWORKS:
-        try:
-            network = torch.hub.load("Project-MONAI/perceptual-models:main", model=name, trust_repo=True)
-        except OSError as exc:
-            raise FileNotFoundError(
-                f"--fid-network {name}: could not get it from torch hub ({type(exc).__name__}: {exc}). Run once "
-                f"where the internet is reachable (it is then kept in {torch.hub.get_dir()}), pass a torch.export "
-                f"file (.pt2) of your own feature network, or --fid-network none"
-            ) from exc
-        return network.to(device).eval()
-    raise FileNotFoundError(f"--fid-network {name}: neither a file nor one of {', '.join(HUB_FEATURE_NETWORKS)} (or 'none')")
-
-
-@torch.no_grad()
-def features(network: torch.nn.Module, volumes: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """(N, F) features: each volume z-scored (as MedicalNet was trained), the network's output averaged over space."""
-    rows = []
-    for volume in volumes:
-        x = volume[None].to(device)
-        x = (x - x.mean()) / x.std().clamp_min(1e-6)
-        out = network(x)
-        rows.append(out.flatten(2).mean(2) if out.ndim > 2 else out)
-    return torch.cat(rows).float().cpu()
-
-
 def mean_pairwise_ms_ssim(volumes: torch.Tensor, data_range: float) -> float:
     """Mean MS-SSIM over all pairs: high means the volumes look alike (low diversity)."""
     scales = ms_ssim_scales(volumes.shape[2:])
@@ -280,45 +254,132 @@ def mean_pairwise_ms_ssim(volumes: torch.Tensor, data_range: float) -> float:
     return statistics.fmean(values)
 
 
-def evaluate_ldm(state: dict, checkpoint: Path, config: Config, run_dir: Path, *, real_items: list[dict], out: Path,
-                 num_samples: int, seed: int, steps: int | None, fid_network: str) -> dict:
-    """Generate ``num_samples`` volumes and compare them with real ones (diversity, MMD, FID)."""
+def split_real(real: torch.Tensor, num_samples: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The real volumes as two disjoint halves of n each, in the order read: A = the first n (the floor's other
+    side), B = the next n (what the model and the floor are both compared with); n = ``num_samples``, or half the
+    real volumes when there are fewer than twice as many.
 
+    Raises:
+        ValueError: fewer than 4 real volumes (each half needs 2).
+    """
+    n = min(num_samples, len(real) // 2)
+    if n < 2:
+        raise ValueError(f"Only {len(real)} real volume(s): the real-vs-real floor compares two halves of at least 2 "
+                         "volumes each; pass --data with at least 4")
+    return real[:n], real[n : 2 * n], n
+
+
+def sample_size_warnings(n: int, fid: dict[str, dict]) -> list[str]:
+    """What the report warns of at ``n`` volumes per set: below 100, and every FID whose samples per set do not
+    exceed its features (a rank-deficient covariance)."""
+    warnings = []
+    if n < 100:
+        warnings.append(f"n = {n} volumes per set, below 100: FID and MMD are noisy at this n and FID is biased "
+                        "upward; compare runs only at the same n and against the real-vs-real floor")
+    for name, entry in fid.items():
+        samples, dim = entry["samples_per_set"], entry["feature_dim"]
+        if samples <= dim:
+            unit = "slices" if entry["planes"] else "volumes"
+            warnings.append(f"FID {name}: {samples} {unit} per set for {dim} features: the covariance has rank at "
+                            f"most {samples - 1} (FID needs more samples than features)")
+    return warnings
+
+
+def fid_entry(feature_network: FeatureNetwork, generated: torch.Tensor, half_a: torch.Tensor, half_b: torch.Tensor,
+              *, device: torch.device, intensity: IntensityConfig) -> dict:
+    """One protocol's FID of the generated volumes against half B and its floor (half A against half B), with what
+    the report says of the network and its weights."""
+    protocol = feature_network.protocol
+    on_b = features(feature_network, half_b, device, intensity=intensity)
+    model = frechet(features(feature_network, generated, device, intensity=intensity), on_b)
+    floor = frechet(features(feature_network, half_a, device, intensity=intensity), on_b)
+    samples, dim = next(iter(on_b.values())).shape
+    entry = {
+        "protocol": protocol.name,
+        "network": protocol.network,
+        "weights": str(feature_network.weights),
+        "sha256": feature_network.sha256,
+        "weights_source": feature_network.source,
+        "n_generated": len(generated),
+        "n_real": len(half_b),
+        "feature_dim": dim,
+        "samples_per_set": samples,
+        "scale": protocol.scale,
+        "fid": statistics.fmean(model.values()),
+        "fid_floor": statistics.fmean(floor.values()),
+        "planes": None,
+    }
+    if protocol.planes != ("3d",):
+        entry["planes"] = {plane: {"fid": model[plane], "fid_floor": floor[plane]} for plane in protocol.planes}
+        entry["intensity"] = maisi_intensity(half_b[:1], intensity)[1]
+        entry["center_slices_ratio"] = MAISI_CENTER_SLICES_RATIO
+    return entry
+
+
+def evaluate_ldm(state: dict, checkpoint: Path, config: Config, run_dir: Path, *, real_items: list[dict], out: Path,
+                 num_samples: int, seed: int, steps: int | None, fid: Sequence[str],
+                 fid_weights: Mapping[str, Path]) -> dict:
+    """Generate ``num_samples`` volumes and compare them with real ones (diversity, MMD, FID per protocol), each
+    figure beside the same measure between two disjoint halves of the real volumes at the same count.
+
+    Raises:
+        ValueError: fewer than 2 samples, fewer than 4 real volumes, or a protocol for one-channel volumes on a run
+            with more channels.
+        FileNotFoundError: a protocol's weights are nowhere (before anything is generated).
+    """
     log = get_logger()
     if num_samples < 2:
         raise ValueError("--num-samples: at least 2 samples are needed for diversity, MMD and FID")
-    if len(real_items) < 2:
-        raise ValueError(f"Only {len(real_items)} real volume(s) to compare with; pass --data with at least 2")
+    if len(real_items) < 4:
+        raise ValueError(f"Only {len(real_items)} real volume(s) to compare with: the real-vs-real floor needs two "
+                         "halves of at least 2; pass --data with at least 4")
+    channels = config.autoencoder.in_channels
+    if channels != 1 and any(name in PROTOCOLS for name in fid):
+        raise ValueError(f"--fid {' '.join(fid)}: the released networks read one-channel volumes; this run's have "
+                         f"{channels} (pass --fid none or a torch.export file of your own)")
     device = init_distributed(config.device.device).device
-    network = load_feature_network(fid_network, device) if fid_network != "none" else None  # fail before sampling
+    networks = [load_feature_network(name, fid_weights.get(name), device) for name in fid]  # fail before sampling
     written = sample(config, num_samples=num_samples, steps=steps, seed=seed, out=out / "samples", checkpoint=checkpoint)
     generated = torch.stack([image for _, image in load_volumes([{"image": p} for p in written], _as_is(config))])
-    real = torch.stack([image for _, image in load_volumes(real_items[:max(num_samples, 2)], config)])
+    real = torch.stack([image for _, image in load_volumes(real_items[: 2 * num_samples], config)])
+    half_a, half_b, n = split_real(real, num_samples)
     intensity = config.data.intensity
     data_range = intensity.b_max - intensity.b_min
-    count = min(len(real), len(generated))
 
+    notes = []
+    if len(real) < 2 * num_samples:
+        notes.append(f"only {len(real)} real volumes for {num_samples} samples: n = {n} per set (n generated "
+                     "against n real needs 2n real volumes for the floor)")
+    diversity_samples = mean_pairwise_ms_ssim(generated, data_range)
+    diversity_real = mean_pairwise_ms_ssim(half_b, data_range)
     report = {
         "kind": "ldm",
         "checkpoint_step": state.get("step"),
         "num_samples": len(generated),
         "num_real": len(real),
+        "n": n,
+        "halves": f"real volumes 1-{n} (in the order of the run's training split or --data) are half A, "
+                  f"{n + 1}-{2 * n} half B; model = the first {n} samples against B, floor = A against B",
         "seed": seed,
         "ms_ssim_scales": ms_ssim_scales(generated.shape[2:]),
-        "diversity_ms_ssim_samples": mean_pairwise_ms_ssim(generated, data_range),
-        "diversity_ms_ssim_real": mean_pairwise_ms_ssim(real, data_range),
-        "mmd": float(MMDMetric()(real[:count], generated[:count])),
-        "fid_network": fid_network,
-        "fid": None,
+        "diversity_ms_ssim_samples": diversity_samples,
+        "diversity_ms_ssim_real": diversity_real,
+        "diversity_ratio": diversity_samples / diversity_real if diversity_real else None,
+        "mmd": float(MMDMetric()(half_b, generated[:n])),
+        "mmd_floor": float(MMDMetric()(half_b, half_a)),
+        "fid": {network.protocol.name: fid_entry(network, generated[:n], half_a, half_b, device=device,
+                                                 intensity=intensity) for network in networks},
+        "notes": notes,
     }
-    if network is not None:
-        report["fid"] = float(FIDMetric()(features(network, generated, device), features(network, real, device)))
+    report["warnings"] = sample_size_warnings(n, report["fid"])
     panel = volume_panel([(f"sample {i}", v) for i, v in enumerate(generated[:4])] + [("real", real[0])],
                          value_range=(intensity.b_min, intensity.b_max))
     save_png(panel, out / "samples.png")
     table = ldm_table(report)
     finish(report, table, out, run_dir, step=state.get("step") or 0)
     log.info("generated vs real volumes:\n%s", table)
+    for warning in report["warnings"]:
+        log.warning("%s", warning)
     return report
 
 
@@ -329,18 +390,43 @@ def _as_is(config: Config) -> Config:
     return config.model_copy(update={"data": data})
 
 
+def _scaled(value: float, scale: float) -> str:
+    return f"{value * scale:.4g}"
+
+
 def ldm_table(report: dict) -> str:
-    fid = "not computed (--fid-network none)" if report["fid"] is None else f"{report['fid']:.4g} ({report['fid_network']})"
-    return "\n".join([
-        "| measure | value |",
-        "|---|---|",
-        f"| samples / real volumes | {report['num_samples']} / {report['num_real']} |",
-        f"| mean pairwise MS-SSIM among samples ({report['ms_ssim_scales']} scales; lower = more diverse) "
-        f"| {report['diversity_ms_ssim_samples']:.4f} |",
-        f"| mean pairwise MS-SSIM among real volumes | {report['diversity_ms_ssim_real']:.4f} |",
-        f"| MMD real vs generated (voxels) | {report['mmd']:.4g} |",
-        f"| FID | {fid} |",
-    ])
+    """Markdown: each measure of the model beside its real-vs-real floor at the same n, the diversity, the weights,
+    notes and warnings."""
+    n = report["n"]
+    lines = ["| measure | model: generated vs real half B | real-vs-real floor: half A vs half B | n per set |",
+             "|---|---|---|---|"]
+    for name, entry in report["fid"].items():
+        scale = entry["scale"]
+        factor = [] if scale == 1 else [f"x 10^{round(math.log10(scale))}"]
+        samples = "" if entry["planes"] is None else f" ({entry['samples_per_set']} slices per plane)"
+        what = ", ".join(["mean of 3 planes" if entry["planes"] else entry["network"], *factor])
+        lines.append(f"| FID {name} ({what}) | {_scaled(entry['fid'], scale)} | {_scaled(entry['fid_floor'], scale)} "
+                     f"| {n}{samples} |")
+        for plane, values in (entry["planes"] or {}).items():
+            label = ", ".join([f"{plane.upper()} plane", *factor])
+            lines.append(f"| FID {name} ({label}) | {_scaled(values['fid'], scale)} | "
+                         f"{_scaled(values['fid_floor'], scale)} | {n}{samples} |")
+    if not report["fid"]:
+        lines.append("| FID | not computed (--fid none) | | |")
+    lines.append(f"| MMD (voxels) | {report['mmd']:.4g} | {report['mmd_floor']:.4g} | {n} |")
+    ratio = report["diversity_ratio"]
+    lines += ["", f"| diversity: mean pairwise MS-SSIM ({report['ms_ssim_scales']} scales; lower = more diverse) | "
+              "samples | real (half B) | samples / real |", "|---|---|---|---|",
+              f"| | {report['diversity_ms_ssim_samples']:.4f} ({report['num_samples']}) | "
+              f"{report['diversity_ms_ssim_real']:.4f} ({n}) | {'-' if ratio is None else f'{ratio:.3f}'} |"]
+    lines += ["", f"Halves: {report['halves']}."]
+    for name, entry in report["fid"].items():
+        lines.append(f"FID {name}: {entry['network']}; weights {entry['weights']} (SHA-256 {entry['sha256']}, "
+                     f"{entry['weights_source']})" + (f"; intensities: {entry['intensity']}; the central "
+                     f"{entry['center_slices_ratio']:g} of each axis' slices" if entry["planes"] else "") + ".")
+    lines += [f"Note: {note}." for note in report["notes"]]
+    lines += [f"**Warning:** {warning}." for warning in report["warnings"]]
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -355,6 +441,11 @@ def finish(report: dict, table: str, out: Path, run_dir: Path, *, step: int) -> 
     for key, value in report.items():
         if key == "summary":
             scalars |= {f"eval/{name}": stats["mean"] for name, stats in value.items()}
+        elif key == "fid":  # per protocol: the model's figure and its floor (raw), and each plane's
+            for name, entry in value.items():
+                scalars |= {f"eval/fid_{name}": entry["fid"], f"eval/fid_{name}_floor": entry["fid_floor"]}
+                scalars |= {f"eval/fid_{name}_{plane}{part}": values[f"fid{part}"]
+                            for plane, values in (entry["planes"] or {}).items() for part in ("", "_floor")}
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "seed":
             scalars[f"eval/{key}"] = value
     with RunLogger(run_dir / "tensorboard") as writer:
@@ -365,10 +456,34 @@ def finish(report: dict, table: str, out: Path, run_dir: Path, *, step: int) -> 
 
 
 def evaluate(run: Path, data: Path | None = None, overrides: list[str] | None = None, num_samples: int = 8,
-             *, seed: int = 0, steps: int | None = None, fid_network: str = "medicalnet_resnet10_23datasets",
-             tile_size: list[int] | None = None, out: Path | None = None) -> dict:
-    """Evaluate the autoencoder or LDM run (folder or checkpoint) ``run``; returns the report (also written)."""
+             *, seed: int = 0, steps: int | None = None, fid: Sequence[str] = ("medicalnet",),
+             fid_weights: Mapping[str, Path] | None = None, tile_size: list[int] | None = None,
+             out: Path | None = None) -> dict:
+    """Evaluate the autoencoder or LDM run (folder or checkpoint) ``run``; returns the report (also written).
+
+    Args:
+        run: a run folder (its best.pt, else last.pt) or a checkpoint file.
+        data: real volumes (folder or JSON/CSV datalist) instead of the run's split.
+        overrides: ``KEY=VALUE`` overrides of the run's stored config.
+        num_samples: LDM: volumes to generate; 2 x as many real volumes are read for the real-vs-real floor.
+        seed: LDM: the sampling seed.
+        steps: LDM: denoising steps (None: the run's setting).
+        fid: LDM: FID protocols (:data:`monai_diffusion.fid.PROTOCOLS` names, ``.pt2`` files) or ``["none"]``.
+        fid_weights: LDM: protocol -> its weight file (else torch hub's).
+        tile_size: autoencoder: reconstruct window by window at this size.
+        out: the output folder (default ``<run>/evaluation``).
+
+    Raises:
+        FileNotFoundError: no checkpoint, ``--data`` or weight file.
+        ValueError: a bad option (named), too few volumes, or a checkpoint that is neither kind.
+    """
     overrides = list(overrides or [])
+    protocols = protocol_names(fid)
+    fid_weights = dict(fid_weights or {})
+    stray = sorted(set(fid_weights) - {name for name in protocols if name in PROTOCOLS})
+    if stray:
+        raise ValueError(f"--fid-weights {', '.join(stray)}: not among --fid's protocols "
+                         f"({', '.join(protocols) or 'none'})")
     checkpoint = find_checkpoint(run)
     state = load_checkpoint(checkpoint)
     config = stored_config(state, checkpoint, overrides)
@@ -385,9 +500,13 @@ def evaluate(run: Path, data: Path | None = None, overrides: list[str] | None = 
                                     tile_size=tile_size)
     if kind == "ldm":
         return evaluate_ldm(state, checkpoint, config, run_dir, real_items=training_items(config, data), out=out,
-                            num_samples=num_samples,
-                            seed=seed, steps=steps, fid_network=fid_network)
+                            num_samples=num_samples, seed=seed, steps=steps, fid=protocols, fid_weights=fid_weights)
     raise ValueError(f"{checkpoint}: not an autoencoder or LDM checkpoint (kind={kind!r})")
+
+
+# The names --fid-network took, as the protocols they are now.
+FID_NETWORK_NAMES = {"medicalnet_resnet10_23datasets": "medicalnet",
+                     "medicalnet_resnet50_23datasets": "medicalnet-resnet50"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -400,12 +519,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tile-size", type=int, nargs="+", default=None,
                         help="reconstruct large volumes window by window (image voxels per axis, divisible by the "
                         "total factor; default: the patch size of an autoencoder trained on patches)")
-    parser.add_argument("--num-samples", "-n", type=int, default=8, help="LDM: volumes to generate (default 8)")
+    parser.add_argument("--num-samples", "-n", type=int, default=8,
+                        help="LDM: volumes to generate (default 8). Each figure compares n of them with n real "
+                        "volumes (half B) beside the floor, n other real volumes (half A) against B, so 2n real "
+                        "volumes are read. Below n = 100 the report warns: FID's covariance needs more samples than "
+                        "features (512 for medicalnet, 2048 for medicalnet-resnet50 and radimagenet-2.5d, whose "
+                        "samples are slices)")
     parser.add_argument("--seed", type=int, default=0, help="LDM: sampling seed (default 0)")
     parser.add_argument("--steps", type=int, default=None, help="LDM: denoising steps (default: the run's setting)")
-    parser.add_argument("--fid-network", default="medicalnet_resnet10_23datasets",
-                        help="LDM: 3D feature network for FID: a MONAI perceptual-models name (fetched through torch "
-                        "hub), a torch.export file (.pt2) of your own, or 'none'")
+    parser.add_argument("--fid", nargs="+", default=["medicalnet"], metavar="PROTOCOL",
+                        help=f"LDM: FID protocol(s): {', '.join(PROTOCOLS)} (MAISI's: RadImageNet on the slices of "
+                        "3 planes), a torch.export file (.pt2) of your own 3D network, or none (default medicalnet)")
+    parser.add_argument("--fid-weights", action="append", default=[], metavar="PROTOCOL=FILE",
+                        help="LDM: a protocol's released weight file (e.g. medicalnet=medicalnet_resnet_10_23dataset"
+                        ".pth; a bare FILE when --fid names one protocol); default: torch hub's folder, else fetched "
+                        "through torch hub (repeatable)")
+    parser.add_argument("--fid-network", default=None, help=argparse.SUPPRESS)  # before --fid; still read
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/evaluation)")
 
 
@@ -413,9 +542,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="monai-diffusion evaluate", description=command_description(__doc__))
     add_arguments(parser)
     args = parser.parse_args(argv)
-    return exit_status(lambda: evaluate(args.run, args.data, args.overrides, args.num_samples, seed=args.seed,
-                                        steps=args.steps,
-                                        fid_network=args.fid_network, tile_size=args.tile_size, out=args.out))
+    fid = args.fid
+    if args.fid_network is not None:
+        fid = [FID_NETWORK_NAMES.get(args.fid_network, args.fid_network)]
+        get_logger().warning("--fid-network is replaced by --fid: reading it as --fid %s", fid[0])
+
+    def run() -> dict:
+        protocols = protocol_names(fid)
+        return evaluate(args.run, args.data, args.overrides, args.num_samples, seed=args.seed, steps=args.steps,
+                        fid=protocols, fid_weights=fid_weights_option(args.fid_weights, protocols),
+                        tile_size=args.tile_size, out=args.out)
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -128,11 +128,22 @@ def eval_metrics(ldm_report: dict | None, autoencoder_report: dict | None) -> di
     metrics = {}
     if ldm_report is not None:
         metrics |= {f"ldm_{key}": value for key, value in ldm_report.items()
-                    if key in ("diversity_ms_ssim_samples", "diversity_ms_ssim_real", "mmd", "fid")
-                    and value is not None}
+                    if key in ("diversity_ms_ssim_samples", "diversity_ms_ssim_real", "diversity_ratio", "mmd",
+                               "mmd_floor") and value is not None}
+        metrics |= {f"ldm_fid_{name}{part}": entry[f"fid{part}"] for name, entry in _fid_entries(ldm_report).items()
+                    for part in ("", "_floor") if entry.get(f"fid{part}") is not None}
     if autoencoder_report is not None:
         metrics |= {f"{name}_mean": stats["mean"] for name, stats in autoencoder_report.get("summary", {}).items()}
     return metrics
+
+
+def _fid_entries(ldm_report: dict) -> dict[str, dict]:
+    """Protocol -> FID entry of an LDM evaluation; a report written before FID had protocols (one ``fid`` number
+    and its ``fid_network``) as one entry without a floor."""
+    fid = ldm_report.get("fid")
+    if isinstance(fid, dict):
+        return fid
+    return {} if fid is None else {str(ldm_report.get("fid_network")): {"fid": fid, "scale": 1.0}}
 
 
 def required_packages() -> dict[str, str]:
@@ -550,14 +561,21 @@ def readme(trained: Config, ldm: LoadedLDM, *, meta: dict, run: Path, ae_step, c
     if ldm_report is not None:
         stale = (f" (evaluated at step {ldm_report.get('checkpoint_step')}, exported at step {ldm.step})"
                  if ldm_report.get("checkpoint_step") not in (None, ldm.step) else "")
-        lines += [f"Generated against real volumes{stale}:", "",
-                  "| measure | value |", "|---|---|",
-                  f"| samples / real volumes | {ldm_report.get('num_samples')} / {ldm_report.get('num_real')} |",
-                  f"| mean pairwise MS-SSIM among samples (lower = more diverse) | "
-                  f"{_number(ldm_report.get('diversity_ms_ssim_samples'))} |",
-                  f"| mean pairwise MS-SSIM among real volumes | {_number(ldm_report.get('diversity_ms_ssim_real'))} |",
-                  f"| MMD real vs generated | {_number(ldm_report.get('mmd'))} |",
-                  f"| FID ({ldm_report.get('fid_network')}) | {_number(ldm_report.get('fid'))} |", ""]
+        lines += [f"Generated against real volumes{stale} (the floor: the same measure between two halves of the "
+                  f"real volumes, n = {ldm_report.get('n', '-')} per set):", "",
+                  "| measure | model | real-vs-real floor |", "|---|---|---|",
+                  f"| samples / real volumes | {ldm_report.get('num_samples')} / {ldm_report.get('num_real')} | |",
+                  f"| mean pairwise MS-SSIM among samples / among real volumes (lower = more diverse) | "
+                  f"{_number(ldm_report.get('diversity_ms_ssim_samples'))} | "
+                  f"{_number(ldm_report.get('diversity_ms_ssim_real'))} |",
+                  f"| MMD real vs generated | {_number(ldm_report.get('mmd'))} | "
+                  f"{_number(ldm_report.get('mmd_floor'))} |"]
+        for name, entry in _fid_entries(ldm_report).items():
+            scale = entry.get("scale", 1.0)
+            factor = "" if scale == 1 else f" x {scale:g}"
+            lines.append(f"| FID ({name}){factor} | {_number(_times(entry.get('fid'), scale))} | "
+                         f"{_number(_times(entry.get('fid_floor'), scale))} |")
+        lines.append("")
     run_options = "--num_samples 4 --seed 0"
     if ldm.encoder is not None and ldm.encoder.conditions:
         example = ", ".join(f"'{c['name']}': " + (f"{c['mean']:g}" if c["type"] == "continuous"
@@ -619,6 +637,10 @@ def readme(trained: Config, ldm: LoadedLDM, *, meta: dict, run: Path, ae_step, c
 
 def _number(value) -> str:
     return "not computed" if value is None else f"{value:.4g}"
+
+
+def _times(value: float | None, scale: float) -> float | None:
+    return None if value is None else value * scale
 
 
 def _summary_table(report: dict) -> str:

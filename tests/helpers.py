@@ -268,3 +268,23 @@ def check_mlflow_run(run_dir: Path, config, command: str | None = None, experime
         assert history == expected, tag
     assert "config.yaml" in [a.path for a in client.list_artifacts(run.info.run_id)]
     return client, run
+
+
+def save_feature_weights(folder: Path, widen_factor: float = 1 / 16, seed: int = 0) -> dict[str, Path]:
+    """FID's feature networks with random weights, saved as their released files are (perceptual-models' torch-hub
+    entries read them): MedicalNet ResNet-10 as ``{"state_dict": ...}`` with DataParallel's ``module.`` before every
+    key, RadImageNet ResNet-50 as a plain state dict, under the released names. ``widen_factor`` 1/16 keeps the
+    layout (every key) and makes them narrow enough for a CPU test (32 and 128 features instead of 512 and 2048).
+    Returns protocol -> file."""
+    import torch
+
+    from monai_diffusion.networks.feature_networks import medicalnet_resnet, radimagenet_resnet50
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    medicalnet = {f"module.{key}": value for key, value in medicalnet_resnet(10, widen_factor).state_dict().items()}
+    files = {"medicalnet": folder / "medicalnet_resnet_10_23dataset.pth",
+             "radimagenet-2.5d": folder / "RadImageNet-ResNet50_notop.pth"}
+    torch.save({"state_dict": medicalnet}, files["medicalnet"])
+    torch.save(radimagenet_resnet50(widen_factor).state_dict(), files["radimagenet-2.5d"])
+    return files

@@ -313,3 +313,15 @@ def test_a_bundle_of_maisis_unet_with_its_controlnet_follows_a_mask_as_sample_do
     controlnet_inputs = meta["controlnet_data_format"]["inputs"]
     assert "class_labels" in controlnet_inputs and "spacing_tensor" not in controlnet_inputs  # the modality only
 
+
+def test_the_metadata_carries_each_fid_protocol_with_its_floor_and_reads_an_older_report():
+    report = {"kind": "ldm", "diversity_ms_ssim_samples": 0.25, "diversity_ms_ssim_real": 0.5, "diversity_ratio": 0.5,
+              "mmd": 0.125, "mmd_floor": -0.5, "fid": {"medicalnet": {"fid": 0.002, "fid_floor": 0.001},
+                                                      "radimagenet-2.5d": {"fid": 4.0, "fid_floor": 1.5}}}
+    assert export.eval_metrics(report, None) == {
+        "ldm_diversity_ms_ssim_samples": 0.25, "ldm_diversity_ms_ssim_real": 0.5, "ldm_diversity_ratio": 0.5,
+        "ldm_mmd": 0.125, "ldm_mmd_floor": -0.5, "ldm_fid_medicalnet": 0.002, "ldm_fid_medicalnet_floor": 0.001,
+        "ldm_fid_radimagenet-2.5d": 4.0, "ldm_fid_radimagenet-2.5d_floor": 1.5}
+    # Written before FID had protocols: one number and the network's name, no floor.
+    older = {"kind": "ldm", "mmd": 0.125, "fid": 3.0, "fid_network": "medicalnet_resnet10_23datasets"}
+    assert export.eval_metrics(older, None) == {"ldm_mmd": 0.125, "ldm_fid_medicalnet_resnet10_23datasets": 3.0}

@@ -12,7 +12,11 @@ This module is the one place that knows what each kind of file holds and under w
 - a released file that wraps a state dict in a dict: NV-Generate-CTMR (MAISI) saves its diffusion UNet as
   ``{"unet_state_dict": ..., "scale_factor": ..., "epoch": ..., ...}``, its ControlNet as
   ``{"controlnet_state_dict": ..., ...}``, and reads an autoencoder file either plain or under ``unet_state_dict``;
-  a ``state_dict`` entry (PyTorch Lightning, MONAI's perceptual network files) is read the same way.
+  a ``state_dict`` entry (PyTorch Lightning, MONAI's perceptual network files) is read the same way;
+- a feature network's released file (kind ``features``, what FID reads): MedicalNet's ``{"state_dict": ...}``,
+  RadImageNet's plain state dict.
+
+Keys saved through ``DataParallel`` (``module.`` before every name, as in MedicalNet's files) lose that prefix.
 
 Loading compares every tensor's name and shape with the network the config builds: what differs is an error that
 lists the first differing keys with both shapes, or, with ``strict`` false, is left out and logged.
@@ -33,15 +37,19 @@ __all__ = ["FileWeights", "LoadReport", "init_network", "load_weights", "read_we
 
 logger = logging.getLogger("monai_diffusion")
 
-# A checkpoint of this tool: the entry holding each kind's network.
+# A checkpoint of this tool: the entry holding each kind's network (a feature network is never in one).
 NETWORK_KEYS = {"autoencoder": "autoencoder", "ldm": "unet", "controlnet": "controlnet"}
 # A released file's dict: the entries that hold each kind's state dict, in order of preference.
 WRAPPER_KEYS = {
     "autoencoder": ("unet_state_dict", "state_dict"),
     "ldm": ("unet_state_dict", "state_dict"),
     "controlnet": ("controlnet_state_dict", "state_dict"),
+    "features": ("state_dict",),
 }
-NETWORK_NAMES = {"autoencoder": "autoencoder", "ldm": "diffusion UNet", "controlnet": "ControlNet"}
+NETWORK_NAMES = {"autoencoder": "autoencoder", "ldm": "diffusion UNet", "controlnet": "ControlNet",
+                 "features": "FID feature network"}
+# DataParallel's prefix on every key of a network saved through it.
+DATA_PARALLEL_PREFIX = "module."
 CHECKPOINT_NAMES = {"autoencoder": "an autoencoder", "ldm": "an LDM", "controlnet": "a ControlNet"}
 # How many differing keys an error or a report names (of each sort).
 SHOWN = 5
@@ -116,8 +124,17 @@ def _is_state_dict(value) -> bool:
         isinstance(key, str) and isinstance(tensor, torch.Tensor) for key, tensor in value.items())
 
 
+def _without_data_parallel(weights: dict[str, torch.Tensor], layout: str) -> tuple[dict[str, torch.Tensor], str]:
+    """``weights`` without DataParallel's ``module.`` when every key has it (and the layout saying so)."""
+    if all(key.startswith(DATA_PARALLEL_PREFIX) for key in weights):
+        weights = {key[len(DATA_PARALLEL_PREFIX):]: value for key, value in weights.items()}
+        return weights, f"{layout}, 'module.' dropped"
+    return weights, layout
+
+
 def read_weights(path: Path | str, kind: str, *, what: str) -> FileWeights:
-    """The weights of a ``kind`` network (``autoencoder``, ``ldm``: the diffusion UNet, ``controlnet``) in ``path``.
+    """The weights of a ``kind`` network (``autoencoder``, ``ldm``: the diffusion UNet, ``controlnet``, ``features``:
+    an FID feature network) in ``path``.
 
     Args:
         path: a checkpoint of this tool or its run folder, a plain state dict, or a released file that wraps one
@@ -134,6 +151,9 @@ def read_weights(path: Path | str, kind: str, *, what: str) -> FileWeights:
     path = find_checkpoint(path, what=what)
     content = read_torch_file(path)
     if isinstance(content, dict) and "format_version" in content:
+        if kind not in NETWORK_KEYS:
+            raise CheckpointError(f"{what}: {path} is a monai-diffusion checkpoint, not a {NETWORK_NAMES[kind]}'s "
+                                  "weights file")
         state = as_checkpoint(content, path)
         if state.get("kind") != kind or NETWORK_KEYS[kind] not in state:
             name = CHECKPOINT_NAMES[kind]
@@ -148,12 +168,15 @@ def read_weights(path: Path | str, kind: str, *, what: str) -> FileWeights:
         return FileWeights(path=path, weights=weights, layout=f"monai-diffusion {kind} checkpoint, {which}",
                            scale_factor=float(scale) if scale is not None else None, checkpoint=state)
     if _is_state_dict(content):
-        return FileWeights(path=path, weights=content, layout="plain state dict")
+        weights, layout = _without_data_parallel(content, "plain state dict")
+        return FileWeights(path=path, weights=weights, layout=layout)
     if isinstance(content, dict):
         for key in WRAPPER_KEYS[kind]:
             if _is_state_dict(content.get(key)):
                 scale = content.get("scale_factor")
-                return FileWeights(path=path, weights=content[key], layout=f"MAISI-style file, its {key!r}",
+                weights, layout = _without_data_parallel(content[key], f"MAISI-style file, its {key!r}"
+                                                         if kind != "features" else f"released file, its {key!r}")
+                return FileWeights(path=path, weights=weights, layout=layout,
                                    scale_factor=float(scale) if scale is not None else None)
     keys = sorted(map(str, content))[:10] if isinstance(content, dict) else type(content).__name__
     raise CheckpointError(
