@@ -103,6 +103,9 @@ def study_setting(name: str, options: list[str], args: argparse.Namespace, work:
              f"device.device={args.device}"], log)
         timing.write_text(f"{trained:.1f}\n")
     report = json.loads((run_dir / "evaluation" / "summary.json").read_text())
+    if report.get("checkpoint_step") != steps:  # e.g. the trainer found the folder taken and wrote to another
+        raise SystemExit(f"{run_dir}: evaluated a checkpoint of step {report.get('checkpoint_step')}, not the {steps} "
+                         f"this run trained; see {log}")
     step_times = scalars(run_dir, "train/step_time_s")
     memory = scalars(run_dir, "train/peak_memory_mb")
     return {
