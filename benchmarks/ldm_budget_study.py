@@ -66,11 +66,12 @@ def render(rows: list[dict], args: argparse.Namespace, out: Path, panels: Path) 
         "# How the LDM's samples approach the real data with training",
         "",
         f"Written by `benchmarks/ldm_budget_study.py` on {time.strftime('%Y-%m-%d')}: `{args.config}` trained over "
-        f"the autoencoder `{args.autoencoder}` for each budget (its own run), then `monai-diffusion evaluate` with "
+        f"the autoencoder run `{args.autoencoder.name}` for each budget (its own run), then `monai-diffusion evaluate` with "
         f"{args.num_samples} samples (seed {args.seed}). Each figure compares n samples with n real training volumes "
         "(half B); the floor compares n other real volumes (half A) with the same half B, so a model is as close to "
         "the data as this n can tell when its figure reaches the floor. MMD is MONAI's unbiased estimate over "
-        "voxels (about 0 for independent draws of the same distribution, and it can go below 0); diversity is the "
+        "voxels with its default linear kernel, i.e. of the squared distance between the two sets' mean volumes "
+        "(about 0 for independent draws of the same distribution, and it can go below 0); diversity is the "
         "mean pairwise MS-SSIM (lower = more diverse), the ratio samples / real (1 = as diverse as the data).",
         "",
         "| LDM steps | train time (min) | n | MMD samples vs real | MMD real vs real (floor) | MS-SSIM among samples "
