@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from monai_diffusion import train_autoencoder
@@ -18,6 +19,7 @@ from helpers import tiny_config_dict, write_volumes
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # four subprocess runs (~30-50 s on 2 cores); the benchmark, not the product
 def test_ldm_budget_study_trains_each_budget_and_reports_it_beside_the_floor(tmp_path):
     write_volumes(tmp_path / "images", 10)
     raw = apply_overrides(tiny_config_dict(tmp_path / "images", tmp_path / "runs"), [
