@@ -239,6 +239,22 @@ def conditional_raw(datalist: Path, output_dir: Path, categorical_via: str = "cr
     }
 
 
+def maisi_unet_raw(folder: Path, **ldm_training) -> dict:
+    """:func:`conditional_raw` with MAISI's VAE and MAISI's UNet (its spacing input; the modality from each datalist
+    entry's ``modality`` field, ct or mri_t1 in turn), on 4 volumes written under ``folder``; runs go to
+    ``folder / "out"``."""
+    import json
+
+    datalist = write_conditional_data(folder / "data", count=4)
+    content = json.loads(datalist.read_text())
+    for index, entry in enumerate(content["training"]):
+        entry["modality"] = ["ct", "mri_t1"][index % 2]
+    datalist.write_text(json.dumps(content))
+    raw = conditional_raw(datalist, folder / "out", **ldm_training)
+    raw["autoencoder"] = MAISI_AE | {"num_splits": 1, "dim_split": 0, "training": {"adv_weight": 0.0}}
+    raw["ldm"]["unet"] |= {"architecture": "maisi", "modality_key": "modality"}
+    return raw
+
 def check_mlflow_run(run_dir: Path, config, command: str | None = None, experiment: str | None = None):
     """The MLflow run of a training run with ``output.loggers: [tensorboard, mlflow]`` (the default file store in
     ``<run>/mlruns``; experiment ``experiment``, by default ``train-<command>``), checked against the run: finished;

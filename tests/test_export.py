@@ -15,7 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import MAISI_AE, conditional_raw, save_autoencoder, write_conditional_data
+from helpers import conditional_raw, maisi_unet_raw, save_autoencoder, write_conditional_data
 
 from monai_diffusion import export, sample
 from monai_diffusion.config import apply_overrides, config_from_dict
@@ -233,14 +233,7 @@ def maisi_runs(tmp_path_factory):
     """An LDM with MAISI's UNet (its spacing input; the modality from each entry's `modality` field, ct or mri_t1;
     the covariates radius and shape) over MAISI's VAE, and MAISI's ControlNet trained on it (1 step each)."""
     root = tmp_path_factory.mktemp("export-maisi")
-    datalist = write_conditional_data(root / "data", count=4)
-    content = json.loads(datalist.read_text())
-    for index, entry in enumerate(content["training"]):
-        entry["modality"] = ["ct", "mri_t1"][index % 2]
-    datalist.write_text(json.dumps(content))
-    raw = conditional_raw(datalist, root / "out")
-    raw["autoencoder"] = MAISI_AE | {"num_splits": 1, "dim_split": 0, "training": {"adv_weight": 0.0}}
-    raw["ldm"]["unet"] |= {"architecture": "maisi", "modality_key": "modality"}
+    raw = maisi_unet_raw(root)
     config = config_from_dict(raw)
     save_autoencoder(config, root / "out" / "autoencoder-1" / "checkpoints" / "best.pt")
     ldm = train_ldm(config)

@@ -13,7 +13,7 @@ import nibabel as nib
 import pytest
 import torch
 import yaml
-from helpers import MAISI_AE, conditional_raw, save_autoencoder, tiny_config_dict, write_conditional_data, write_volumes
+from helpers import MAISI_AE, maisi_unet_raw, save_autoencoder, tiny_config_dict, write_volumes
 from monai.apps.generation.maisi.networks.autoencoderkl_maisi import AutoencoderKlMaisi
 from monai.apps.generation.maisi.networks.diffusion_model_unet_maisi import DiffusionModelUNetMaisi
 
@@ -85,15 +85,7 @@ def test_plan_measures_maisis_autoencoder_at_sizes_its_slabs_allow(maisi_config,
 def maisi_unet_run(tmp_path):
     """A datalist whose entries carry a modality (MAISI's vocabulary), covariates and label maps; MAISI's VAE (an
     untrained checkpoint) and MAISI's UNet with its spacing input and the modality from the datalist field."""
-    datalist = write_conditional_data(tmp_path / "data", count=4)
-    content = json.loads(datalist.read_text())
-    for index, entry in enumerate(content["training"]):
-        entry["modality"] = ["ct", "mri_t1"][index % 2]
-    datalist.write_text(json.dumps(content))
-    raw = conditional_raw(datalist, tmp_path / "out")
-    raw["autoencoder"] = MAISI_AE | {"num_splits": 1, "dim_split": 0, "training": {"adv_weight": 0.0}}
-    raw["ldm"]["unet"] |= {"architecture": "maisi", "modality_key": "modality"}
-    raw["ldm"]["training"]["max_steps"] = 2
+    raw = maisi_unet_raw(tmp_path, max_steps=2)
     path = tmp_path / "maisi.yaml"
     path.write_text(yaml.safe_dump(raw))
     save_autoencoder(config_from_dict(raw), tmp_path / "out" / "autoencoder-1" / "checkpoints" / "best.pt")
