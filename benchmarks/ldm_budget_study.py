@@ -18,21 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run(command: list[str], log: Path) -> None:
-    with open(log, "a") as handle:
-        handle.write(f"$ {' '.join(command)}\n")
-        handle.flush()
-        result = subprocess.run(command, cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT)
-    if result.returncode != 0:
-        raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}; see {log}")
+from quality_study import ROOT, run  # run as a script, benchmarks/ is on sys.path
 
 
 def study_budget(steps: int, args: argparse.Namespace) -> dict:
