@@ -3,7 +3,8 @@ budget, several factor settings, each scored by ``monai-diffusion evaluate`` bes
 same number of values. Writes a markdown report (docs/quality.md by default) with one panel per setting. With
 several ``--steps`` it measures how quality grows with training instead: one run per budget (docs/quality-steps.md,
 a table and a learning-curve chart per setting); ``--training-seeds`` repeats every run per seed and reports the mean
-and the spread.
+and the spread. A run that validated at least three times (``autoencoder.training.val_every_n_epochs``) also gets
+its held-out PSNR along the run, as a table and a chart.
 
 Run from the repository root:
 
@@ -12,6 +13,9 @@ Run from the repository root:
                                                              # docs/quality-steps.md (about 95 min on 2 cores)
     python benchmarks/quality_study.py --size 256 256 64 --spacing 1 1 2 --device cuda --steps 2000 \\
         --out docs/quality-gpu.md                            # the same table at 256x256x64 on a GPU
+    python benchmarks/quality_study.py --only "[4,2]" --steps 3000 --size 96 96 96 --spacing 2 2 2 \\
+        --set autoencoder.training.val_every_n_epochs=10 --out docs/quality-96.md
+                                                             # one longer run at 96^3 / 2 mm (about 2 h on 2 cores)
 
 Every setting is a real ``monai-diffusion train-autoencoder`` run (config ``benchmarks/quality_study.yaml`` plus
 the setting's ``--set`` options), evaluated on the demo set's held-out volumes; step time and peak memory come from
@@ -50,11 +54,16 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-").replace("--", "-")
 
 
-def scalars(run_dir: Path, tag: str) -> list[float]:
+def scalar_points(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every event the run logged under ``tag`` (none: [])."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
-    return [event.value for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+    return [(event.step, event.value) for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    return [value for _, value in scalar_points(run_dir, tag)]
 
 
 def run(command: list[str], log: Path) -> None:
@@ -108,6 +117,7 @@ def study_setting(name: str, options: list[str], args: argparse.Namespace, work:
                          f"this run trained; see {log}")
     step_times = scalars(run_dir, "train/step_time_s")
     memory = scalars(run_dir, "train/peak_memory_mb")
+    ssim_by_step = dict(scalar_points(run_dir, "val/ssim"))
     return {
         "name": name,
         "steps": steps,
@@ -116,6 +126,9 @@ def study_setting(name: str, options: list[str], args: argparse.Namespace, work:
         "step_time_s": statistics.median(step_times[1:]) if len(step_times) > 1 else None,
         "peak_memory_mib": max(memory) if memory else None,
         "train_minutes": trained / 60,
+        # train-autoencoder's own validation (every autoencoder.training.val_every_n_epochs) on the same held-out volumes
+        "validation": [{"step": step, "psnr": psnr, "ssim": ssim_by_step.get(step)}
+                       for step, psnr in scalar_points(run_dir, "val/psnr")],
         "panel": run_dir / "evaluation" / "reconstruction-worst.png",
     }
 
@@ -273,6 +286,36 @@ def render_learning_curves(groups: dict[tuple[str, int], list[dict]], panels_dir
     return lines
 
 
+def render_validation_curves(groups: dict[tuple[str, int], list[dict]], panels_dir: Path, out: Path) -> list[str]:
+    """Quality along one run: the held-out PSNR / SSIM that train-autoencoder's own validation logged at its steps
+    (the run's cosine schedule still running, so a point is not what a run of that budget would reach), with the
+    trilinear line, for every run that validated at least three times."""
+    from monai_diffusion.engine.logging import save_png
+
+    lines: list[str] = []
+    for (name, steps), runs in groups.items():
+        run = runs[0]
+        points = run.get("validation") or []
+        if len(points) < 3:
+            continue
+        trilinear = run["report"]["summary"]["trilinear_psnr"]["mean"]
+        lines += [f"### {name}, {steps:,} steps: held-out quality along the run", "",
+                  "The run's own validation on the same held-out volumes, every "
+                  f"{points[1]['step'] - points[0]['step']:,} steps; the learning-rate schedule spans the whole run, "
+                  "so a point is where this run stood then, not what a run of that many steps would reach.", "",
+                  "| step | PSNR (dB) | SSIM | gain over trilinear (dB) |", "|---|---|---|---|"]
+        lines += [f"| {p['step']:,} | {p['psnr']:.2f} | {number(p['ssim'], '.3f')} | {p['psnr'] - trilinear:+.2f} |"
+                  for p in points]
+        ticks = [points[0]["step"], points[len(points) // 2]["step"], points[-1]["step"]]
+        chart = line_chart({name: [(p["step"], p["psnr"]) for p in points],
+                            "trilinear": [(p["step"], trilinear) for p in points]},
+                           title=f"{name}: held-out PSNR along the run", y_label="PSNR (dB)", x_ticks=ticks)
+        target = panels_dir / f"validation-curve-{slug(name)}-{steps}-steps.png"
+        save_png(chart, target)
+        lines += ["", f"![{name}: held-out PSNR along the run]({target.relative_to(out.parent).as_posix()})", ""]
+    return lines
+
+
 def render(rows: list[dict], args: argparse.Namespace, device_name: str, panels_dir: Path, out: Path) -> str:
     size = "x".join(map(str, args.size))
     groups = group_runs(rows)
@@ -297,6 +340,9 @@ def render(rows: list[dict], args: argparse.Namespace, device_name: str, panels_
         "",
     ]
     lines += render_learning_curves(groups, panels_dir, out) if curves else render_factor_table(groups)
+    along = render_validation_curves(groups, panels_dir, out)
+    if along:
+        lines += ["", "## Along the run", "", *along]
     lines += ["", f"MS-SSIM uses {rows[0]['report']['ms_ssim_scales']} scales at this size (the most that fit).", "",
               "## Panels", "",
               "The held-out volume each setting reconstructs worst (input, autoencoder, trilinear)"

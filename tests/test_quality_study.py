@@ -88,6 +88,21 @@ def test_learning_curve_report_gives_the_mean_and_spread_over_seeds_and_what_eac
                                                        spacing=[3.0, 3.0, 3.0], device="cpu"), "CPU", panels, out)
     assert single.startswith("# Reconstruction quality by downsampling factor")
     assert "| [4,2] | 8x8x8 | 3x8x8x8 | 1,536 | 22.00 ± 0.50 | 0.800 | 0.900 | 20.00 / 0.600 / 0.800 | +2.00 |" in single
+    assert "## Along the run" not in single  # the run validated fewer than three times
+
+    # A run that validated along the way: its held-out PSNR at every validation, beside trilinear, and the chart.
+    rows[0]["validation"] = [{"step": step, "psnr": psnr, "ssim": 0.7} for step, psnr in
+                             ((100, 19.5), (200, 21.0), (300, 21.75))]
+    along = study.render(rows[:1], argparse.Namespace(steps=[350], training_seeds=None, size=[64, 64, 64],
+                                                      spacing=[3.0, 3.0, 3.0], device="cpu"), "CPU", panels, out)
+    assert "### [4,2], 350 steps: held-out quality along the run" in along and "every 100 steps" in along
+    assert "| 100 | 19.50 | 0.700 | -0.50 |" in along and "| 300 | 21.75 | 0.700 | +1.75 |" in along
+    chart = panels / "validation-curve-4-2-350-steps.png"
+    assert "(quality-steps-panels/validation-curve-4-2-350-steps.png)" in along
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(chart).convert("RGB"))
+    assert (pixels != 255).any(axis=2).mean() > 0.02
 
 
 @pytest.mark.slow
