@@ -38,11 +38,15 @@ What it does per seed, all through the project's own commands and functions:
 4. tissue pattern: for the same samples and the real held-out images, the mean intensity within each tissue region
    of the map (1 CSF, 2 grey, 3 white matter; background excluded). The real images' order of those means (over all
    held-out images; CSF < grey < white in these T1 brains) is the reference; reported per method are the share of
-   samples whose three means lie in that order and the mean intensity per region.
+   samples whose three means lie in that order and the mean intensity per region. The order alone is weak (any
+   brain-shaped sample roughly in place has it), so each sample is also segmented by intensity (every brain voxel
+   takes the tissue whose real mean intensity is nearest) and scored by its tissue Dice: the mean over CSF, grey
+   and white matter of the Dice with the map's region.
 
 The claims checked in every seed: the ControlNet's mean Dice above the LDM told the true brain_scale's and above the
-null condition's, Spearman at guidance 3 above guidance 1, and the tissue order reproduced (the real images' order
-is CSF < grey < white and more than half of the ControlNet's samples have it).
+null condition's, Spearman at guidance 3 above guidance 1, the tissue order reproduced (the real images' order
+is CSF < grey < white and more than half of the ControlNet's samples have it), and the ControlNet's tissue Dice above
+the LDM told the true brain_scale's.
 
 The ControlNet's recipe levers, each through the study's flags or ``--set`` (later ``--set`` wins):
 
@@ -166,6 +170,24 @@ def follows_order(means: dict[str, float | None], order: list[str]) -> bool:
     return None not in values and all(a < b for a, b in zip(values, values[1:]))
 
 
+def tissue_segmentation(image, brain_threshold: float, means: dict[str, float]):
+    """A tissue label map read off an image by intensity alone: voxels above ``brain_threshold`` (the brain) get the
+    label of the region (TISSUES) whose mean intensity ``means`` (the real held-out images') is nearest, the rest 0."""
+    import torch
+
+    labels = list(TISSUES)
+    centres = torch.tensor([means[TISSUES[label]] for label in labels], dtype=image.dtype)
+    nearest = torch.tensor(labels)[(image[..., None] - centres).abs().argmin(dim=-1)]
+    return torch.where(image > brain_threshold, nearest, torch.zeros_like(nearest))
+
+
+def tissue_dice(image, labels, brain_threshold: float, means: dict[str, float]) -> float:
+    """The mean over the tissues of the Dice between the map's region and the image's intensity segmentation
+    (``tissue_segmentation``): whether the sample has CSF, grey and white matter where the map has them."""
+    segmentation = tissue_segmentation(image, brain_threshold, means)
+    return statistics.fmean(dice(segmentation == label, labels == label) for label in TISSUES)
+
+
 def tissue_summary(samples: list[dict[str, float | None]], order: list[str]) -> dict:
     """A method's tissue pattern: how many of its samples' region means (``region_means``) lie in ``order``, and
     each region's mean intensity over the samples that hold it."""
@@ -205,6 +227,8 @@ def headline_figures(results: dict, *, guidance: float) -> dict[str, float]:
     figures[f"ControlNet beats {told(guidance)}, pairs won"] = controlnet["wins_over_told_brain_scale"]
     for method, summary in results["tissue"]["methods"].items():
         figures[f"tissue order share, {method}"] = summary["share_in_real_order"]
+    for method, summary in results["tissue"]["methods"].items():
+        figures[f"tissue Dice, {method}"] = summary["mean_tissue_dice"]
     return figures
 
 
@@ -213,6 +237,7 @@ def claims(results: dict, *, guidance: float) -> dict[str, bool]:
     masks, covariate, tissue = results["masks"], results["covariate"], results["tissue"]
     dice = {method: scores["mean_dice"] for method, scores in masks.items()}
     share = tissue["methods"][CONTROLNET]["share_in_real_order"]
+    tissue_dice_ = {method: summary["mean_tissue_dice"] for method, summary in tissue["methods"].items()}
     return {
         "ControlNet Dice > LDM told the true brain_scale": dice[CONTROLNET] > dice[told(guidance)],
         "ControlNet Dice > null condition": dice[CONTROLNET] > dice[NULL],
@@ -220,6 +245,7 @@ def claims(results: dict, *, guidance: float) -> dict[str, bool]:
             covariate[f"guidance {guidance:g}"]["spearman"] > covariate["guidance 1"]["spearman"],
         "tissue order CSF < grey < white reproduced":
             tissue["real order"] == list(TISSUES.values()) and share is not None and share > TISSUE_MAJORITY,
+        "ControlNet tissue Dice > LDM told the true brain_scale": tissue_dice_[CONTROLNET] > tissue_dice_[told(guidance)],
     }
 
 
@@ -234,6 +260,9 @@ def criteria(guidance: float) -> dict[str, str]:
         "tissue order CSF < grey < white reproduced":
             f"the real held-out images' order of mean intensity per region is CSF < grey < white, and more than "
             f"{TISSUE_MAJORITY:.0%} of the ControlNet's samples have it",
+        "ControlNet tissue Dice > LDM told the true brain_scale":
+            "the ControlNet samples' CSF, grey and white matter (read off by intensity) overlap the map's regions "
+            f"better, on average, than the LDM's at the true brain_scale, guidance {guidance:g}",
     }
 
 
@@ -425,12 +454,14 @@ def study_seed(args: argparse.Namespace, workdir: Path, overrides: list[str], *,
     scores: dict[str, list[float]] = {method: [] for method in methods}
     volumes: dict[str, list[tuple[float, float]]] = {method: [] for method in methods}  # (mask's, sample's) in mL
     tissue: dict[str, list[dict]] = {method: [] for method in methods}  # per sample: mean intensity per region
+    measured: dict[str, list[tuple]] = {method: [] for method in methods}  # per sample: (volume, its map)
 
     def measure(method: str, volume: torch.Tensor, labels: torch.Tensor) -> None:
         mask = labels > 0
         scores[method].append(dice(brain(volume), mask))
         volumes[method].append((int(mask.sum()) * voxel_ml, int(brain(volume).sum()) * voxel_ml))
         tissue[method].append(region_means(volume, labels))
+        measured[method].append((volume, labels))
 
     for number, item in enumerate(held_out):
         labels = plain(mask_chain({MASK_KEY: item[config.data.mask_key]})[MASK_KEY])
@@ -456,9 +487,20 @@ def study_seed(args: argparse.Namespace, workdir: Path, overrides: list[str], *,
     results["masks"][CONTROLNET] |= {"beats null condition": f"{wins_null} of {len(scores[NULL])}",
                                      "wins_over_null_condition": wins_null, "wins_over_told_brain_scale": wins_told,
                                      "pairs": len(scores[NULL])}
-    real_order = intensity_order(tissue_summary(tissue[REAL], [])["mean_intensity"])
-    results["tissue"] = {"real order": real_order,
+    real_means = tissue_summary(tissue[REAL], [])["mean_intensity"]
+    real_order = intensity_order(real_means)
+    results["tissue"] = {"real order": real_order, "real mean intensity": real_means,
                          "methods": {method: tissue_summary(tissue[method], real_order) for method in methods}}
+    # Tissue Dice: each sample segmented by the nearest of the real images' region means, against its map.
+    tissue_scores = {method: [tissue_dice(volume, labels, args.threshold, real_means)
+                              for volume, labels in measured[method]] for method in methods}
+    for method, values in tissue_scores.items():
+        results["tissue"]["methods"][method]["mean_tissue_dice"] = round(statistics.fmean(values), 3)
+    results["tissue"]["methods"][CONTROLNET] |= {
+        "tissue_dice_wins_over_null_condition": sum(a > b for a, b in zip(tissue_scores[CONTROLNET],
+                                                                            tissue_scores[NULL])),
+        "tissue_dice_wins_over_told_brain_scale": sum(a > b for a, b in zip(tissue_scores[CONTROLNET],
+                                                                             tissue_scores[told_label]))}
     results["wall_time_s"]["mask sampling"] = round(time.perf_counter() - start, 1)
 
     for path in write_panels(workdir / "samples", panels, held_out, mask_chain,
