@@ -58,13 +58,14 @@ The ControlNet's recipe levers, each through the study's flags or ``--set`` (lat
     --set controlnet.conditioning_scale=2                            weight of its residuals when sampling (training
                                                                      uses 1; preset 1)
 
-An ablation is one workdir per setting, each with the same training seeds (every setting retrains all three stages,
-about 1.5 hours for three seeds):
+An ablation is one workdir per setting, each with the same training seeds. The ControlNet's levers leave the
+autoencoder and LDM as they were: ``--stages-from`` copies them from an earlier study's seeds (settings equal but for
+``controlnet.*``) and trains only the ControlNet:
 
-    for steps in 600 2000; do
-        python benchmarks/conditioning_study.py --training-seeds 0 7 13 --controlnet-steps $steps \\
-            --workdir runs/conditioning-controlnet-steps-$steps
-    done
+    python benchmarks/conditioning_study.py --training-seeds 0 7 13 --controlnet-steps 600 \\
+        --workdir runs/conditioning-controlnet-steps-600
+    python benchmarks/conditioning_study.py --training-seeds 0 7 13 --controlnet-steps 2000 \\
+        --stages-from runs/conditioning-controlnet-steps-600 --workdir runs/conditioning-controlnet-steps-2000
 """
 
 from __future__ import annotations
@@ -383,9 +384,35 @@ def settings_problem(stored: dict, current: dict) -> str | None:
     return "; ".join(differing) or None
 
 
-def study_seed(args: argparse.Namespace, workdir: Path, overrides: list[str], *, panels: Path) -> dict:
+def stages_source(folder: Path, args: argparse.Namespace, overrides: list[str]) -> Path:
+    """``folder`` (an earlier study's seed) when its autoencoder and LDM are what this call would train: a finished
+    seed whose settings differ from this call's only in ``controlnet.*`` overrides.
+
+    Raises:
+        SystemExit: the folder holds no finished seed, or its settings differ elsewhere (named).
+    """
+    done = folder / "study.json"
+    if not done.is_file():
+        raise SystemExit(f"--stages-from: {done} does not exist (the earlier study has not finished this seed)")
+
+    def upstream(settings: dict) -> dict:
+        kept = dict(settings)
+        kept["overrides"] = [o for o in settings.get("overrides", []) if not o.startswith("controlnet.")]
+        return kept
+
+    problem = settings_problem(upstream(json.loads(done.read_text())["settings"]),
+                               upstream(study_settings(args, overrides)))
+    if problem:
+        raise SystemExit(f"--stages-from: {done} trained its autoencoder or LDM with other settings ({problem})")
+    return folder
+
+
+def study_seed(args: argparse.Namespace, workdir: Path, overrides: list[str], *, panels: Path,
+               stages_from: Path | None = None) -> dict:
     """The study of one training seed: trains the three stages into ``workdir`` with ``overrides`` (which give the
-    seed and the output folder), samples, measures and draws its panels into ``panels``; returns its results."""
+    seed and the output folder), samples, measures and draws its panels into ``panels``; returns its results. With
+    ``stages_from`` (the same seed's folder of an earlier study) its autoencoder and LDM runs are copied in and only
+    the ControlNet trains."""
     import nibabel as nib
     import numpy as np
     import torch
@@ -404,7 +431,16 @@ def study_seed(args: argparse.Namespace, workdir: Path, overrides: list[str], *,
 
     # ---- 1. train the three stages, each a real run of the command
     cli = [sys.executable, "-m", "monai_diffusion.cli"]
-    for stage in ("train-autoencoder", "train-ldm", "train-controlnet"):
+    stages = ("train-autoencoder", "train-ldm", "train-controlnet")
+    if stages_from is not None:
+        earlier = json.loads((stages_from / "study.json").read_text())
+        for stage, pattern in (("train-autoencoder", "autoencoder-*"), ("train-ldm", "ldm-*")):
+            for run in stages_from.glob(pattern):
+                shutil.copytree(run, workdir / run.name)
+            results["wall_time_s"][stage] = earlier["wall_time_s"][stage]
+        results["stages_from"] = str(stages_from)
+        stages = ("train-controlnet",)
+    for stage in stages:
         print(f"seed {config.seed}: {stage} ...", flush=True)
         results["wall_time_s"][stage] = round(timed_run([*cli, stage, "--config", str(CONFIG), *sets], log), 1)
     ldm_run = max(workdir.glob("ldm-*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime)
@@ -555,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--panels", type=Path, default=None,
                         help="folder for the PNG panels of docs/conditioning.md (default: <workdir>/panels; with "
                              "--training-seeds each seed's are in its folder, and the first seed's also here)")
+    parser.add_argument("--stages-from", type=Path, default=None, metavar="WORKDIR",
+                        help="with --training-seeds: take each seed's autoencoder and LDM from this earlier study "
+                        "(its seed-S folders, settings equal but for controlnet.* overrides) and train only the "
+                        "ControlNet: an ablation of the ControlNet's recipe at about a third of the cost")
     parser.add_argument("--panels-only", action="store_true",
                         help="only draw the panels from the samples a finished study left in --workdir")
     return parser
@@ -582,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--training-seeds: each seed once, got {args.training_seeds}")
         if args.rerun and not set(args.rerun) <= set(args.training_seeds):
             parser.error(f"--rerun {args.rerun}: not among --training-seeds {args.training_seeds}")
+    elif args.stages_from is not None:
+        parser.error("--stages-from: only with --training-seeds (it reads the earlier study's seed-S folders)")
 
     import torch
 
@@ -621,8 +663,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if folder.exists():
                 shutil.rmtree(folder)  # a half-finished attempt's runs must not be taken for this one's
+            source = None
+            if args.stages_from is not None:
+                source = stages_source(args.stages_from.resolve() / f"seed-{seed}", args, overrides)
             folder.mkdir(parents=True)
-            results = study_seed(args, folder, overrides, panels=folder / "panels")
+            results = study_seed(args, folder, overrides, panels=folder / "panels", stages_from=source)
             write_json(done, results)
         per_seed[str(seed)] = results
     if args.panels:

@@ -154,9 +154,10 @@ def test_training_seeds_resume_finished_seeds_and_refuse_other_settings(tmp_path
     workdir = tmp_path / "study"
     ran = []
 
-    def fake_study(args, folder, overrides, *, panels):
+    def fake_study(args, folder, overrides, *, panels, stages_from=None):
         seed = int(folder.name.removeprefix("seed-"))
         ran.append(seed)
+        assert stages_from is None
         assert f"seed={seed}" == overrides[-1] and f"output.output_dir={folder}" == overrides[0]
         return seed_results((0.8, 0.9, 0.0), (0.9, 0.8, 0.85), wins=(12, 10), share=0.75) | {
             "settings": study.study_settings(args, overrides)}
@@ -185,6 +186,36 @@ def test_training_seeds_resume_finished_seeds_and_refuse_other_settings(tmp_path
         with pytest.raises(SystemExit) as stopped:
             study.main(["--workdir", str(workdir), *wrong])
         assert stopped.value.code == 2
+
+
+def test_stages_from_takes_an_earlier_studys_autoencoder_and_ldm_only_when_they_match(tmp_path, monkeypatch):
+    """--stages-from hands each seed the earlier study's seed-S folder when only controlnet.* settings differ, and
+    stops naming the setting otherwise (training replaced by synthetic results, as above)."""
+    study = study_module()
+    given = {}
+
+    def fake_study(args, folder, overrides, *, panels, stages_from=None):
+        given[folder.name] = stages_from
+        return seed_results((0.8, 0.9, 0.0), (0.9, 0.8, 0.85), wins=(12, 10), share=0.75) | {
+            "settings": study.study_settings(args, overrides)}
+
+    monkeypatch.setattr(study, "study_seed", fake_study)
+    earlier = tmp_path / "steps-600"
+    assert study.main(["--workdir", str(earlier), "--training-seeds", "0", "7"]) == 0
+    assert given == {"seed-0": None, "seed-7": None}
+    given.clear()
+    ablation = ["--workdir", str(tmp_path / "steps-2000"), "--training-seeds", "0", "7", "--controlnet-steps", "2000",
+                "--set", "controlnet.conditioning_scale=2", "--stages-from", str(earlier)]
+    assert study.main(ablation) == 0
+    assert given == {"seed-0": earlier / "seed-0", "seed-7": earlier / "seed-7"}
+
+    with pytest.raises(SystemExit, match=r"other settings \(overrides: .*ldm.training.max_steps=900"):
+        study.main([*ablation, "--workdir", str(tmp_path / "other"), "--ldm-steps", "900"])
+    with pytest.raises(SystemExit, match="seed-13/study.json does not exist"):
+        study.main([*ablation, "--workdir", str(tmp_path / "more"), "--training-seeds", "13"])
+    with pytest.raises(SystemExit) as stopped:
+        study.main(["--workdir", str(tmp_path / "single"), "--stages-from", str(earlier)])
+    assert stopped.value.code == 2
 
 
 def test_the_controlnets_recipe_levers_reach_the_studys_config():
@@ -265,3 +296,17 @@ def test_the_study_runs_each_training_seed_in_its_folder_resumes_and_aggregates(
     again = run()
     assert again.stdout.count("results of an earlier run") == 2
     assert {path: path.stat().st_mtime for path in trained} == trained
+
+    # A ControlNet ablation over the same autoencoders and LDMs: only train-controlnet runs, the others are copied.
+    ablation = tmp_path / "ablation"
+    command[command.index("--controlnet-steps") + 1] = "3"
+    command[command.index("--workdir") + 1] = str(ablation)
+    command += ["--stages-from", str(tmp_path / "study")]
+    run()
+    for seed in ("1", "2"):
+        log = (ablation / f"seed-{seed}" / "log.txt").read_text()
+        assert "train-controlnet" in log and "train-autoencoder" not in log and "train-ldm" not in log
+        earlier = sorted(p.name for p in (tmp_path / "study" / f"seed-{seed}").glob("ldm-*"))
+        assert sorted(p.name for p in (ablation / f"seed-{seed}").glob("ldm-*")) == earlier
+        results = json.loads((ablation / f"seed-{seed}" / "study.json").read_text())
+        assert results["stages_from"] == str(tmp_path / "study" / f"seed-{seed}")
