@@ -50,22 +50,21 @@ the LDM told the true brain_scale's.
 
 The ControlNet's recipe levers, each through the study's flags or ``--set`` (later ``--set`` wins):
 
-    --controlnet-steps 2000                                          its training steps (default 600)
+    --controlnet-steps 600                                           its training steps (default 2000)
     --set controlnet.training.lr=0.0002                              its learning rate (preset 0.0005)
     --set controlnet.conditioning_embedding_num_channels=[16,32,64]  the map enters at the latent size x 2^(len - 1):
                                                                      [16,32] half the image's resolution, [16,32,64]
                                                                      full (at most 3 entries with the factor 4)
-    --set controlnet.conditioning_scale=2                            weight of its residuals when sampling (training
-                                                                     uses 1; preset 1)
+    --set controlnet.conditioning_scale=1                            weight of its residuals when sampling (training
+                                                                     uses 1; preset 2)
 
 An ablation is one workdir per setting, each with the same training seeds. The ControlNet's levers leave the
 autoencoder and LDM as they were: ``--stages-from`` copies them from an earlier study's seeds (settings equal but for
 ``controlnet.*``) and trains only the ControlNet:
 
+    python benchmarks/conditioning_study.py --training-seeds 0 7 13 --workdir runs/conditioning-seeds
     python benchmarks/conditioning_study.py --training-seeds 0 7 13 --controlnet-steps 600 \\
-        --workdir runs/conditioning-controlnet-steps-600
-    python benchmarks/conditioning_study.py --training-seeds 0 7 13 --controlnet-steps 2000 \\
-        --stages-from runs/conditioning-controlnet-steps-600 --workdir runs/conditioning-controlnet-steps-2000
+        --stages-from runs/conditioning-seeds --workdir runs/conditioning-controlnet-steps-600
 """
 
 from __future__ import annotations
@@ -581,7 +580,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "every one)")
     parser.add_argument("--ae-steps", type=int, default=400)
     parser.add_argument("--ldm-steps", type=int, default=1500)
-    parser.add_argument("--controlnet-steps", type=int, default=600)
+    parser.add_argument("--controlnet-steps", type=int, default=2000)
     parser.add_argument("--levels", type=int, default=9, help="brain_scale values from 0.8 to 1.2")
     parser.add_argument("--seeds", type=int, default=2, help="samples per level, and per held-out label map")
     parser.add_argument("--guidance", type=float, default=3.0, help="the strong guidance compared with 1")

@@ -179,8 +179,8 @@ def test_training_seeds_resume_finished_seeds_and_refuse_other_settings(tmp_path
     ran.clear()
     assert study.main([*argv, "--rerun"]) == 0 and ran == [0, 7]
 
-    with pytest.raises(SystemExit, match="controlnet.training.max_steps=2000"):
-        study.main([*argv, "--controlnet-steps", "2000"])
+    with pytest.raises(SystemExit, match="controlnet.training.max_steps=1000"):
+        study.main([*argv, "--controlnet-steps", "1000"])
     for wrong in (["--training-seeds", "0", "--set", "seed=3"], ["--rerun"], ["--training-seeds", "0", "0"],
                   ["--training-seeds", "0", "--rerun", "7"]):
         with pytest.raises(SystemExit) as stopped:
@@ -200,12 +200,12 @@ def test_stages_from_takes_an_earlier_studys_autoencoder_and_ldm_only_when_they_
             "settings": study.study_settings(args, overrides)}
 
     monkeypatch.setattr(study, "study_seed", fake_study)
-    earlier = tmp_path / "steps-600"
+    earlier = tmp_path / "steps-2000"
     assert study.main(["--workdir", str(earlier), "--training-seeds", "0", "7"]) == 0
     assert given == {"seed-0": None, "seed-7": None}
     given.clear()
-    ablation = ["--workdir", str(tmp_path / "steps-2000"), "--training-seeds", "0", "7", "--controlnet-steps", "2000",
-                "--set", "controlnet.conditioning_scale=2", "--stages-from", str(earlier)]
+    ablation = ["--workdir", str(tmp_path / "steps-1000"), "--training-seeds", "0", "7", "--controlnet-steps", "1000",
+                "--set", "controlnet.conditioning_scale=1", "--stages-from", str(earlier)]
     assert study.main(ablation) == 0
     assert given == {"seed-0": earlier / "seed-0", "seed-7": earlier / "seed-7"}
 
