@@ -1,11 +1,11 @@
 """Does conditioning work? Measured on the conditional demo brains, whose size is a known covariate (brain_scale) and
 which come with tissue label maps. Writes the figures docs/conditioning.md reports, as JSON and a markdown table.
 
-Run from the repository root (CPU, about half an hour with the defaults):
+Run from the repository root (CPU, about 20 minutes with the defaults):
 
     python benchmarks/conditioning_study.py --workdir runs/conditioning-study --out docs/conditioning-study.json
 
-and over several training seeds, to state only what holds in every one (about 1.5 hours for three on 2 CPU cores):
+and over several training seeds, to state only what holds in every one (about 55 minutes for three on 2 CPU cores):
 
     python benchmarks/conditioning_study.py --training-seeds 0 7 13 --workdir runs/conditioning-seeds
 

@@ -234,7 +234,7 @@ def test_the_controlnets_recipe_levers_reach_the_studys_config():
 
 @pytest.mark.slow
 def test_the_covariate_guidance_and_label_maps_measurably_steer_the_samples(tmp_path):
-    """The study of docs/conditioning.md, with its default settings (about half an hour on 2 CPU cores)."""
+    """The study of docs/conditioning.md, with its default settings (about 20 minutes on 2 CPU cores)."""
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--workdir", str(tmp_path / "study"),
          "--set", f"data.demo.cache_dir={tmp_path / 'demo'}"],
@@ -259,7 +259,7 @@ def test_the_study_runs_each_training_seed_in_its_folder_resumes_and_aggregates(
     """--training-seeds with two seeds at a tiny size (2 training steps per stage, 2 sampling steps: a few minutes on
     2 CPU cores): each seed trains in its own folder and is measured, the aggregate names both, and a second call
     reads the finished seeds instead of training again. The default-size study above stays single-seed (two seeds
-    would double its half hour)."""
+    would double its 20 minutes)."""
     command = [sys.executable, str(SCRIPT), "--workdir", str(tmp_path / "study"), "--training-seeds", "1", "2",
                "--ae-steps", "2", "--ldm-steps", "2", "--controlnet-steps", "2", "--levels", "3", "--seeds", "1",
                "--inference-steps", "2", "--set", f"data.demo.cache_dir={tmp_path / 'demo'}"]
