@@ -54,16 +54,12 @@ def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name).strip("-").replace("--", "-").replace("--", "-")
 
 
-def scalar_points(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of every event the run logged under ``tag`` (none: [])."""
+def logged_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar the run logged to TensorBoard, read once: tag -> [(step, value), ...]."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
-    return [(event.step, event.value) for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
-
-
-def scalars(run_dir: Path, tag: str) -> list[float]:
-    return [value for _, value in scalar_points(run_dir, tag)]
+    return {tag: [(event.step, event.value) for event in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def run(command: list[str], log: Path) -> None:
@@ -115,9 +111,10 @@ def study_setting(name: str, options: list[str], args: argparse.Namespace, work:
     if report.get("checkpoint_step") != steps:  # e.g. the trainer found the folder taken and wrote to another
         raise SystemExit(f"{run_dir}: evaluated a checkpoint of step {report.get('checkpoint_step')}, not the {steps} "
                          f"this run trained; see {log}")
-    step_times = scalars(run_dir, "train/step_time_s")
-    memory = scalars(run_dir, "train/peak_memory_mb")
-    ssim_by_step = dict(scalar_points(run_dir, "val/ssim"))
+    logged = logged_scalars(run_dir)
+    step_times = [value for _, value in logged.get("train/step_time_s", [])]
+    memory = [value for _, value in logged.get("train/peak_memory_mb", [])]
+    ssim_by_step = dict(logged.get("val/ssim", []))
     return {
         "name": name,
         "steps": steps,
@@ -128,7 +125,7 @@ def study_setting(name: str, options: list[str], args: argparse.Namespace, work:
         "train_minutes": trained / 60,
         # train-autoencoder's own validation (every autoencoder.training.val_every_n_epochs) on the same held-out volumes
         "validation": [{"step": step, "psnr": psnr, "ssim": ssim_by_step.get(step)}
-                       for step, psnr in scalar_points(run_dir, "val/psnr")],
+                       for step, psnr in logged.get("val/psnr", [])],
         "panel": run_dir / "evaluation" / "reconstruction-worst.png",
     }
 
