@@ -255,6 +255,7 @@ def maisi_unet_raw(folder: Path, **ldm_training) -> dict:
     raw["ldm"]["unet"] |= {"architecture": "maisi", "modality_key": "modality"}
     return raw
 
+
 def check_mlflow_run(run_dir: Path, config, command: str | None = None, experiment: str | None = None):
     """The MLflow run of a training run with ``output.loggers: [tensorboard, mlflow]`` (the default file store in
     ``<run>/mlruns``; experiment ``experiment``, by default ``train-<command>``), checked against the run: finished;
